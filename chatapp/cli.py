@@ -1,0 +1,237 @@
+"""The `chatapp` command: builds Settings, resolves the model, and wires the engine to a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from contextlib import contextmanager
+
+from . import planner
+from .errors import ChatappError
+
+
+def _quiet_libraries() -> None:
+    # Library progress bars and advice would bury our one-line messages.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _note(text: str) -> None:
+    print(f"chatapp: {text}", file=sys.stderr, flush=True)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", help="catalog key, Hub repo id (Org/Name[@rev]), folder or .gguf file")
+    parser.add_argument("--preset", "-p", choices=planner.PRESETS, help="precision/quantization (default: auto)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickle .bin weights")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own Python code")
+
+
+def _add_generation_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--system", "-s", help="system prompt")
+    parser.add_argument("--max-new-tokens", type=int, help="reply length cap in tokens")
+    parser.add_argument("--temperature", type=float, help="0 means greedy")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stats", action="store_true", help="print turn statistics after each reply")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatapp", description="Chat with local Hugging Face models.")
+    sub = parser.add_subparsers(dest="command")
+
+    ask = sub.add_parser("ask", help="one reply, streamed to stdout")
+    ask.add_argument("prompt", nargs="?", help="the question; '-' or omitted reads stdin")
+    _add_model_args(ask)
+    _add_generation_args(ask)
+
+    repl = sub.add_parser("repl", help="a plain line-based multi-turn chat (/reset, /regen, /exit)")
+    _add_model_args(repl)
+    _add_generation_args(repl)
+
+    bench = sub.add_parser("bench", help="cached session vs naive re-encode vs raw generate")
+    _add_model_args(bench)
+    bench.add_argument("--turns", type=int, default=8)
+    bench.add_argument("--max-new-tokens", type=int, default=24)
+    bench.add_argument("--user-tokens", type=int, default=64, help="tokens per scripted user message")
+    bench.add_argument(
+        "--doc-tokens",
+        type=int,
+        default=None,
+        help="tokens of the document in the first message (default: 75%% of the context, at most 6144; 0: none)",
+    )
+    bench.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    return parser
+
+
+def _load(args, settings):
+    from .engine import load_model
+
+    model = args.model or settings.default_model
+    preset = args.preset or settings.default_preset
+    _note(f"loading {model} ({preset})...")
+    loaded = load_model(
+        model,
+        preset,
+        settings=settings,
+        device=args.device,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=True if args.trust_remote_code else None,
+    )
+    for note in loaded.notes:
+        _note(note)
+    _note(loaded.describe())
+    return loaded
+
+
+def _generation_params(args, settings, loaded) -> dict:
+    spec = loaded.spec
+    temperature = args.temperature
+    if temperature is None:
+        temperature = spec.temperature if spec and spec.temperature is not None else settings.temperature
+    top_p = args.top_p
+    if top_p is None:
+        top_p = spec.top_p if spec and spec.top_p is not None else settings.top_p
+    return {
+        "max_new_tokens": args.max_new_tokens or settings.max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": args.seed,
+    }
+
+
+@contextmanager
+def _ctrl_c_cancels(session):
+    """While a reply streams, Ctrl+C stops it (keeping what was said) instead of killing the program."""
+    previous = signal.signal(signal.SIGINT, lambda *_: session.cancel())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stream(session, turn, show_stats: bool):
+    from .protocol import TurnStats
+
+    stats = None
+    with _ctrl_c_cancels(session):
+        for item in turn:
+            if isinstance(item, TurnStats):
+                stats = item
+            else:
+                sys.stdout.write(item)
+                sys.stdout.flush()
+    sys.stdout.write("\n")
+    if stats and stats.finish_reason == "cancelled":
+        _note("stopped; the partial reply is kept")
+    if stats and stats.trimmed_messages:
+        _note(f"the conversation outgrew the context: the oldest {stats.trimmed_messages} messages were dropped")
+    if show_stats and stats:
+        _note(format_stats(stats))
+    return stats
+
+
+def format_stats(stats) -> str:
+    return (
+        f"prompt {stats.prompt_tokens} tok, prefilled {stats.prefilled_tokens}, "
+        f"generated {stats.generated_tokens}, ttft {stats.ttft_s:.2f}s, "
+        f"{stats.decode_tokens_per_s:.1f} tok/s, cache {stats.cache_tokens}, {stats.finish_reason}"
+    )
+
+
+def cmd_ask(args, settings) -> int:
+    from .engine import ChatSession
+
+    prompt = args.prompt
+    if prompt in (None, "-"):
+        if prompt is None and sys.stdin.isatty():
+            raise ChatappError("no prompt: pass one as an argument or on stdin")
+        prompt = sys.stdin.read().strip()
+    if not prompt:
+        raise ChatappError("the prompt is empty")
+    loaded = _load(args, settings)
+    session = ChatSession(loaded, system_prompt=args.system)
+    _stream(session, session.send(prompt, **_generation_params(args, settings, loaded)), args.stats)
+    return 0
+
+
+def cmd_repl(args, settings) -> int:
+    from .engine import ChatSession
+
+    loaded = _load(args, settings)
+    session = ChatSession(loaded, system_prompt=args.system)
+    params = _generation_params(args, settings, loaded)
+    _note("type a message; /regen answers again, /reset starts over, /exit quits")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            return 0
+        if text == "/reset":
+            session.reset()
+            _note("conversation reset")
+            continue
+        try:
+            turn = session.regenerate(**params) if text == "/regen" else session.send(text, **params)
+            _stream(session, turn, args.stats)
+        except (ChatappError, ValueError) as exc:
+            _note(f"error: {exc}")
+
+
+def cmd_bench(args, settings) -> int:
+    from .engine.bench import format_table, run_bench
+
+    loaded = _load(args, settings)
+    result = run_bench(
+        loaded,
+        turns=args.turns,
+        max_new_tokens=args.max_new_tokens,
+        user_tokens=args.user_tokens,
+        doc_tokens=args.doc_tokens,
+        progress=_note,
+    )
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+COMMANDS = {"ask": cmd_ask, "repl": cmd_repl, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        # Until the TUI lands, plain `chatapp` is the line-based chat on the default model.
+        args = parser.parse_args(["repl", *(argv or sys.argv[1:])])
+    try:
+        from .config import load_settings
+
+        settings = load_settings()
+        _quiet_libraries()
+        return COMMANDS[args.command](args, settings)
+    except ChatappError as exc:
+        print(f"chatapp: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

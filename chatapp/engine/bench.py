@@ -1,0 +1,213 @@
+"""`chatapp bench`: the same scripted conversation, greedy, through the cached session and a naive re-encode.
+
+The naive path is what `transformers chat` does: a fresh `model.generate` over the whole rendered
+conversation every turn. The output dict is a contract (see the README); keep its field names.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..protocol import TurnStats
+from .loader import LoadedModel
+from .session import ChatSession, Message, render_ids
+
+_NOTES = (
+    "The river town kept its market on the old stone bridge, where traders sold wool, salt and dried fish.",
+    "Every spring the floods reached the lower streets, so the bakers built their ovens on the upper floors.",
+    "A clockmaker named Ilse repaired the tower clock in 1871 and left a note inside the case for whoever came next.",
+    "The railway arrived late, and the station was built a mile from the centre because the mayor owned the land.",
+    "Children learned to swim in the mill pond, which was warmer than the river because of the waste heat.",
+    "The library began as a single shelf in the inn, lent out by the landlord to travellers stuck by the snow.",
+    "Glassworks on the east bank gave the town its colours: green bottles, blue lamps and amber window panes.",
+    "In the dry summer of 1911 the river fell so low that the foundations of a Roman ford became visible.",
+)
+_QUESTIONS = (
+    "Summarise these notes in one sentence.",
+    "What would a visitor notice first?",
+    "Which detail is the most surprising?",
+    "What might the town look like today?",
+    "Name one thing the bakers worried about.",
+    "Why was the station far from the centre?",
+    "What made the mill pond warm?",
+    "How did the library begin?",
+    "What colours came from the glassworks?",
+    "What appeared in the summer of 1911?",
+)
+
+
+def _padded(tokenizer, head: str, tail: str, tokens: int, start: int) -> str:
+    text, i = head, start
+    while len(tokenizer(text + tail, add_special_tokens=False)["input_ids"]) < tokens:
+        text += " " + _NOTES[i % len(_NOTES)]
+        i += 1
+    return text + tail
+
+
+def scripted_messages(tokenizer, turns: int, user_tokens: int, doc_tokens: int = 0) -> list[str]:
+    """Deterministic user messages: a document of doc_tokens in the first, then user_tokens each.
+
+    The shape is "chat about a long text": the history is large from the start and each turn adds a
+    little, which is where re-encoding the history hurts most.
+    """
+    messages = []
+    for turn in range(turns):
+        question = f"\nQuestion {turn + 1}: {_QUESTIONS[turn % len(_QUESTIONS)]}"
+        size = doc_tokens if turn == 0 and doc_tokens else user_tokens
+        messages.append(_padded(tokenizer, f"Notes, part {turn + 1}:", question, size, turn))
+    return messages
+
+
+def default_doc_tokens(context_length: int) -> int:
+    """A document that fills most of the context but leaves room for the rest of the chat."""
+    return min(int(context_length * 0.75), 6144)
+
+
+class _TimingStreamer:
+    """generate() hands the prompt, then each new token, to its streamer: note when each token came."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def naive_turn(loaded: LoadedModel, messages: list[Message], max_new_tokens: int) -> tuple[list[int], TurnStats]:
+    """One reply from a fresh model.generate over the whole rendered conversation."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    started = time.perf_counter()
+    ids = render_ids(tokenizer, messages)
+    input_ids = torch.tensor([ids], device=model.device)
+    streamer = _TimingStreamer()
+    stop = sorted(loaded.stop_token_ids)
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=stop,
+            pad_token_id=stop[0],
+            streamer=streamer,
+        )
+    new = out[0, len(ids) :].tolist()
+    times = streamer.times
+    decode_s = times[-1] - times[0] if len(times) > 1 else 0.0
+    stats = TurnStats(
+        prompt_tokens=len(ids),
+        prefilled_tokens=len(ids),
+        generated_tokens=len(new),
+        ttft_s=times[0] - started if times else 0.0,
+        decode_tokens_per_s=(len(new) - 1) / decode_s if decode_s > 0 else 0.0,
+        cache_tokens=len(ids) + len(new) - 1,
+        finish_reason="stop" if new and new[-1] in loaded.stop_token_ids else "length",
+    )
+    return new, stats
+
+
+def _reply_text(loaded: LoadedModel, ids: list[int]) -> str:
+    content = [t for t in ids if t not in loaded.stop_token_ids]
+    return loaded.tokenizer.decode(content, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _cached_turn(session: ChatSession, text: str, max_new_tokens: int) -> TurnStats:
+    *_, stats = session.send(text, max_new_tokens=max_new_tokens, temperature=0.0)
+    return stats
+
+
+def run_bench(
+    loaded: LoadedModel,
+    *,
+    turns: int = 8,
+    max_new_tokens: int = 24,
+    user_tokens: int = 64,
+    doc_tokens: int | None = None,
+    repeats: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    say = progress or (lambda _text: None)
+    if doc_tokens is None:
+        doc_tokens = default_doc_tokens(loaded.context_length)
+    script = scripted_messages(loaded.tokenizer, turns, user_tokens, doc_tokens)
+    naive_turn(loaded, [Message("user", "Hello")], 4)  # warm-up, so neither path pays first-call costs
+
+    session = ChatSession(loaded)
+    cached, cached_ids, cached_wall = [], [], 0.0
+    for turn, text in enumerate(script, 1):
+        t = time.perf_counter()
+        stats = _cached_turn(session, text, max_new_tokens)
+        cached_wall += time.perf_counter() - t
+        cached.append({"turn": turn, **stats.as_dict()})
+        cached_ids.append(list(session.last_reply_ids))
+        say(f"cached turn {turn}: prefilled {stats.prefilled_tokens}/{stats.prompt_tokens}, ttft {stats.ttft_s:.2f}s")
+
+    messages: list[Message] = []
+    naive, naive_ids, naive_wall = [], [], 0.0
+    for turn, text in enumerate(script, 1):
+        messages.append(Message("user", text))
+        t = time.perf_counter()
+        ids, stats = naive_turn(loaded, messages, max_new_tokens)
+        naive_wall += time.perf_counter() - t
+        messages.append(Message("assistant", _reply_text(loaded, ids)))
+        naive.append({"turn": turn, **stats.as_dict()})
+        naive_ids.append(ids)
+        say(f"naive turn {turn}: prefilled {stats.prefilled_tokens}, ttft {stats.ttft_s:.2f}s")
+
+    # Decode rate on the first prompt: turn 1 of each path is exactly that; further runs, alternating the two
+    # so machine noise hits both alike, and the best of each is reported.
+    raw_rates, app_rates = [naive[0]["decode_tokens_per_s"]], [cached[0]["decode_tokens_per_s"]]
+    for _ in range(repeats - 1):
+        raw_rates.append(naive_turn(loaded, [Message("user", script[0])], max_new_tokens)[1].decode_tokens_per_s)
+        app_rates.append(_cached_turn(ChatSession(loaded), script[0], max_new_tokens).decode_tokens_per_s)
+    return {
+        "model": loaded.source.label,
+        "preset": loaded.preset,
+        "device": loaded.device,
+        "dtype": loaded.dtype,
+        "attn_implementation": loaded.attn_implementation,
+        "user_tokens": user_tokens,
+        "doc_tokens": doc_tokens,
+        "cached": cached,
+        "naive": naive,
+        "identical_outputs": cached_ids == naive_ids,
+        "raw_generate_tok_s": max(raw_rates),
+        "app_tok_s": max(app_rates),
+        "cached_total_s": cached_wall,
+        "naive_total_s": naive_wall,
+        "speedup": naive_wall / cached_wall if cached_wall else 0.0,
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"model {result['model']} · preset {result['preset']} · {result['device']} · {result['attn_implementation']}",
+        f"{'turn':>4} | {'prompt':>6} | {'prefill cached':>14} | {'prefill naive':>13} | "
+        f"{'ttft cached':>11} | {'ttft naive':>10} | {'tok/s cached':>12}",
+    ]
+    for c, n in zip(result["cached"], result["naive"]):
+        lines.append(
+            f"{c['turn']:>4} | {c['prompt_tokens']:>6} | {c['prefilled_tokens']:>14} | {n['prefilled_tokens']:>13} | "
+            f"{c['ttft_s']:>10.2f}s | {n['ttft_s']:>9.2f}s | {c['decode_tokens_per_s']:>12.1f}"
+        )
+    lines += [
+        f"whole conversation: cached {result['cached_total_s']:.1f}s, naive {result['naive_total_s']:.1f}s "
+        f"({result['speedup']:.1f}x)",
+        f"identical outputs: {result['identical_outputs']}",
+        f"decode on the first prompt: app {result['app_tok_s']:.1f} tok/s, "
+        f"raw generate {result['raw_generate_tok_s']:.1f} tok/s",
+    ]
+    return "\n".join(lines)

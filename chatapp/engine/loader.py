@@ -1,0 +1,266 @@
+"""Load a model with a preset (bf16, fp16, fp32, int8, nf4, auto) and an attention implementation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import hub, planner
+from ..catalog import ModelSpec, load_catalog
+from ..config import Settings, load_settings
+from ..errors import ModelLoadError
+from ..hardware import detect_cpu
+from ..refs import ModelSource, parse_ref
+from .gguf import convert_gguf
+
+#: Used when a model ships no chat template. Plain "Role: text" blocks; documented in the README.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+#: With the fallback template the model marks the next turn in text, so stop there.
+FALLBACK_STOP_STRINGS = ("\nUser:", "\nSystem:")
+
+#: End-of-turn markers used by common chat templates, beyond the declared EOS.
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+    folder: Path
+    preset: str
+    dtype: str
+    device: str
+    attn_implementation: str
+    footprint_bytes: int
+    context_length: int
+    stop_token_ids: frozenset[int]
+    stop_strings: tuple[str, ...] = ()
+    template_fallback: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def spec(self) -> ModelSpec | None:
+        return self.source.spec
+
+    def describe(self) -> str:
+        return (
+            f"{self.source.label}: preset {self.preset} ({self.dtype}) on {self.device}, "
+            f"attention {self.attn_implementation}, weights {self.footprint_bytes / 1e6:,.0f} MB, "
+            f"context {self.context_length}"
+        )
+
+
+def pick_device(requested: str | None = None) -> str:
+    import torch
+
+    if requested:
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _device_facts(device: str) -> tuple[bool, tuple[int, int] | None, int | None]:
+    """(bf16 runs natively, compute capability, free bytes) for the device."""
+    import torch
+
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        free, _total = torch.cuda.mem_get_info(index)
+        return torch.cuda.is_bf16_supported(), torch.cuda.get_device_capability(index), free
+    if device == "mps":
+        return True, None, None
+    return detect_cpu().bf16_native, None, None
+
+
+def materialize(
+    source: ModelSource, settings: Settings, *, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> Path:
+    """A local folder with config.json and weights for source, downloading or converting as needed."""
+    if source.kind == "gguf":
+        return convert_gguf(source.path, settings.converted_dir)
+    if source.kind == "hub":
+        return hub.download(
+            source.repo_id, source.revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        )
+    return source.path
+
+
+def check_weights(folder: Path, label: str, *, allow_pickle: bool) -> None:
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+    if pickles:
+        if allow_pickle:
+            return
+        raise ModelLoadError(
+            f"'{label}' has only pickle weights ({pickles[0]}), which can run code when loaded; "
+            "pass --allow-pickle if you trust it"
+        )
+    raise ModelLoadError(f"'{label}' has no weights (no .safetensors files in {folder})")
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def preset_load_kwargs(preset: str, compute_dtype: str) -> dict:
+    """from_pretrained keyword arguments for a concrete (non-auto) preset."""
+    if preset not in planner.PRESETS or preset == "auto":
+        raise ModelLoadError(f"unknown preset '{preset}' (choose from {', '.join(planner.PRESETS)})")
+    dtype = _torch_dtype(compute_dtype)
+    if preset == "int8":
+        from transformers import BitsAndBytesConfig
+
+        return {"dtype": dtype, "quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    if preset == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+        return {"dtype": dtype, "quantization_config": config}
+    return {"dtype": dtype}
+
+
+def _stop_tokens(tokenizer, model) -> frozenset[int]:
+    ids: set[int] = set()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    for value in eos if isinstance(eos, (list, tuple)) else [eos]:
+        if value is not None:
+            ids.add(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for token in _END_OF_TURN_TOKENS:
+        if token in vocab and token in tokenizer.all_special_tokens:
+            ids.add(int(vocab[token]))
+    return frozenset(ids)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_model(
+    ref: str | ModelSource,
+    preset: str = "auto",
+    *,
+    settings: Settings | None = None,
+    device: str | None = None,
+    attn_implementation: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool | None = None,
+) -> LoadedModel:
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings = settings or load_settings()
+    source = ref if isinstance(ref, ModelSource) else parse_ref(ref, load_catalog(settings.config_dir / "models.toml"))
+    notes: list[str] = []
+    if trust_remote_code is None:
+        trust_remote_code = bool(source.spec and source.spec.trust_remote_code)
+        if trust_remote_code:
+            notes.append(f"trust_remote_code is on for '{source.label}' (set by its catalog entry): its own code runs")
+    elif trust_remote_code:
+        notes.append(f"trust_remote_code is on for '{source.label}' (--trust-remote-code): its own code runs")
+
+    folder = materialize(source, settings, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    check_weights(folder, source.label, allow_pickle=allow_pickle)
+
+    device = pick_device(device)
+    device_type = device.split(":")[0]
+    bf16_ok, capability, free_bytes = _device_facts(device)
+    if preset == "auto":
+        decision = planner.choose_auto_preset(
+            device_type=device_type,
+            bf16_supported=bf16_ok,
+            # A 32-bit checkpoint halves in 16-bit; assuming it doesn't only errs toward nf4.
+            weights_16bit_bytes=_weights_bytes(folder) if device_type == "cuda" else None,
+            free_bytes=free_bytes,
+        )
+        preset = decision.value
+        notes.extend(f"auto: {reason}" for reason in decision.reasons)
+    compute_dtype = planner.compute_dtype_for(preset, device_type=device_type, bf16_supported=bf16_ok)
+    kwargs = preset_load_kwargs(preset, compute_dtype)
+
+    if attn_implementation is None:
+        attention = planner.choose_attention(
+            device_type=device_type,
+            compute_dtype=compute_dtype,
+            compute_capability=capability,
+            flash_attn_installed=_flash_attn_installed(),
+        )
+        attn_implementation = attention.value
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            device_map=device,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            **kwargs,
+        )
+    except ImportError as exc:
+        raise ModelLoadError(f"can't load '{source.label}' with preset {preset}: {_first_line(exc)}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
+        raise ModelLoadError(f"can't load '{source.label}' ({preset}): {_first_line(exc)}") from None
+    model.eval()
+
+    template_fallback = not tokenizer.chat_template
+    stop_strings: tuple[str, ...] = ()
+    if template_fallback:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        stop_strings = FALLBACK_STOP_STRINGS
+        notes.append(f"'{source.label}' has no chat template; using chatapp's plain 'Role: text' template")
+
+    context = int(getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 0) or 4096
+    if source.spec and source.spec.context_length:
+        context = min(context, source.spec.context_length)
+    if settings.context_cap:
+        context = min(context, settings.context_cap)
+
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        source=source,
+        folder=folder,
+        preset=preset,
+        dtype=compute_dtype,
+        device=str(next(model.parameters()).device),
+        attn_implementation=model.config._attn_implementation,
+        footprint_bytes=int(model.get_memory_footprint()),
+        context_length=context,
+        stop_token_ids=_stop_tokens(tokenizer, model),
+        stop_strings=stop_strings,
+        template_fallback=template_fallback,
+        notes=notes,
+    )
+    return loaded
+
+
+def _flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None

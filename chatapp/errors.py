@@ -1,0 +1,25 @@
+"""One error hierarchy. Every message is a single line a user can act on."""
+
+
+class ChatappError(Exception):
+    """A failure we expected and can explain in one line."""
+
+
+class ModelNotFound(ChatappError):
+    """A model reference that names nothing we can load."""
+
+
+class ModelLoadError(ChatappError):
+    """A model that exists but can't be loaded as asked."""
+
+
+class HubError(ChatappError):
+    """The Hub refused, could not be reached, or the repo is gated."""
+
+
+class ContextOverflow(ChatappError):
+    """A single message that can't fit in the model's context even alone."""
+
+
+class ConfigError(ChatappError):
+    """A bad value in a config or catalog file."""

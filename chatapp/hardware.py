@@ -1,0 +1,103 @@
+"""What is there: CUDA devices (via NVML, without torch), CPU features and RAM."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: CPU flags (as /proc/cpuinfo spells them) that mean bf16 matmuls run natively.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    compute_capability: tuple[int, int] | None = None
+
+    @property
+    def bf16_supported(self) -> bool:
+        return self.compute_capability is not None and self.compute_capability >= (8, 0)
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    ram_total_bytes: int
+    ram_available_bytes: int
+    flags: frozenset[str] = frozenset()
+
+    @property
+    def bf16_native(self) -> bool:
+        return any(flag in self.flags for flag in CPU_BF16_FLAGS)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cpu: CpuInfo
+    gpus: tuple[GpuInfo, ...] = field(default_factory=tuple)
+
+
+def _meminfo() -> tuple[int, int]:
+    try:
+        fields = dict(
+            line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line
+        )
+        total = int(fields["MemTotal"].split()[0]) * 1024
+        available = int(fields.get("MemAvailable", fields["MemFree"]).split()[0]) * 1024
+        return total, available
+    except (OSError, KeyError, ValueError):
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return pages, pages
+
+
+def _cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def detect_cpu() -> CpuInfo:
+    total, available = _meminfo()
+    return CpuInfo(ram_total_bytes=total, ram_available_bytes=available, flags=_cpu_flags())
+
+
+def detect_gpus_nvml() -> tuple[GpuInfo, ...]:
+    """CUDA devices through NVML, so a process without torch can see them. Empty when there is no driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return ()
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no device: NVML raises its own error types
+        return ()
+    try:
+        gpus = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            capability = tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))
+            gpus.append(
+                GpuInfo(
+                    index=index,
+                    name=name.decode() if isinstance(name, bytes) else name,
+                    total_bytes=int(memory.total),
+                    free_bytes=int(memory.free),
+                    compute_capability=capability,
+                )
+            )
+        return tuple(gpus)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def detect() -> Hardware:
+    return Hardware(cpu=detect_cpu(), gpus=detect_gpus_nvml())
