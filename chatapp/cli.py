@@ -88,6 +88,7 @@ def _load(args, settings):
         device=args.device,
         allow_pickle=args.allow_pickle,
         trust_remote_code=True if args.trust_remote_code else None,
+        on_status=_note,
     )
     for note in loaded.notes:
         _note(note)
@@ -215,11 +216,11 @@ COMMANDS = {"ask": cmd_ask, "repl": cmd_repl, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         # Until the TUI lands, plain `chatapp` is the line-based chat on the default model.
-        args = parser.parse_args(["repl", *(argv or sys.argv[1:])])
+        argv = ["repl", *argv]
+    args = build_parser().parse_args(argv)
     try:
         from .config import load_settings
 

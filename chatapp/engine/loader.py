@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from ..config import Settings, load_settings
 from ..errors import ModelLoadError
 from ..hardware import detect_cpu
 from ..refs import ModelSource, parse_ref
-from .gguf import convert_gguf
+from .gguf import convert_gguf, is_converted
 
 #: Used when a model ships no chat template. Plain "Role: text" blocks; documented in the README.
 FALLBACK_CHAT_TEMPLATE = (
@@ -83,10 +84,18 @@ def _device_facts(device: str) -> tuple[bool, tuple[int, int] | None, int | None
 
 
 def materialize(
-    source: ModelSource, settings: Settings, *, allow_pickle: bool = False, trust_remote_code: bool = False
+    source: ModelSource,
+    settings: Settings,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    on_status: Callable[[str], None] | None = None,
 ) -> Path:
     """A local folder with config.json and weights for source, downloading or converting as needed."""
+    say = on_status or (lambda _text: None)
     if source.kind == "gguf":
+        if not is_converted(source.path, settings.converted_dir):
+            say(f"converting {source.path.name} into a Hugging Face checkpoint (once; about half a minute)...")
         return convert_gguf(source.path, settings.converted_dir)
     if source.kind == "hub":
         return hub.download(
@@ -170,6 +179,7 @@ def load_model(
     attn_implementation: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool | None = None,
+    on_status: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -184,7 +194,9 @@ def load_model(
     elif trust_remote_code:
         notes.append(f"trust_remote_code is on for '{source.label}' (--trust-remote-code): its own code runs")
 
-    folder = materialize(source, settings, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    folder = materialize(
+        source, settings, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, on_status=on_status
+    )
     check_weights(folder, source.label, allow_pickle=allow_pickle)
 
     device = pick_device(device)
