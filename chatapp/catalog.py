@@ -29,7 +29,27 @@ class ModelSpec:
     #: The model card's recommended sampling, used when the user sets none.
     temperature: float | None = None
     top_p: float | None = None
+    #: The config values the planner needs (see ARCHITECTURE_FIELDS), so `chatapp plan` works offline.
+    architecture: dict | None = None
 
+
+#: architecture = { ... } keys: name -> (type, required).
+ARCHITECTURE_FIELDS = {
+    "layers": (int, True),
+    "hidden_size": (int, True),
+    "intermediate_size": (int, True),
+    "attention_heads": (int, True),
+    "kv_heads": (int, True),
+    "head_dim": (int, True),
+    "vocab_size": (int, True),
+    "tied_embeddings": (bool, True),
+    "qkv_bias": (bool, False),
+    "qk_norm": (bool, False),
+    "sliding_window": (int, False),
+    "sliding_layers": (int, False),
+    #: Total parameters, where the architecture formula doesn't cover the checkpoint (e.g. a vision tower).
+    "params": (int, False),
+}
 
 _FIELD_TYPES = {
     "name": str,
@@ -44,6 +64,7 @@ _FIELD_TYPES = {
     "trust_remote_code": bool,
     "temperature": float,
     "top_p": float,
+    "architecture": dict,
 }
 assert set(_FIELD_TYPES) == {f.name for f in fields(ModelSpec)} - {"key"}
 
@@ -60,12 +81,28 @@ def _spec_from_table(key: str, table: dict, source: Path) -> ModelSpec:
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ConfigError(f"{source}: entry '{key}' field '{name}' must be {kind.__name__}, got {value!r}")
+        if kind is dict:
+            _check_architecture(key, value, source)
         values[name] = tuple(value) if kind is list else value
     if "name" not in values:
         raise ConfigError(f"{source}: entry '{key}' is missing field 'name'")
     if not values.get("repo") and not values.get("gguf_package"):
         raise ConfigError(f"{source}: entry '{key}' needs 'repo' or 'gguf_package'")
     return ModelSpec(**values)
+
+
+def _check_architecture(key: str, table: dict, source: Path) -> None:
+    for name, value in table.items():
+        if name not in ARCHITECTURE_FIELDS:
+            raise ConfigError(f"{source}: entry '{key}' field 'architecture.{name}' is unknown")
+        kind = ARCHITECTURE_FIELDS[name][0]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"{source}: entry '{key}' field 'architecture.{name}' must be {kind.__name__}, got {value!r}"
+            )
+    missing = [n for n, (_kind, required) in ARCHITECTURE_FIELDS.items() if required and n not in table]
+    if missing:
+        raise ConfigError(f"{source}: entry '{key}' field 'architecture' is missing {', '.join(missing)}")
 
 
 def read_catalog_file(path: Path) -> dict[str, dict]:

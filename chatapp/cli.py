@@ -72,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens of the document in the first message (default: 75%% of the context, at most 6144; 0: none)",
     )
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    plan = sub.add_parser("plan", help="what each preset needs on this machine, and which fits")
+    plan.add_argument("model", help="catalog key, Hub repo id, folder or .gguf file")
+    plan.add_argument("--context", type=int, help="context length in tokens (default: the model's, lowered to fit)")
+    plan.add_argument("--preset", choices=planner.PRESETS, default="auto")
+    plan.add_argument("--gpu", action="append", metavar="SPEC", help="'24GiB', 'RTX 3060:12GiB' or 'T4:16GiB:7.5'")
+    plan.add_argument("--no-gpu", action="store_true", help="plan for this machine without its GPUs")
+    plan.add_argument("--ram", metavar="SIZE", help="CPU RAM to plan for, e.g. 32GiB")
+    plan.add_argument("--json", action="store_true")
+
+    sub.add_parser("doctor", help="what is installed and usable, and how to fix what isn't")
     return parser
 
 
@@ -212,7 +223,42 @@ def cmd_bench(args, settings) -> int:
     return 0
 
 
-COMMANDS = {"ask": cmd_ask, "repl": cmd_repl, "bench": cmd_bench}
+def cmd_plan(args, settings) -> int:
+    from . import hardware
+    from .catalog import load_catalog
+    from .facts import facts_for
+    from .refs import parse_ref
+    from .report import format_plan
+
+    try:
+        hw = hardware.describe_by_hand(hardware.detect(), args.gpu, args.no_gpu, args.ram)
+    except ValueError as exc:
+        raise ChatappError(str(exc)) from None
+    facts = facts_for(parse_ref(args.model, load_catalog(settings.config_dir / "models.toml")))
+    import importlib.util
+
+    result = planner.choose(
+        hw, facts, args.context, args.preset, flash_attn_installed=importlib.util.find_spec("flash_attn") is not None
+    )
+    print(json.dumps(planner.plan_dict(result)) if args.json else format_plan(result))
+    return 0
+
+
+def cmd_doctor(args, settings) -> int:
+    from .hardware import detect
+    from .report import doctor
+
+    info, problems = doctor(settings, detect())
+    for line in info:
+        print(line)
+    for line in problems:
+        print(f"problem: {line}")
+    if not problems:
+        print("no problems found")
+    return 1 if problems else 0
+
+
+COMMANDS = {"ask": cmd_ask, "repl": cmd_repl, "bench": cmd_bench, "plan": cmd_plan, "doctor": cmd_doctor}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         from .config import load_settings
 
         settings = load_settings()
-        _quiet_libraries()
+        if args.command in ("ask", "repl", "bench"):
+            _quiet_libraries()
         return COMMANDS[args.command](args, settings)
     except ChatappError as exc:
         print(f"chatapp: error: {exc}", file=sys.stderr)

@@ -101,3 +101,54 @@ def detect_gpus_nvml() -> tuple[GpuInfo, ...]:
 
 def detect() -> Hardware:
     return Hardware(cpu=detect_cpu(), gpus=detect_gpus_nvml())
+
+
+# -- "what if" descriptions: --gpu 24GiB, --gpu "RTX 3060:12GiB", --gpu "T4:16GiB:7.5", --no-gpu, --ram 32GiB
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '12 GB', '8192MiB' -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _UNITS:
+        raise ValueError(f"'{text}' is not a size like 24GiB, 12GB or 8192MiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def parse_gpu(text: str, index: int) -> GpuInfo:
+    """'24GiB', 'RTX 3060:12GiB' or 'T4:16GiB:7.5' (name, memory, compute capability; Ampere 8.0 if not given)."""
+    parts = [p.strip() for p in text.split(":")]
+    if len(parts) == 1:
+        name, size, capability = "GPU", parts[0], "8.0"
+    elif len(parts) == 2:
+        (name, size), capability = parts, "8.0"
+    elif len(parts) == 3:
+        name, size, capability = parts
+    else:
+        raise ValueError(f"'{text}' is not a GPU like 24GiB, 'RTX 3060:12GiB' or 'T4:16GiB:7.5'")
+    major, _, minor = capability.partition(".")
+    if not (major.isdigit() and (minor or "0").isdigit()):
+        raise ValueError(f"'{capability}' is not a compute capability like 8.6")
+    total = parse_size(size)
+    return GpuInfo(index, name or "GPU", total, total, (int(major), int(minor or 0)))
+
+
+def describe_by_hand(
+    detected: Hardware, gpus: list[str] | None = None, no_gpu: bool = False, ram: str | None = None
+) -> Hardware:
+    """The detected hardware with what the user described replacing it; an idle machine is assumed."""
+    cpu = detected.cpu
+    if ram:
+        size = parse_size(ram)
+        cpu = CpuInfo(ram_total_bytes=size, ram_available_bytes=size, flags=cpu.flags)
+    devices = detected.gpus
+    if no_gpu:
+        devices = ()
+    elif gpus:
+        devices = tuple(parse_gpu(text, i) for i, text in enumerate(gpus))
+    return Hardware(cpu=cpu, gpus=devices)

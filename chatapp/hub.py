@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import HubError, ModelNotFound
@@ -27,15 +29,9 @@ def allow_patterns(*, allow_pickle: bool = False, trust_remote_code: bool = Fals
     return patterns
 
 
-def download(
-    repo_id: str,
-    revision: str | None = None,
-    *,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-) -> Path:
-    """The local snapshot folder of repo_id, downloading what's missing. Resumes interrupted downloads."""
-    from huggingface_hub import snapshot_download
+@contextmanager
+def hub_errors(repo_id: str, revision: str | None = None):
+    """Turn huggingface_hub's exceptions into our one-line errors."""
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
@@ -43,9 +39,8 @@ def download(
         RevisionNotFoundError,
     )
 
-    patterns = allow_patterns(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        yield
     except GatedRepoError:
         raise HubError(
             f"'{repo_id}' is gated: accept its license at https://huggingface.co/{repo_id}, "
@@ -62,4 +57,31 @@ def download(
             f"'{repo_id}' is not downloaded and the Hub can't be reached (offline, or HF_HUB_OFFLINE=1)"
         ) from None
     except OSError as exc:
-        raise HubError(f"downloading '{repo_id}' failed: {exc}") from None
+        raise HubError(f"talking to the Hub about '{repo_id}' failed: {str(exc).splitlines()[0]}") from None
+
+
+def download(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    """The local snapshot folder of repo_id, downloading what's missing. Resumes interrupted downloads."""
+    from huggingface_hub import snapshot_download
+
+    patterns = allow_patterns(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    with hub_errors(repo_id, revision):
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+
+
+def model_facts(repo_id: str, revision: str | None = None):
+    """Planner facts from config.json (a few KB) and the safetensors headers: no weights are downloaded."""
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+    from .facts import facts_from_config
+
+    with hub_errors(repo_id, revision):
+        config = json.loads(Path(hf_hub_download(repo_id, "config.json", revision=revision)).read_text())
+        metadata = get_safetensors_metadata(repo_id, revision=revision)
+    return facts_from_config(repo_id, config, sum(metadata.parameter_count.values()))

@@ -45,36 +45,6 @@ def choose_attention(
     return Decision("eager", (why_not_flash, "this model has no SDPA support, using eager attention"))
 
 
-def choose_auto_preset(
-    *,
-    device_type: str,
-    bf16_supported: bool,
-    weights_16bit_bytes: int | None = None,
-    free_bytes: int | None = None,
-) -> Decision:
-    """What `auto` means on this device.
-
-    GPU: bf16 (fp16 without bf16 support) when the 16-bit weights fit, else nf4.
-    CPU: bf16 only where the CPU computes it natively (AVX512-BF16/AMX); elsewhere torch emulates bf16
-    matmuls, which made a 400-token prefill of SmolLM2-135M 6x slower than fp32 on our AVX2 machines.
-    """
-    if device_type == "cpu":
-        if bf16_supported:
-            return Decision("bf16", ("this CPU computes bf16 natively (AVX512-BF16/AMX)",))
-        return Decision("fp32", ("this CPU has no native bf16 (no AVX512-BF16/AMX), so fp32 is faster here",))
-    half = "bf16" if bf16_supported else "fp16"
-    reasons = [f"{device_type} {'supports' if bf16_supported else 'lacks'} bf16, so 16-bit means {half}"]
-    if weights_16bit_bytes is not None and free_bytes is not None:
-        gib = 1024**3
-        if weights_16bit_bytes > free_bytes:
-            reasons.append(
-                f"{half} weights need {weights_16bit_bytes / gib:.1f} GiB but only {free_bytes / gib:.1f} GiB is free: nf4"
-            )
-            return Decision("nf4", tuple(reasons))
-        reasons.append(f"{half} weights ({weights_16bit_bytes / gib:.1f} GiB) fit in {free_bytes / gib:.1f} GiB free")
-    return Decision(half, tuple(reasons))
-
-
 def compute_dtype_for(preset: str, *, device_type: str, bf16_supported: bool) -> str:
     """The dtype activations run in. Quantized presets compute in bf16 where the device runs it well."""
     if preset in ("bf16", "fp16", "fp32"):
@@ -82,3 +52,310 @@ def compute_dtype_for(preset: str, *, device_type: str, bf16_supported: bool) ->
     if bf16_supported:
         return "bf16"
     return "fp16" if device_type == "cuda" else "fp32"
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+GIB = 1024**3
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+#: nf4: 4-bit codes, one 8-bit absmax per 64-weight block, and (double quant) one fp32 per 256 absmaxes.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+#: The session prefills at most this many tokens per forward pass, which bounds activation memory.
+PREFILL_CHUNK = 2048
+#: CUDA context + cuBLAS workspace of one process. An assumption until measured on a GPU (see bench/MEMORY.md).
+CUDA_OVERHEAD_BYTES = 512 * 1024**2
+#: Measured on CPU (bench/MEMORY.md): ~250 MB of torch + transformers runtime, plus load-time copies.
+CPU_OVERHEAD_BYTES = 400 * 1024**2
+#: Plans keep this share of a device's free memory in reserve.
+SAFETY_MARGIN = 0.05
+CONTEXT_FLOOR = 8192
+WEIGHT_PRESETS = ("bf16", "fp16", "fp32", "int8", "nf4")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    preset: str
+    context_tokens: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    overhead_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.activation_bytes + self.overhead_bytes
+
+
+def weights_bytes(facts, preset: str, compute_dtype: str, device_type: str = "cuda") -> int:
+    """bitsandbytes quantizes the Linear layers in the blocks; embeddings, lm_head and norms stay in compute_dtype."""
+    if preset in DTYPE_BYTES:
+        return facts.params * DTYPE_BYTES[preset]
+    kept = (facts.params - facts.quantizable_params) * DTYPE_BYTES[compute_dtype]
+    if preset == "int8":
+        # int8 codes plus one fp32 scale per output row.
+        int8 = kept + facts.quantizable_params + 4 * facts.quantizable_params // facts.hidden_size
+        if device_type == "cpu":
+            # Measured (bench/MEMORY.md): on the CPU, bitsandbytes 0.50 also holds dequantized weights once it runs.
+            int8 += facts.quantizable_params * DTYPE_BYTES[compute_dtype]
+        return int8
+    if preset == "nf4":
+        return kept + int(facts.quantizable_params * NF4_BYTES_PER_PARAM)
+    raise ValueError(f"unknown preset {preset!r}")
+
+
+def kv_cache_bytes(facts, context_tokens: int, dtype: str) -> int:
+    """2 (K and V) x layers x kv_heads x head_dim x tokens x bytes; sliding-window layers hold at most their window."""
+    per_token_layer = 2 * facts.kv_heads * facts.head_dim * DTYPE_BYTES[dtype]
+    full = facts.layers - facts.sliding_layers
+    window = min(context_tokens, facts.sliding_window or context_tokens)
+    return per_token_layer * (full * context_tokens + facts.sliding_layers * window)
+
+
+def activation_bytes(facts, context_tokens: int, dtype: str, device_type: str = "cuda") -> int:
+    """Peak of one prefill chunk: the MLP's gate/up/act tensors plus two hidden-state copies, and fp32 logits.
+
+    On a GPU, SDPA's fused kernels never hold the attention scores. On the CPU a chunk that attends to a cache
+    needs a mask, SDPA takes its math path, and the scores (heads x chunk x context) are real memory.
+    """
+    tokens = min(context_tokens, PREFILL_CHUNK)
+    per_token = 3 * facts.intermediate_size + 2 * facts.hidden_size
+    total = tokens * per_token * DTYPE_BYTES[dtype] + 4 * facts.vocab_size
+    if device_type != "cuda":
+        total += facts.attention_heads * tokens * context_tokens * DTYPE_BYTES[dtype]
+    return total
+
+
+def estimate(facts, preset: str, context_tokens: int, *, device_type: str = "cuda", bf16_supported: bool = True) -> Estimate:
+    compute = compute_dtype_for(preset, device_type=device_type, bf16_supported=bf16_supported)
+    return Estimate(
+        preset=preset,
+        context_tokens=context_tokens,
+        weights_bytes=weights_bytes(facts, preset, compute, device_type),
+        kv_cache_bytes=kv_cache_bytes(facts, context_tokens, compute),
+        activation_bytes=activation_bytes(facts, context_tokens, compute, device_type),
+        overhead_bytes=CUDA_OVERHEAD_BYTES if device_type == "cuda" else CPU_OVERHEAD_BYTES,
+    )
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def usable_bytes(free: int) -> int:
+    return int(free * (1 - SAFETY_MARGIN))
+
+
+# -- choosing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Choice:
+    preset: str
+    context_tokens: int
+    #: "cpu", "cuda:N", or "auto" (accelerate spreads layers over max_memory).
+    device_map: str
+    attn_implementation: str
+    estimate: Estimate
+    max_memory: dict | None = None
+    slow: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    facts: object
+    hardware: object
+    presets: tuple[tuple[Estimate, str | None], ...]  # each preset's estimate, and where it fits (None: nowhere)
+    choice: Choice | None
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Target:
+    label: str
+    device_map: str
+    budget: int
+    device_type: str
+    gpus: int = 0
+
+
+def _targets(hardware) -> list[_Target]:
+    if not hardware.gpus:
+        return [_Target("CPU RAM", "cpu", usable_bytes(hardware.cpu.ram_available_bytes), "cpu")]
+    best = max(hardware.gpus, key=lambda g: g.free_bytes)
+    targets = [_Target(f"GPU {best.index} ({best.name})", f"cuda:{best.index}", usable_bytes(best.free_bytes), "cuda", 1)]
+    if len(hardware.gpus) > 1:
+        pool = sum(usable_bytes(g.free_bytes) for g in hardware.gpus) - (len(hardware.gpus) - 1) * CUDA_OVERHEAD_BYTES
+        targets.append(_Target(f"{len(hardware.gpus)} GPUs", "auto", pool, "cuda", len(hardware.gpus)))
+    return targets
+
+
+def _fit_context(facts, preset, want, floor, target, bf16) -> int | None:
+    """The largest context in [floor, want] at which preset fits target, or None."""
+    def fits(ctx):
+        est = estimate(facts, preset, ctx, device_type=target.device_type, bf16_supported=bf16)
+        return est.total_bytes <= target.budget
+
+    if fits(want):
+        return want
+    if floor >= want or not fits(floor):
+        return None
+    low, high = floor, want  # fits(low), not fits(high)
+    while high - low > 1024:
+        mid = (low + high) // 2 // 1024 * 1024
+        if mid <= low:
+            break
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def _max_memory(hardware, cpu_bytes: int | None = None) -> dict:
+    memory: dict = {g.index: usable_bytes(g.free_bytes) - CUDA_OVERHEAD_BYTES for g in hardware.gpus}
+    if cpu_bytes is not None:
+        memory["cpu"] = cpu_bytes
+    return memory
+
+
+def choose(hardware, facts, context: int | None = None, preset: str = "auto", flash_attn_installed: bool = False) -> Plan:
+    """The best preset and context that fit, with the reasons; or no choice, saying what was needed and what there is."""
+    reasons: list[str] = []
+    targets = _targets(hardware)
+    on_gpu = bool(hardware.gpus)
+    bf16 = all(g.bf16_supported for g in hardware.gpus) if on_gpu else hardware.cpu.bf16_native
+    device_type = "cuda" if on_gpu else "cpu"
+    want = min(context or facts.max_context, facts.max_context)
+    if context and context > facts.max_context:
+        reasons.append(f"{facts.name} handles at most {facts.max_context:,} tokens; context capped there")
+    floor = want if context else min(CONTEXT_FLOOR, facts.max_context)
+
+    if preset == "auto":
+        fast = ("bf16" if bf16 else "fp16") if on_gpu else ("bf16" if bf16 else "fp32")
+        ladder = [fast, "nf4"]
+        reasons.append(
+            f"{'GPU' if on_gpu else 'CPU'} {'runs' if bf16 else 'has no native'} bf16: "
+            f"trying {fast}, then nf4"
+        )
+    else:
+        ladder = [preset]
+
+    choice = None
+    for candidate in ladder:
+        for target in targets:
+            ctx = _fit_context(facts, candidate, want, floor, target, bf16)
+            if ctx is None:
+                continue
+            est = estimate(facts, candidate, ctx, device_type=target.device_type, bf16_supported=bf16)
+            if ctx < want:
+                reasons.append(
+                    f"{candidate} at the full {want:,}-token context needs "
+                    f"{_gb(estimate(facts, candidate, want, device_type=device_type, bf16_supported=bf16).total_bytes)}; "
+                    f"context lowered to {ctx:,} so {candidate} fits"
+                )
+            reasons.append(f"{candidate} needs {_gb(est.total_bytes)} at {ctx:,} tokens; {target.label} has {_gb(target.budget)} usable")
+            choice = Choice(
+                preset=candidate,
+                context_tokens=ctx,
+                device_map=target.device_map,
+                attn_implementation="",
+                estimate=est,
+                max_memory=_max_memory(hardware) if target.device_map == "auto" else None,
+            )
+            break
+        if choice:
+            break
+        smallest = estimate(facts, candidate, floor, device_type=device_type, bf16_supported=bf16)
+        reasons.append(
+            f"{candidate} needs {_gb(smallest.total_bytes)} even at {floor:,} tokens, more than "
+            f"{max(t.budget for t in targets) / 1e9:.1f} GB usable on {max(targets, key=lambda t: t.budget).label}"
+        )
+
+    if choice is None and on_gpu and preset in ("auto", "bf16", "fp16"):
+        half = ("bf16" if bf16 else "fp16") if preset == "auto" else preset
+        est = estimate(facts, half, floor, device_type="cuda", bf16_supported=bf16)
+        cpu = usable_bytes(hardware.cpu.ram_available_bytes)
+        gpu = sum(usable_bytes(g.free_bytes) - CUDA_OVERHEAD_BYTES for g in hardware.gpus)
+        if est.total_bytes <= gpu + cpu:
+            reasons.append(
+                f"splitting {half} weights over the GPU ({_gb(gpu)}) and CPU RAM ({_gb(cpu)}) with "
+                "device_map=auto: it fits, but layers on the CPU make it slow"
+            )
+            choice = Choice(half, floor, "auto", "", est, _max_memory(hardware, cpu), slow=True)
+
+    if choice is not None:
+        compute = compute_dtype_for(choice.preset, device_type=device_type, bf16_supported=bf16)
+        best = max(hardware.gpus, key=lambda g: g.free_bytes) if on_gpu else None
+        attention = choose_attention(
+            device_type=device_type,
+            compute_dtype=compute,
+            compute_capability=best.compute_capability if best else None,
+            flash_attn_installed=flash_attn_installed,
+        )
+        choice = Choice(**{**choice.__dict__, "attn_implementation": attention.value})
+        reasons.append(f"attention: {attention.value} ({attention.reasons[0]})")
+    else:
+        smallest = min(
+            (estimate(facts, p, floor, device_type=device_type, bf16_supported=bf16) for p in ("nf4",) + tuple(ladder)),
+            key=lambda e: e.total_bytes,
+        )
+        biggest = max(targets, key=lambda t: t.budget)
+        reasons.append(
+            f"nothing fits: the smallest need is {smallest.preset} at {floor:,} tokens, {_gb(smallest.total_bytes)}; "
+            f"the biggest device is {biggest.label} with {_gb(biggest.budget)} usable"
+        )
+
+    shown_ctx = choice.context_tokens if choice else floor
+    table = []
+    for p in WEIGHT_PRESETS:
+        est = estimate(facts, p, shown_ctx, device_type=device_type, bf16_supported=bf16)
+        where = next((t.label for t in targets if est.total_bytes <= t.budget), None)
+        table.append((est, where))
+    return Plan(facts, hardware, tuple(table), choice, tuple(reasons))
+
+
+def plan_dict(plan: Plan) -> dict:
+    """The `chatapp plan --json` contract."""
+    hw = plan.hardware
+    return {
+        "model": plan.facts.as_dict(),
+        "hardware": {
+            "gpus": [
+                {
+                    "index": g.index,
+                    "name": g.name,
+                    "total_bytes": g.total_bytes,
+                    "free_bytes": g.free_bytes,
+                    "compute_capability": list(g.compute_capability) if g.compute_capability else None,
+                    "bf16": g.bf16_supported,
+                }
+                for g in hw.gpus
+            ],
+            "cpu": {
+                "ram_total_bytes": hw.cpu.ram_total_bytes,
+                "ram_available_bytes": hw.cpu.ram_available_bytes,
+                "bf16_native": hw.cpu.bf16_native,
+            },
+        },
+        "presets": [
+            {
+                "preset": est.preset,
+                "weights_bytes": est.weights_bytes,
+                "kv_cache_bytes": est.kv_cache_bytes,
+                "overhead_bytes": est.activation_bytes + est.overhead_bytes,
+                "total_bytes": est.total_bytes,
+                "fits": where is not None,
+                "fits_on": where,
+            }
+            for est, where in plan.presets
+        ],
+        "choice": None
+        if plan.choice is None
+        else {
+            "preset": plan.choice.preset,
+            "context_tokens": plan.choice.context_tokens,
+            "device_map": plan.choice.device_map,
+            "attn_implementation": plan.choice.attn_implementation,
+            "max_memory": {str(k): v for k, v in plan.choice.max_memory.items()} if plan.choice.max_memory else None,
+            "slow": plan.choice.slow,
+            "total_bytes": plan.choice.estimate.total_bytes,
+        },
+        "reasons": list(plan.reasons),
+    }

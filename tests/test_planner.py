@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatapp.planner import choose_attention, choose_auto_preset, compute_dtype_for
+from chatapp.planner import choose_attention, compute_dtype_for
 
 GIB = 1024**3
 
@@ -34,21 +34,6 @@ def test_attention_falls_back_to_eager_without_sdpa():
     decision = choose_attention(device_type="cpu", compute_dtype="fp32", sdpa_available=False)
     assert decision.value == "eager"
     assert any("not installed" in r for r in decision.reasons)
-
-
-def test_auto_on_cpu_follows_native_bf16():
-    assert choose_auto_preset(device_type="cpu", bf16_supported=False).value == "fp32"
-    assert choose_auto_preset(device_type="cpu", bf16_supported=True).value == "bf16"
-
-
-def test_auto_on_gpu_is_16_bit_when_it_fits_else_nf4():
-    fits = choose_auto_preset(device_type="cuda", bf16_supported=True, weights_16bit_bytes=16 * GIB, free_bytes=23 * GIB)
-    assert fits.value == "bf16"
-    old = choose_auto_preset(device_type="cuda", bf16_supported=False, weights_16bit_bytes=1 * GIB, free_bytes=15 * GIB)
-    assert old.value == "fp16"
-    tight = choose_auto_preset(device_type="cuda", bf16_supported=True, weights_16bit_bytes=16 * GIB, free_bytes=8 * GIB)
-    assert tight.value == "nf4"
-    assert any("nf4" in r and "16.0 GiB" in r for r in tight.reasons)
 
 
 def test_compute_dtype_for_quantized_presets():

