@@ -1,7 +1,7 @@
 """Planner estimates against what loading really costs, for the starter model in every preset on this machine.
 
 Each preset runs in a fresh process: RSS after importing torch + transformers (the planner's CPU overhead),
-then after loading (weights), then after prefilling a long prompt (KV cache + activations).
+then after loading (weights), then after two long messages (KV cache + activations of a whole first prefill and of masked chunks).
 
     python bench/memory.py [--tokens 4096] [--json]
 """
@@ -28,7 +28,9 @@ preset, tokens = sys.argv[1], int(sys.argv[2])
 loaded = load_model("smollm2-135m-local", preset)
 after_load = rss()
 session = ChatSession(loaded)
-*_, stats = session.send("word " * (tokens - 40), max_new_tokens=1, temperature=0.0)
+# Two long messages: the first prefills an empty cache, the second attends to it in masked chunks.
+*_, stats = session.send("word " * (tokens // 2 - 40), max_new_tokens=1, temperature=0.0)
+*_, stats = session.send("more " * (tokens // 2 - 40), max_new_tokens=1, temperature=0.0)
 cache = session._cache
 kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
 after_prompt = rss()
@@ -54,7 +56,7 @@ def main() -> None:
     for preset in ("fp32", "bf16", "fp16", "int8", "nf4"):
         out = subprocess.run(
             [sys.executable, "-c", CHILD, preset, str(args.tokens)],
-            capture_output=True, text=True, check=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+            capture_output=True, text=True, check=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "MALLOC_ARENA_MAX": "2"},
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     if args.json:

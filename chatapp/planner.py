@@ -86,18 +86,14 @@ class Estimate:
         return self.weights_bytes + self.kv_cache_bytes + self.activation_bytes + self.overhead_bytes
 
 
-def weights_bytes(facts, preset: str, compute_dtype: str, device_type: str = "cuda") -> int:
+def weights_bytes(facts, preset: str, compute_dtype: str) -> int:
     """bitsandbytes quantizes the Linear layers in the blocks; embeddings, lm_head and norms stay in compute_dtype."""
     if preset in DTYPE_BYTES:
         return facts.params * DTYPE_BYTES[preset]
     kept = (facts.params - facts.quantizable_params) * DTYPE_BYTES[compute_dtype]
     if preset == "int8":
         # int8 codes plus one fp32 scale per output row.
-        int8 = kept + facts.quantizable_params + 4 * facts.quantizable_params // facts.hidden_size
-        if device_type == "cpu":
-            # Measured (bench/MEMORY.md): on the CPU, bitsandbytes 0.50 also holds dequantized weights once it runs.
-            int8 += facts.quantizable_params * DTYPE_BYTES[compute_dtype]
-        return int8
+        return kept + facts.quantizable_params + 4 * facts.quantizable_params // facts.hidden_size
     if preset == "nf4":
         return kept + int(facts.quantizable_params * NF4_BYTES_PER_PARAM)
     raise ValueError(f"unknown preset {preset!r}")
@@ -112,17 +108,20 @@ def kv_cache_bytes(facts, context_tokens: int, dtype: str) -> int:
 
 
 def activation_bytes(facts, context_tokens: int, dtype: str, device_type: str = "cuda") -> int:
-    """Peak of one prefill chunk: the MLP's gate/up/act tensors plus two hidden-state copies, and fp32 logits.
+    """Peak of a prefill: the MLP's gate/up/act tensors plus two hidden-state copies, and fp32 logits.
 
-    On a GPU, SDPA's fused kernels never hold the attention scores. On the CPU a chunk that attends to a cache
-    needs a mask, SDPA takes its math path, and the scores (heads x chunk x context) are real memory.
+    A GPU prefills in chunks of PREFILL_CHUNK, and SDPA's fused kernels never hold the attention scores.
+    A CPU prefills a first prompt whole (the causal kernel holds no scores), but a chunk on top of a cache
+    needs a mask, takes SDPA's math path, and its scores (heads x chunk x context) are real memory.
     """
-    tokens = min(context_tokens, PREFILL_CHUNK)
-    per_token = 3 * facts.intermediate_size + 2 * facts.hidden_size
-    total = tokens * per_token * DTYPE_BYTES[dtype] + 4 * facts.vocab_size
-    if device_type != "cuda":
-        total += facts.attention_heads * tokens * context_tokens * DTYPE_BYTES[dtype]
-    return total
+    per_token = (3 * facts.intermediate_size + 2 * facts.hidden_size) * DTYPE_BYTES[dtype]
+    logits = 4 * facts.vocab_size
+    if device_type == "cuda":
+        return min(context_tokens, PREFILL_CHUNK) * per_token + logits
+    whole = context_tokens * per_token
+    chunk = min(context_tokens, PREFILL_CHUNK)
+    scores = facts.attention_heads * chunk * context_tokens * DTYPE_BYTES[dtype]
+    return max(whole, chunk * per_token + scores) + logits
 
 
 def estimate(facts, preset: str, context_tokens: int, *, device_type: str = "cuda", bf16_supported: bool = True) -> Estimate:
@@ -130,7 +129,7 @@ def estimate(facts, preset: str, context_tokens: int, *, device_type: str = "cud
     return Estimate(
         preset=preset,
         context_tokens=context_tokens,
-        weights_bytes=weights_bytes(facts, preset, compute, device_type),
+        weights_bytes=weights_bytes(facts, preset, compute),
         kv_cache_bytes=kv_cache_bytes(facts, context_tokens, compute),
         activation_bytes=activation_bytes(facts, context_tokens, compute, device_type),
         overhead_bytes=CUDA_OVERHEAD_BYTES if device_type == "cuda" else CPU_OVERHEAD_BYTES,

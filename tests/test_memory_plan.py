@@ -96,13 +96,22 @@ def test_sliding_window_layers_cap_their_cache():
         (machine(ram_gib=64), "fp32", "cpu"),
         (machine(ram_gib=16), "nf4", "cpu"),
     ],
+    ids=["24G", "48G", "80G", "16G", "12G", "8G", "4G", "2x24G", "V100-16G", "T4-24G", "cpu-64G", "cpu-16G"],
 )
 def test_llama_8b_at_8k(hardware, expected_preset, expected_map):
     plan = choose(hardware, facts("llama-3.1-8b"), context=8192)
     assert plan.choice is not None, plan.reasons
     assert (plan.choice.preset, plan.choice.device_map) == (expected_preset, expected_map)
     assert plan.choice.context_tokens == 8192
-    assert plan.reasons
+    assert any(r.startswith(f"{expected_preset} needs") or f"splitting {expected_preset}" in r for r in plan.reasons)
+    assert plan.reasons[-1].startswith("attention: sdpa")
+
+
+def test_llama_8b_on_a_cpu_with_8_gib_is_refused_with_numbers():
+    plan = choose(machine(ram_gib=8), facts("llama-3.1-8b"), context=8192)
+    assert plan.choice is None
+    assert "smallest need is nf4 at 8,192 tokens" in plan.reasons[-1]
+    assert "CPU RAM with 8.2 GB usable" in plan.reasons[-1]
 
 
 def test_llama_8b_on_12_gib_never_picks_single_gpu_bf16():

@@ -178,3 +178,30 @@ def test_reset_forgets_history_but_keeps_system_prompt(tiny_fp32):
     assert [m.role for m in session.messages] == ["system"]
     _, stats = run(session.send("b", max_new_tokens=3))
     assert stats.prefilled_tokens == stats.prompt_tokens
+
+
+def test_min_new_tokens_and_a_cache_copy_continue_like_generate(tiny_words_fp32):
+    import torch
+
+    loaded = tiny_words_fp32
+    session = ChatSession(loaded)
+    _, stats = run(session.send("Hello", max_new_tokens=20, min_new_tokens=20))
+    assert stats.generated_tokens == 20
+    assert not set(session.last_reply_ids) & loaded.stop_token_ids
+    prompt = render_ids(loaded.tokenizer, [Message("user", "Hello")])
+    stop = sorted(loaded.stop_token_ids)
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            cache=session.cache_copy(len(prompt) - 1),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            eos_token_id=stop,
+            pad_token_id=stop[0],
+        )
+    assert out[0, len(prompt) :].tolist() == session.last_reply_ids
+    assert session.cache_tokens == len(prompt) + 19  # the copy left the session's own cache alone
+    with pytest.raises(ValueError):
+        session.cache_copy(10_000)

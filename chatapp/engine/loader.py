@@ -284,7 +284,7 @@ def load_model(
         folder=folder,
         preset=preset,
         dtype=compute_dtype,
-        device=str(next(model.parameters()).device),
+        device=_devices(model),
         attn_implementation=model.config._attn_implementation,
         footprint_bytes=int(model.get_memory_footprint()),
         context_length=context,
@@ -294,6 +294,14 @@ def load_model(
         notes=notes,
     )
     return loaded
+
+
+def _devices(model) -> str:
+    """Where the weights are: one device, or every device a device_map spread them over."""
+    placed = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    if len(placed) > 1:
+        return "+".join(sorted(placed))
+    return str(next(model.parameters()).device)
 
 
 def _flash_attn_installed() -> bool:
