@@ -87,12 +87,10 @@ class _TimingStreamer:
         pass
 
 
-def naive_turn(loaded: LoadedModel, messages: list[Message], max_new_tokens: int) -> tuple[list[int], TurnStats]:
-    """One reply from a fresh model.generate over the whole rendered conversation."""
-    model, tokenizer = loaded.model, loaded.tokenizer
-    started = time.perf_counter()
-    ids = render_ids(tokenizer, messages)
-    input_ids = torch.tensor([ids], device=model.device)
+def _generate(loaded: LoadedModel, prompt: list[int], max_new_tokens: int, **extra) -> tuple[list[int], list[float]]:
+    """Greedy model.generate over prompt with our stop tokens: the new ids, and when each arrived."""
+    model = loaded.model
+    input_ids = torch.tensor([prompt], device=model.device)
     streamer = _TimingStreamer()
     stop = sorted(loaded.stop_token_ids)
     with torch.inference_mode():
@@ -107,16 +105,27 @@ def naive_turn(loaded: LoadedModel, messages: list[Message], max_new_tokens: int
             eos_token_id=stop,
             pad_token_id=stop[0],
             streamer=streamer,
+            **extra,
         )
-    new = out[0, len(ids) :].tolist()
-    times = streamer.times
-    decode_s = times[-1] - times[0] if len(times) > 1 else 0.0
+    return out[0, len(prompt) :].tolist(), streamer.times
+
+
+def _rate(times: list[float]) -> float:
+    """Tokens per second after the first token."""
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+
+
+def naive_turn(loaded: LoadedModel, messages: list[Message], max_new_tokens: int) -> tuple[list[int], TurnStats]:
+    """One reply from a fresh model.generate over the whole rendered conversation."""
+    started = time.perf_counter()
+    ids = render_ids(loaded.tokenizer, messages)
+    new, times = _generate(loaded, ids, max_new_tokens)
     stats = TurnStats(
         prompt_tokens=len(ids),
         prefilled_tokens=len(ids),
         generated_tokens=len(new),
         ttft_s=times[0] - started if times else 0.0,
-        decode_tokens_per_s=(len(new) - 1) / decode_s if decode_s > 0 else 0.0,
+        decode_tokens_per_s=_rate(times),
         cache_tokens=len(ids) + len(new) - 1,
         finish_reason="stop" if new and new[-1] in loaded.stop_token_ids else "length",
     )
@@ -124,28 +133,9 @@ def naive_turn(loaded: LoadedModel, messages: list[Message], max_new_tokens: int
 
 
 def raw_decode_rate(loaded: LoadedModel, prompt: list[int], cache, tokens: int) -> float:
-    """model.generate's decode rate (tokens/s after the first) continuing from a cache of the prompt."""
-    model = loaded.model
-    input_ids = torch.tensor([prompt], device=model.device)
-    streamer = _TimingStreamer()
-    stop = sorted(loaded.stop_token_ids)
-    with torch.inference_mode():
-        model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            cache=cache,
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=stop,
-            pad_token_id=stop[0],
-            streamer=streamer,
-        )
-    times = streamer.times
-    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+    """model.generate's decode rate continuing from a cache of the prompt."""
+    _new, times = _generate(loaded, prompt, tokens, cache=cache, min_new_tokens=tokens)
+    return _rate(times)
 
 
 def _reply_text(loaded: LoadedModel, ids: list[int]) -> str:
