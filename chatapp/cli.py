@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 
 from . import planner
@@ -83,6 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true")
 
     sub.add_parser("doctor", help="what is installed and usable, and how to fix what isn't")
+
+    pull = sub.add_parser("pull", help="download a model into the Hugging Face cache (resumes; Ctrl+C stops)")
+    pull.add_argument("model", help="catalog key or Hub repo id (Org/Name[@revision])")
+    pull.add_argument("--allow-pickle", action="store_true")
+    pull.add_argument("--trust-remote-code", action="store_true")
+
+    rm = sub.add_parser("rm", help="delete a downloaded model from the Hugging Face cache")
+    rm.add_argument("model", help="catalog key or Hub repo id")
+
+    models = sub.add_parser("models", help="the catalog and the downloaded models")
+    models.add_argument("--local", action="store_true", help="only downloaded models")
+    models.add_argument("--json", action="store_true")
+
+    search = sub.add_parser("search", help="search the Hub for text-generation models")
+    search.add_argument("text")
+    search.add_argument("--limit", type=int, default=20)
+    search.add_argument("--json", action="store_true")
     return parser
 
 
@@ -258,7 +276,101 @@ def cmd_doctor(args, settings) -> int:
     return 1 if problems else 0
 
 
-COMMANDS = {"ask": cmd_ask, "repl": cmd_repl, "bench": cmd_bench, "plan": cmd_plan, "doctor": cmd_doctor}
+def _repo_of(ref: str, settings):
+    from .catalog import load_catalog
+    from .refs import parse_ref
+
+    source = parse_ref(ref, load_catalog(settings.config_dir / "models.toml"))
+    if source.kind != "hub":
+        raise ChatappError(f"'{ref}' is a local model ({source.path}), not a Hub repo")
+    return source
+
+
+def cmd_pull(args, settings) -> int:
+    from . import hub
+    from .progress import ProgressBar
+
+    source = _repo_of(args.model, settings)
+    bar = ProgressBar(source.label)
+    cancel = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    try:
+        folder = hub.download(
+            source.repo_id,
+            source.revision,
+            allow_pickle=args.allow_pickle,
+            trust_remote_code=args.trust_remote_code,
+            progress=bar.update,
+            cancel=cancel,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        bar.close()
+    print(folder)
+    return 0
+
+
+def cmd_rm(args, settings) -> int:
+    from . import hub
+
+    source = _repo_of(args.model, settings)
+    freed = hub.delete(source.repo_id)
+    print(f"deleted {source.repo_id}: {freed / 1e6:,.1f} MB freed")
+    return 0
+
+
+def cmd_models(args, settings) -> int:
+    from . import hub
+    from .catalog import load_catalog
+
+    local = {m.repo_id: m for m in hub.list_local()}
+    rows = []
+    if not args.local:
+        for spec in load_catalog(settings.config_dir / "models.toml").values():
+            found = local.get(spec.repo) if not spec.gguf_package else None
+            rows.append({"key": spec.key, "repo": spec.repo, "name": spec.name, "gated": spec.gated,
+                         "downloaded": bool(found) or bool(spec.gguf_package),
+                         "size_bytes": found.size_bytes if found else None})
+    known = {r["repo"] for r in rows}
+    for model in local.values():
+        if args.local or model.repo_id not in known:
+            rows.append({"key": None, "repo": model.repo_id, "name": model.repo_id, "gated": None,
+                         "downloaded": True, "size_bytes": model.size_bytes, "revisions": list(model.revisions)})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for r in rows:
+        size = f"{r['size_bytes'] / 1e9:.2f} GB" if r["size_bytes"] else ("bundled" if r["downloaded"] else "-")
+        print(f"{(r['key'] or r['repo']):<24} {size:>10}  {'gated ' if r['gated'] else ''}{r['name']}")
+    return 0
+
+
+def cmd_search(args, settings) -> int:
+    from . import hub
+
+    results = hub.search(args.text, args.limit)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results]))
+        return 0
+    if not results:
+        print(f"no text-generation models match '{args.text}'")
+    for r in results:
+        params = f"{r.params / 1e9:.2f}B" if r.params else "?"
+        print(f"{r.repo_id:<48} {params:>8} {r.downloads:>10,} downloads  {r.last_modified}{'  gated' if r.gated else ''}")
+    return 0
+
+
+COMMANDS = {
+    "ask": cmd_ask,
+    "repl": cmd_repl,
+    "bench": cmd_bench,
+    "plan": cmd_plan,
+    "doctor": cmd_doctor,
+    "pull": cmd_pull,
+    "rm": cmd_rm,
+    "models": cmd_models,
+    "search": cmd_search,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

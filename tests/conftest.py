@@ -128,3 +128,26 @@ def starter_fp32(starter_folder, settings):
     from chatapp.engine import load_model
 
     return load_model("smollm2-135m-local", "fp32", settings=settings)
+
+
+@pytest.fixture(scope="session")
+def hub_server(starter_folder, tiny_folder):
+    """A Hub-compatible server on 127.0.0.1 serving the starter model and the tiny model; yields (server, url)."""
+    from hubserver import HubServer
+
+    server = HubServer()
+    server.add("TestOrg/SmolLM2-135M-Instruct", starter_folder, downloads=100)
+    server.add("TestOrg/tiny-llama", tiny_folder, downloads=5)
+    server.add("TestOrg/gated-llama", tiny_folder, gated=True)
+    url = server.start()
+    yield server, url
+    server.stop()
+
+
+@pytest.fixture
+def hub_env(hub_server, tmp_path):
+    """Environment for a chatapp subprocess that talks to the test Hub with its own empty HF cache."""
+    _server, url = hub_server
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
+    return env

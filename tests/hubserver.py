@@ -1,0 +1,234 @@
+"""A small Hugging Face Hub-compatible HTTP server for tests, on 127.0.0.1.
+
+It serves repos from local folders and answers what `huggingface_hub` calls: model info, the file tree,
+`resolve` with HEAD/GET (ETag, X-Repo-Commit, Content-Length, Range), and model search. Switches make a
+repo gated (401 with X-Error-Code: GatedRepo), or cut a connection mid-file, or send slowly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+
+@dataclass
+class Repo:
+    folder: Path
+    gated: bool = False
+    downloads: int = 0
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+    @property
+    def sha(self) -> str:
+        digest = hashlib.sha1()
+        for path in self.files:
+            digest.update(str(path.relative_to(self.folder)).encode())
+            digest.update(str(path.stat().st_size).encode())
+        return digest.hexdigest()
+
+
+def _param_count(folder: Path) -> int:
+    from chatapp.facts import safetensors_param_count
+
+    return sum(safetensors_param_count(p) for p in folder.glob("*.safetensors"))
+
+
+def _etag(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class HubServer:
+    repos: dict[str, Repo] = field(default_factory=dict)
+    #: Cut the connection after this many body bytes of a GET (once per armed count), to test resume.
+    drop_after_bytes: int | None = None
+    drops_left: int = 0
+    #: Sleep this long between 64 KiB blocks of a GET body, to test cancel and progress.
+    block_delay_s: float = 0.0
+    requests: list[str] = field(default_factory=list)
+
+    def add(self, repo_id: str, folder: Path, **kwargs) -> Repo:
+        self.repos[repo_id] = Repo(Path(folder), **kwargs)
+        return self.repos[repo_id]
+
+    def start(self) -> str:
+        hub = self
+
+        class Handler(_Handler):
+            server_state = hub
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_state: HubServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _send_json(self, body, status: int = 200, headers: dict | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _error(self, status: int, code: str, message: str) -> None:
+        self._send_json({"error": message}, status, {"X-Error-Code": code, "X-Error-Message": message})
+
+    def _repo(self, repo_id: str) -> Repo | None:
+        repo = self.server_state.repos.get(repo_id)
+        if repo is None:
+            self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
+            return None
+        if repo.gated and not self.headers.get("Authorization"):
+            self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must be authenticated.")
+            return None
+        return repo
+
+    # -- routes ----------------------------------------------------------------------------
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        state = self.server_state
+        url = urlparse(self.path)
+        path = unquote(url.path)
+        state.requests.append(f"{self.command} {path}")
+        parts = path.strip("/").split("/")
+        if parts[:2] == ["api", "models"] and len(parts) == 2:
+            return self._search(parse_qs(url.query))
+        if parts[:2] == ["api", "models"] and len(parts) >= 4:
+            repo_id = "/".join(parts[2:4])
+            repo = self._repo(repo_id)
+            if repo is None:
+                return
+            rest = parts[4:]
+            if not rest or rest[0] == "revision":
+                return self._info(repo_id, repo)
+            if rest[0] == "tree":
+                return self._tree(repo)
+            return self._error(404, "EntryNotFound", "unknown api route")
+        if len(parts) >= 5 and parts[2] == "resolve":
+            repo_id = "/".join(parts[:2])
+            repo = self._repo(repo_id)
+            if repo is None:
+                return
+            return self._resolve(repo, "/".join(parts[4:]))
+        self._error(404, "EntryNotFound", f"no route for {path}")
+
+    def _info(self, repo_id: str, repo: Repo) -> None:
+        self._send_json(
+            {
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": repo.sha,
+                "private": False,
+                "gated": "auto" if repo.gated else False,
+                "downloads": repo.downloads,
+                "likes": 0,
+                "lastModified": "2026-11-01T00:00:00.000Z",
+                "pipeline_tag": "text-generation",
+                "tags": ["safetensors", "text-generation"],
+                "siblings": [
+                    {"rfilename": str(p.relative_to(repo.folder)), "size": p.stat().st_size} for p in repo.files
+                ],
+            }
+        )
+
+    def _tree(self, repo: Repo) -> None:
+        entries = []
+        for p in repo.files:
+            entry = {"type": "file", "path": str(p.relative_to(repo.folder)), "size": p.stat().st_size,
+                     "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
+            if p.suffix == ".safetensors":
+                entry["lfs"] = {"oid": _etag(p), "size": p.stat().st_size, "pointerSize": 134}
+            entries.append(entry)
+        self._send_json(entries)
+
+    def _search(self, query: dict) -> None:
+        text = (query.get("search") or [""])[0].lower()
+        limit = int((query.get("limit") or ["20"])[0])
+        found = [
+            {"id": repo_id, "modelId": repo_id, "downloads": repo.downloads, "likes": 0,
+             "gated": "auto" if repo.gated else False, "pipeline_tag": "text-generation",
+             "lastModified": "2026-11-01T00:00:00.000Z", "private": False,
+             "safetensors": {"parameters": {"BF16": _param_count(repo.folder)}, "total": _param_count(repo.folder)}}
+            for repo_id, repo in self.server_state.repos.items()
+            if text in repo_id.lower()
+        ]
+        found.sort(key=lambda m: -m["downloads"])
+        self._send_json(found[:limit])
+
+    def _resolve(self, repo: Repo, filename: str) -> None:
+        path = repo.folder / filename
+        if not path.is_file():
+            return self._error(404, "EntryNotFound", f"{filename} does not exist")
+        size = path.stat().st_size
+        start, end, status = 0, size - 1, 200
+        header = self.headers.get("Range")
+        if header and header.startswith("bytes="):
+            first, _, last = header[6:].partition("-")
+            start = int(first or 0)
+            end = min(int(last), size - 1) if last else size - 1
+            status = 206
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", f'"{_etag(path)}"')
+        self.send_header("X-Repo-Commit", repo.sha)
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        self._stream(path, start, end)
+
+    def _stream(self, path: Path, start: int, end: int) -> None:
+        state = self.server_state
+        limit = None
+        if state.drop_after_bytes is not None and state.drops_left > 0 and end - start + 1 > state.drop_after_bytes:
+            state.drops_left -= 1
+            limit = state.drop_after_bytes
+        sent = 0
+        with path.open("rb") as handle:
+            handle.seek(start)
+            remaining = end - start + 1
+            while remaining > 0:
+                block = handle.read(min(65536, remaining))
+                if limit is not None and sent + len(block) > limit:
+                    self.wfile.write(block[: limit - sent])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # a dropped connection, mid-file
+                    return
+                self.wfile.write(block)
+                sent += len(block)
+                remaining -= len(block)
+                if state.block_delay_s:
+                    time.sleep(state.block_delay_s)

@@ -1,0 +1,48 @@
+"""The real huggingface_hub client against the tests' Hub-compatible server on 127.0.0.1 (HF_ENDPOINT)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def chatapp(env, *args, stdin=None):
+    return subprocess.run(
+        [sys.executable, "-m", "chatapp.cli", *args], input=stdin, capture_output=True, text=True, timeout=600, env=env
+    )
+
+
+def test_plan_reads_hub_facts_from_headers_only(hub_server, hub_env):
+    server, _url = hub_server
+    server.requests.clear()
+    out = chatapp(hub_env, "plan", "TestOrg/SmolLM2-135M-Instruct", "--no-gpu", "--ram", "8GiB", "--json")
+    assert out.returncode == 0, out.stderr
+    model = json.loads(out.stdout)["model"]
+    assert (model["params"], model["layers"], model["kv_heads"], model["max_context"]) == (134_515_008, 30, 3, 8192)
+    # Only config.json and the safetensors header: no weight bytes beyond the header's range.
+    gets = [r for r in server.requests if r.startswith("GET") and "/resolve/" in r]
+    assert any(r.endswith("config.json") for r in gets)
+    assert not any("tokenizer" in r for r in gets)
+
+
+def test_ask_pulls_a_hub_model_then_answers(hub_env):
+    out = chatapp(hub_env, "ask", "What is the capital of France?", "--model", "TestOrg/SmolLM2-135M-Instruct",
+                  "--preset", "fp32", "--max-new-tokens", "20", "--temperature", "0")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_gated_repo_is_one_clear_line(hub_env):
+    out = chatapp(hub_env, "ask", "hi", "--model", "TestOrg/gated-llama")
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("chatapp: error: 'TestOrg/gated-llama' is gated: accept its license at ")
+    assert "hf auth login" in last and "HF_TOKEN" in last
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_hub_repo_is_one_clear_line(hub_env):
+    out = chatapp(hub_env, "ask", "hi", "--model", "TestOrg/no-such-model")
+    assert out.returncode == 1
+    assert "unknown model 'TestOrg/no-such-model': no such repo on the Hub" in out.stderr
