@@ -109,16 +109,23 @@ def _load(args, settings):
 
     model = args.model or settings.default_model
     preset = args.preset or settings.default_preset
+    from .progress import ProgressBar
+
     _note(f"loading {model} ({preset})...")
-    loaded = load_model(
-        model,
-        preset,
-        settings=settings,
-        device=args.device,
-        allow_pickle=args.allow_pickle,
-        trust_remote_code=True if args.trust_remote_code else None,
-        on_status=_note,
-    )
+    bar = ProgressBar(f"chatapp: downloading {model}")
+    try:
+        loaded = load_model(
+            model,
+            preset,
+            settings=settings,
+            device=args.device,
+            allow_pickle=args.allow_pickle,
+            trust_remote_code=True if args.trust_remote_code else None,
+            on_status=_note,
+            on_progress=bar.update,
+        )
+    finally:
+        bar.close()
     for note in loaded.notes:
         _note(note)
     _note(loaded.describe())
@@ -323,40 +330,56 @@ def cmd_models(args, settings) -> int:
     from . import hub
     from .catalog import load_catalog
 
+    from .facts import facts_from_spec
+    from .hardware import detect
+    from .report import verdict
+
+    hw = detect()
     local = {m.repo_id: m for m in hub.list_local()}
     rows = []
     if not args.local:
         for spec in load_catalog(settings.config_dir / "models.toml").values():
             found = local.get(spec.repo) if not spec.gguf_package else None
+            facts = facts_from_spec(spec)
             rows.append({"key": spec.key, "repo": spec.repo, "name": spec.name, "gated": spec.gated,
                          "downloaded": bool(found) or bool(spec.gguf_package),
-                         "size_bytes": found.size_bytes if found else None})
+                         "size_bytes": found.size_bytes if found else None,
+                         "fit": verdict(planner.choose(hw, facts)) if facts else None})
     known = {r["repo"] for r in rows}
     for model in local.values():
         if args.local or model.repo_id not in known:
             rows.append({"key": None, "repo": model.repo_id, "name": model.repo_id, "gated": None,
-                         "downloaded": True, "size_bytes": model.size_bytes, "revisions": list(model.revisions)})
+                         "downloaded": True, "size_bytes": model.size_bytes, "revisions": list(model.revisions),
+                         "fit": None})
     if args.json:
         print(json.dumps(rows))
         return 0
     for r in rows:
         size = f"{r['size_bytes'] / 1e9:.2f} GB" if r["size_bytes"] else ("bundled" if r["downloaded"] else "-")
-        print(f"{(r['key'] or r['repo']):<24} {size:>10}  {'gated ' if r['gated'] else ''}{r['name']}")
+        fit = f"  [{r['fit']}]" if r["fit"] else ""
+        print(f"{(r['key'] or r['repo']):<24} {size:>10}  {'gated ' if r['gated'] else ''}{r['name']}{fit}")
     return 0
 
 
 def cmd_search(args, settings) -> int:
     from . import hub
 
+    from .hardware import detect
+    from .report import weights_verdict
+
+    hw = detect()
     results = hub.search(args.text, args.limit)
     if args.json:
-        print(json.dumps([r.__dict__ for r in results]))
+        print(json.dumps([{**r.__dict__, "fit": weights_verdict(hw, r.params)} for r in results]))
         return 0
     if not results:
         print(f"no text-generation models match '{args.text}'")
     for r in results:
         params = f"{r.params / 1e9:.2f}B" if r.params else "?"
-        print(f"{r.repo_id:<48} {params:>8} {r.downloads:>10,} downloads  {r.last_modified}{'  gated' if r.gated else ''}")
+        print(
+            f"{r.repo_id:<40} {params:>7} {r.downloads:>10,} downloads  {r.last_modified}"
+            f"{'  gated' if r.gated else ''}  [{weights_verdict(hw, r.params)}]"
+        )
     return 0
 
 

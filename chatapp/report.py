@@ -120,3 +120,24 @@ def _writable(path: Path) -> bool:
     import os
 
     return os.access(path, os.W_OK)
+
+
+def verdict(plan: Plan) -> str:
+    """One line per model: the presets `auto` would try, with ✓/✗ and their totals, e.g. 'bf16 ✗ 17.9 GB · nf4 ✓ 7.5 GB'."""
+    rows = {est.preset: (est, where) for est, where in plan.presets}
+    on_cpu = not plan.hardware.gpus
+    fast = "fp32" if on_cpu and not plan.hardware.cpu.bf16_native else "bf16"
+    return " · ".join(
+        f"{p} {'✓' if rows[p][1] else '✗'} {_gb(rows[p][0].total_bytes)}" for p in (fast, "nf4")
+    )
+
+
+def weights_verdict(hw: Hardware, params: int | None) -> str:
+    """For Hub search results, where only the parameter count is known: do the weights alone fit?"""
+    from .planner import NF4_BYTES_PER_PARAM, usable_bytes
+
+    if not params:
+        return "size unknown"
+    budget = max([usable_bytes(g.free_bytes) for g in hw.gpus] or [usable_bytes(hw.cpu.ram_available_bytes)])
+    sizes = {"bf16": params * 2, "nf4": int(params * NF4_BYTES_PER_PARAM)}
+    return " · ".join(f"{p} {'✓' if n <= budget else '✗'} {_gb(n)}" for p, n in sizes.items()) + " (weights)"

@@ -66,7 +66,7 @@ class HubServer:
         class Handler(_Handler):
             server_state = hub
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
         return f"http://127.0.0.1:{self._httpd.server_address[1]}"
@@ -74,6 +74,12 @@ class HubServer:
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    # snapshot_download opens up to 8 connections at once; the default backlog of 5 can refuse some of them
+    # when this process is slow to accept (a busy test run), which looks like a flaky network.
+    request_queue_size = 64
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -31,6 +31,7 @@ def test_ask_pulls_a_hub_model_then_answers(hub_env):
                   "--preset", "fp32", "--max-new-tokens", "20", "--temperature", "0")
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+    assert "chatapp: downloading TestOrg/SmolLM2-135M-Instruct [" in out.stderr and "100.0%" in out.stderr
 
 
 def test_gated_repo_is_one_clear_line(hub_env):

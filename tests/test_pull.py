@@ -87,7 +87,8 @@ def test_cancel_stops_promptly_and_leaves_nothing_taken_for_complete(hub_server,
     ask = chatapp(offline, "ask", "hi", "--model", REPO)
     assert ask.returncode == 1 and "not downloaded" in ask.stderr
     # And the next pull completes.
-    assert chatapp(hub_env, "pull", REPO).returncode == 0
+    pulled = chatapp(hub_env, "pull", REPO)
+    assert pulled.returncode == 0, pulled.stderr
 
 
 def test_not_enough_disk_is_refused_before_downloading(hub_server, hub_env):
@@ -107,8 +108,11 @@ def test_not_enough_disk_is_refused_before_downloading(hub_server, hub_env):
 
 
 def test_models_local_and_rm_report_bytes(hub_env):
-    assert chatapp(hub_env, "pull", REPO).returncode == 0
-    listed = json.loads(chatapp(hub_env, "models", "--local", "--json").stdout)
+    pulled = chatapp(hub_env, "pull", REPO)
+    assert pulled.returncode == 0, pulled.stderr
+    listing = chatapp(hub_env, "models", "--local", "--json")
+    assert listing.returncode == 0, listing.stderr
+    listed = json.loads(listing.stdout)
     entry = next(m for m in listed if m["repo"] == REPO)
     assert entry["size_bytes"] > 250_000_000
     out = chatapp(hub_env, "rm", REPO)
@@ -126,6 +130,10 @@ def test_catalog_listing_marks_the_bundled_starter():
     rows = {r["key"]: r for r in json.loads(out.stdout) if r["key"]}
     assert rows["smollm2-135m-local"]["downloaded"] is True
     assert rows["llama-3.1-8b"]["gated"] is True
+    # Each catalog row carries the planner's verdict for this machine: the preset auto tries first, then nf4.
+    assert all(r["fit"] and "nf4 " in r["fit"] for r in rows.values())
+    assert "✓" in rows["smollm2-135m-local"]["fit"]
+    assert "✗" in rows["llama-3.1-70b"]["fit"]
 
 
 def test_search(hub_env):
@@ -134,6 +142,7 @@ def test_search(hub_env):
     results = json.loads(out.stdout)
     assert [r["repo_id"] for r in results] == ["TestOrg/tiny-llama", "TestOrg/gated-llama"]
     assert results[1]["gated"] is True and results[0]["params"] > 0
+    assert results[0]["fit"].endswith("(weights)") and "bf16 ✓" in results[0]["fit"]
     table = chatapp(hub_env, "search", "nothing-like-this")
     assert "no text-generation models match" in table.stdout
 

@@ -110,6 +110,7 @@ def materialize(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     on_status: Callable[[str], None] | None = None,
+    on_progress: Callable | None = None,
 ) -> Path:
     """A local folder with config.json and weights for source, downloading or converting as needed."""
     say = on_status or (lambda _text: None)
@@ -119,7 +120,11 @@ def materialize(
         return convert_gguf(source.path, settings.converted_dir)
     if source.kind == "hub":
         return hub.download(
-            source.repo_id, source.revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+            source.repo_id,
+            source.revision,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            progress=on_progress,
         )
     return source.path
 
@@ -196,6 +201,7 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool | None = None,
     on_status: Callable[[str], None] | None = None,
+    on_progress: Callable | None = None,
 ) -> LoadedModel:
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -211,7 +217,12 @@ def load_model(
         notes.append(f"trust_remote_code is on for '{source.label}' (--trust-remote-code): its own code runs")
 
     folder = materialize(
-        source, settings, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, on_status=on_status
+        source,
+        settings,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        on_status=on_status,
+        on_progress=on_progress,
     )
     check_weights(folder, source.label, allow_pickle=allow_pickle)
 
