@@ -38,6 +38,8 @@ class CpuInfo:
 class Hardware:
     cpu: CpuInfo
     gpus: tuple[GpuInfo, ...] = field(default_factory=tuple)
+    #: An Apple-silicon GPU (MPS), which shares the CPU's RAM ("unified memory").
+    mps: bool = False
 
 
 def _meminfo() -> tuple[int, int]:
@@ -99,8 +101,14 @@ def detect_gpus_nvml() -> tuple[GpuInfo, ...]:
         pynvml.nvmlShutdown()
 
 
+def detect_mps() -> bool:
+    import platform
+
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
 def detect() -> Hardware:
-    return Hardware(cpu=detect_cpu(), gpus=detect_gpus_nvml())
+    return Hardware(cpu=detect_cpu(), gpus=detect_gpus_nvml(), mps=detect_mps())
 
 
 # -- "what if" descriptions: --gpu 24GiB, --gpu "RTX 3060:12GiB", --gpu "T4:16GiB:7.5", --no-gpu, --ram 32GiB
@@ -146,9 +154,9 @@ def describe_by_hand(
     if ram:
         size = parse_size(ram)
         cpu = CpuInfo(ram_total_bytes=size, ram_available_bytes=size, flags=cpu.flags)
-    devices = detected.gpus
+    devices, mps = detected.gpus, detected.mps
     if no_gpu:
-        devices = ()
+        devices, mps = (), False
     elif gpus:
-        devices = tuple(parse_gpu(text, i) for i, text in enumerate(gpus))
-    return Hardware(cpu=cpu, gpus=devices)
+        devices, mps = tuple(parse_gpu(text, i) for i, text in enumerate(gpus)), False
+    return Hardware(cpu=cpu, gpus=devices, mps=mps)

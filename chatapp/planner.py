@@ -116,7 +116,7 @@ def activation_bytes(facts, context_tokens: int, dtype: str, device_type: str = 
     """
     per_token = (3 * facts.intermediate_size + 2 * facts.hidden_size) * DTYPE_BYTES[dtype]
     logits = 4 * facts.vocab_size
-    if device_type == "cuda":
+    if device_type != "cpu":  # CUDA and MPS: chunked prefill, fused attention
         return min(context_tokens, PREFILL_CHUNK) * per_token + logits
     whole = context_tokens * per_token
     chunk = min(context_tokens, PREFILL_CHUNK)
@@ -168,6 +168,9 @@ class Plan:
     reasons: tuple[str, ...]
 
 
+_DEVICE_NAMES = {"cuda": "GPU", "mps": "Apple GPU", "cpu": "CPU"}
+
+
 @dataclass(frozen=True)
 class _Target:
     label: str
@@ -178,6 +181,8 @@ class _Target:
 
 
 def _targets(hardware) -> list[_Target]:
+    if not hardware.gpus and hardware.mps:
+        return [_Target("Apple GPU (unified memory)", "mps", usable_bytes(hardware.cpu.ram_available_bytes), "mps")]
     if not hardware.gpus:
         return [_Target("CPU RAM", "cpu", usable_bytes(hardware.cpu.ram_available_bytes), "cpu")]
     best = max(hardware.gpus, key=lambda g: g.free_bytes)
@@ -219,19 +224,22 @@ def choose(hardware, facts, context: int | None = None, preset: str = "auto", fl
     reasons: list[str] = []
     targets = _targets(hardware)
     on_gpu = bool(hardware.gpus)
-    bf16 = all(g.bf16_supported for g in hardware.gpus) if on_gpu else hardware.cpu.bf16_native
-    device_type = "cuda" if on_gpu else "cpu"
+    if on_gpu:
+        bf16, device_type = all(g.bf16_supported for g in hardware.gpus), "cuda"
+    elif hardware.mps:
+        bf16, device_type = True, "mps"
+    else:
+        bf16, device_type = hardware.cpu.bf16_native, "cpu"
     want = min(context or facts.max_context, facts.max_context)
     if context and context > facts.max_context:
         reasons.append(f"{facts.name} handles at most {facts.max_context:,} tokens; context capped there")
     floor = want if context else min(CONTEXT_FLOOR, facts.max_context)
 
     if preset == "auto":
-        fast = ("bf16" if bf16 else "fp16") if on_gpu else ("bf16" if bf16 else "fp32")
+        fast = ("bf16" if bf16 else "fp16") if device_type != "cpu" else ("bf16" if bf16 else "fp32")
         ladder = [fast, "nf4"]
         reasons.append(
-            f"{'GPU' if on_gpu else 'CPU'} {'runs' if bf16 else 'has no native'} bf16: "
-            f"trying {fast}, then nf4"
+            f"{_DEVICE_NAMES[device_type]} {'runs' if bf16 else 'has no native'} bf16: trying {fast}, then nf4"
         )
     else:
         ladder = [preset]

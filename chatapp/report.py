@@ -23,6 +23,8 @@ def describe_hardware(hw: Hardware) -> list[str]:
     for g in hw.gpus:
         cc = ".".join(map(str, g.compute_capability)) if g.compute_capability else "?"
         lines.append(f"GPU {g.index}: {g.name}, {_gib(g.total_bytes)} ({_gib(g.free_bytes)} free), compute {cc}")
+    if hw.mps:
+        lines.append(f"Apple GPU (MPS), sharing {_gib(hw.cpu.ram_total_bytes)} of unified memory")
     if not hw.gpus:
         lines.append("no CUDA GPU")
     bf16 = "native bf16" if hw.cpu.bf16_native else "no native bf16"

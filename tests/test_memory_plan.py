@@ -165,6 +165,14 @@ def test_small_models_on_cpus(ram, bf16, expected):
     assert plan.choice.device_map == "cpu"
 
 
+@pytest.mark.parametrize("ram, expected", [(32, "bf16"), (16, "nf4")])
+def test_apple_gpu_plans_against_unified_memory(ram, expected):
+    plan = choose(Hardware(cpu(ram), mps=True), facts("llama-3.1-8b"), context=8192)
+    assert (plan.choice.preset, plan.choice.device_map) == (expected, "mps")
+    assert plan.reasons[0].startswith("Apple GPU runs bf16")
+    assert any("Apple GPU (unified memory)" in r for r in plan.reasons)
+
+
 def test_cpu_short_of_ram_falls_to_nf4_then_refuses():
     # Without native bf16, what bnb leaves unquantized (1.1B embedding params here) is fp32 on a CPU.
     assert choose(Hardware(cpu(12)), facts("qwen2.5-7b"), context=8192).choice.preset == "nf4"
@@ -210,3 +218,6 @@ def test_describe_by_hand_replaces_what_was_detected():
     assert [g.total_bytes for g in hw.gpus] == [24 * GIB, 12 * GIB]
     assert hw.cpu.ram_total_bytes == 16 * GIB
     assert describe_by_hand(detected, no_gpu=True).gpus == ()
+    apple = Hardware(cpu(64), mps=True)
+    assert describe_by_hand(apple, no_gpu=True).mps is False
+    assert describe_by_hand(apple, ["24GiB"]).mps is False

@@ -90,7 +90,7 @@ def detect_hardware(device: str) -> Hardware:
     found = detect()
     device_type, _, index = device.partition(":")
     if device_type != "cuda":
-        return replace(found, gpus=())
+        return replace(found, gpus=(), mps=device_type == "mps")
     gpus = found.gpus
     if not gpus:
         gpus = []
