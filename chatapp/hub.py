@@ -1,4 +1,4 @@
-"""The Hugging Face Hub: search, download into the standard HF cache (progress, resume, cancel), list, delete."""
+"""The Hugging Face Hub: search, download into the standard HF cache (progress, cancel, disk check), list, delete."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .errors import ChatappError, HubError, ModelNotFound
 
 
 class DownloadCancelled(ChatappError):
-    """The user stopped a download; what arrived is kept and the next pull resumes from it."""
+    """The user stopped a download. Finished files stay in the cache; the file in flight starts over next time."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,10 @@ def allow_patterns(*, allow_pickle: bool = False, trust_remote_code: bool = Fals
     return patterns
 
 
+def _offline(repo_id: str) -> HubError:
+    return HubError(f"'{repo_id}' is not downloaded and the Hub can't be reached (offline, or HF_HUB_OFFLINE=1)")
+
+
 @contextmanager
 def hub_errors(repo_id: str, revision: str | None = None):
     """Turn huggingface_hub's exceptions into our one-line errors."""
@@ -78,9 +82,7 @@ def hub_errors(repo_id: str, revision: str | None = None):
     except RevisionNotFoundError:
         raise ModelNotFound(f"'{repo_id}' has no revision '{revision}'") from None
     except LocalEntryNotFoundError:
-        raise HubError(
-            f"'{repo_id}' is not downloaded and the Hub can't be reached (offline, or HF_HUB_OFFLINE=1)"
-        ) from None
+        raise _offline(repo_id) from None
     except OSError as exc:
         raise HubError(f"talking to the Hub about '{repo_id}' failed: {str(exc).splitlines()[0]}") from None
     except Exception as exc:
@@ -117,10 +119,12 @@ def check_disk(needed: int, where: Path, free_bytes: Callable[[Path], int] | Non
         )
 
 
-def _partial_bytes(cache_dir: Path, repo_id: str) -> int:
-    """Bytes already in the cache for this repo, finished blobs and .incomplete ones alike."""
+def _cached_bytes(cache_dir: Path, repo_id: str, *, finished_only: bool = False) -> int:
+    """Bytes in the cache for this repo: finished blobs, plus the .incomplete files being written unless finished_only."""
     blobs = cache_dir / f"models--{repo_id.replace('/', '--')}" / "blobs"
-    return sum(p.stat().st_size for p in blobs.glob("*")) if blobs.is_dir() else 0
+    if not blobs.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in blobs.glob("*") if not (finished_only and p.suffix == ".incomplete"))
 
 
 def download(
@@ -133,11 +137,13 @@ def download(
     cancel: threading.Event | None = None,
     free_bytes: Callable[[Path], int] | None = None,
 ) -> Path:
-    """The local snapshot folder of repo_id, downloading what's missing. Resumes interrupted downloads.
+    """The local snapshot folder of repo_id, downloading what's missing.
 
     progress gets byte counts as they arrive; setting cancel stops the download at the next block and raises
-    DownloadCancelled. huggingface_hub writes to .incomplete files and renames them only when whole, so a
-    stopped or killed download is never taken for a complete model, and the next call resumes it.
+    DownloadCancelled. huggingface_hub writes each file to a uniquely named .incomplete file and renames it only
+    when whole, so a stopped or killed download is never taken for a complete model. Files already finished are
+    kept; the file that was in flight starts over (huggingface_hub 2.4 deletes its partial file on failure), and a
+    connection that drops mid-file is resumed with a Range request within the same call.
     """
     from huggingface_hub import constants, snapshot_download
 
@@ -148,13 +154,14 @@ def download(
         except Exception:  # not (completely) in the cache yet: go to the network below
             pass
     if constants.HF_HUB_OFFLINE:
-        raise HubError(f"'{repo_id}' is not downloaded and the Hub can't be reached (offline, or HF_HUB_OFFLINE=1)")
+        raise _offline(repo_id)
     cache_dir = Path(constants.HF_HUB_CACHE)
     files = remote_files(repo_id, revision, patterns)
     total = sum(files.values())
-    already = _partial_bytes(cache_dir, repo_id)
+    # Partial files left by an earlier, killed pull are never reused, so they don't count as already here.
+    already = _cached_bytes(cache_dir, repo_id, finished_only=True)
     check_disk(max(0, total - already), cache_dir, free_bytes)
-    tracker = _tracker(total, lambda: _partial_bytes(cache_dir, repo_id), progress, cancel)
+    tracker = _tracker(total, lambda: _cached_bytes(cache_dir, repo_id), progress, cancel)
     with hub_errors(repo_id, revision):
         folder = Path(
             snapshot_download(repo_id, revision=revision, allow_patterns=patterns, tqdm_class=tracker)
@@ -177,7 +184,7 @@ def _tracker(total: int, measure: Callable[[], int], progress, cancel):
 
         def update(self, n=1):
             if cancel is not None and cancel.is_set():
-                raise DownloadCancelled("download stopped; run the same pull again to resume")
+                raise DownloadCancelled("download stopped; run the same pull again to finish it")
             now = time.monotonic()
             if progress is None or now - state["last"] < 0.2:
                 return

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 
 def chatapp(*args: str, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chatapp.catalog import load_catalog
-from chatapp.facts import facts_from_spec, params_from_architecture
+from chatapp.facts import facts_from_spec
 from chatapp.hardware import CpuInfo, GpuInfo, Hardware, describe_by_hand, parse_gpu, parse_size
 from chatapp.planner import CONTEXT_FLOOR, choose, estimate, kv_cache_bytes, plan_dict, weights_bytes
 

@@ -36,6 +36,7 @@ def test_six_turns_cached_equal_naive_and_prefill_only_new_tokens(starter_fp32):
     tok = starter_fp32.tokenizer
     session = ChatSession(starter_fp32)
     history: list[Message] = []
+    previous = None
     for turn, question in enumerate(CONVERSATION, 1):
         *_, stats = session.send(question, max_new_tokens=24)
         history.append(Message("user", question))
