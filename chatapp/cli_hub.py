@@ -21,7 +21,7 @@ def _repo_of(ref: str, settings):
 
 
 def cmd_pull(args, settings) -> int:
-    from . import hub
+    from .hub_download import download
     from .progress import ProgressBar
 
     source = _repo_of(args.model, settings)
@@ -29,7 +29,7 @@ def cmd_pull(args, settings) -> int:
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
     try:
-        folder = hub.download(
+        folder = download(
             source.repo_id,
             source.revision,
             allow_pickle=args.allow_pickle,

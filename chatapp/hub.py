@@ -1,35 +1,16 @@
-"""The Hugging Face Hub: search, download into the standard HF cache (progress, cancel, disk check), list, delete."""
+"""The Hugging Face Hub: errors in one line, search, list and delete local models. Downloads: hub_download.py."""
 
 from __future__ import annotations
 
 import fnmatch
 import json
 import shutil
-import threading
-import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ChatappError, HubError, ModelNotFound
 
-
-class DownloadCancelled(ChatappError):
-    """The user stopped a download. Finished files stay in the cache; the file in flight starts over next time."""
-
-
-@dataclass(frozen=True)
-class Progress:
-    done_bytes: int
-    total_bytes: int
-    bytes_per_s: float
-
-    @property
-    def eta_s(self) -> float | None:
-        if self.bytes_per_s <= 0:
-            return None
-        return max(0.0, (self.total_bytes - self.done_bytes) / self.bytes_per_s)
 
 #: Only what loading needs: no duplicate .bin/.gguf/onnx weights.
 ALLOW_PATTERNS = (
@@ -52,8 +33,19 @@ def allow_patterns(*, allow_pickle: bool = False, trust_remote_code: bool = Fals
     return patterns
 
 
-def _offline(repo_id: str) -> HubError:
+def offline_error(repo_id: str) -> HubError:
     return HubError(f"'{repo_id}' is not downloaded and the Hub can't be reached (offline, or HF_HUB_OFFLINE=1)")
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """Connection failures come from whichever HTTP library huggingface_hub uses underneath (httpx2 in 2.4)."""
+    return type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "h11", "requests", "urllib3")
+
+
+def _token() -> str | None:
+    from huggingface_hub import get_token
+
+    return get_token()
 
 
 @contextmanager
@@ -61,6 +53,7 @@ def hub_errors(repo_id: str, revision: str | None = None):
     """Turn huggingface_hub's exceptions into our one-line errors."""
     from huggingface_hub.errors import (
         GatedRepoError,
+        HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -75,136 +68,40 @@ def hub_errors(repo_id: str, revision: str | None = None):
             f"'{repo_id}' is gated: accept its license at https://huggingface.co/{repo_id}, "
             "then log in with `hf auth login` or set HF_TOKEN"
         ) from None
-    except RepositoryNotFoundError:
+    except RepositoryNotFoundError as exc:
+        if getattr(exc.response, "status_code", None) == 401 and _token() is None:
+            raise HubError(
+                f"'{repo_id}' is not on the Hub, or it is private or gated and needs a login: "
+                f"accept its license at https://huggingface.co/{repo_id}, then `hf auth login` or set HF_TOKEN"
+            ) from None
         raise ModelNotFound(
             f"unknown model '{repo_id}': no such repo on the Hub (or it is private: log in with `hf auth login`)"
         ) from None
     except RevisionNotFoundError:
         raise ModelNotFound(f"'{repo_id}' has no revision '{revision}'") from None
     except LocalEntryNotFoundError:
-        raise _offline(repo_id) from None
+        raise offline_error(repo_id) from None
+    except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        if status in (401, 403):
+            # A gated or private repo that didn't say so with X-Error-Code: the fix is the same.
+            raise HubError(
+                f"the Hub refused access to '{repo_id}' (HTTP {status}): if it is gated, accept its license at "
+                f"https://huggingface.co/{repo_id}; log in with `hf auth login` or set HF_TOKEN"
+            ) from None
+        raise HubError(f"talking to the Hub about '{repo_id}' failed: {str(exc).strip().splitlines()[0]}") from None
     except OSError as exc:
         raise HubError(f"talking to the Hub about '{repo_id}' failed: {str(exc).splitlines()[0]}") from None
     except Exception as exc:
-        # Connection failures come from whichever HTTP library huggingface_hub uses underneath.
-        if type(exc).__module__.split(".")[0] in ("httpx", "httpcore", "h11", "requests", "urllib3"):
+        if is_network_error(exc):
             from huggingface_hub import constants
 
             raise HubError(f"can't reach the Hub at {constants.ENDPOINT} ({type(exc).__name__})") from None
         raise
 
 
-def remote_files(repo_id: str, revision: str | None, patterns: list[str]) -> dict[str, int]:
-    """The files a download would fetch, with their sizes."""
-    from huggingface_hub import HfApi
-
-    with hub_errors(repo_id, revision):
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
-    return {
-        s.rfilename: int(s.size or 0)
-        for s in info.siblings or []
-        if any(fnmatch.fnmatch(s.rfilename, p) for p in patterns)
-    }
-
-
-def check_disk(needed: int, where: Path, free_bytes: Callable[[Path], int] | None = None) -> None:
-    """Refuse before starting when the cache's disk can't hold what is left to download."""
-    where = Path(where)
-    probe = next((p for p in [where, *where.parents] if p.exists()), Path("/"))
-    free = free_bytes(probe) if free_bytes else shutil.disk_usage(probe).free
-    if needed > free:
-        raise HubError(
-            f"not enough disk space in {where}: the download needs {needed / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB is free ({(needed - free) / 1e9:.2f} GB missing)"
-        )
-
-
-def _cached_bytes(cache_dir: Path, repo_id: str, *, finished_only: bool = False) -> int:
-    """Bytes in the cache for this repo: finished blobs, plus the .incomplete files being written unless finished_only."""
-    blobs = cache_dir / f"models--{repo_id.replace('/', '--')}" / "blobs"
-    if not blobs.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in blobs.glob("*") if not (finished_only and p.suffix == ".incomplete"))
-
-
-def download(
-    repo_id: str,
-    revision: str | None = None,
-    *,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    progress: Callable[[Progress], None] | None = None,
-    cancel: threading.Event | None = None,
-    free_bytes: Callable[[Path], int] | None = None,
-) -> Path:
-    """The local snapshot folder of repo_id, downloading what's missing.
-
-    progress gets byte counts as they arrive; setting cancel stops the download at the next block and raises
-    DownloadCancelled. huggingface_hub writes each file to a uniquely named .incomplete file and renames it only
-    when whole, so a stopped or killed download is never taken for a complete model. Files already finished are
-    kept; the file that was in flight starts over (huggingface_hub 2.4 deletes its partial file on failure), and a
-    connection that drops mid-file is resumed with a Range request within the same call.
-    """
-    from huggingface_hub import constants, snapshot_download
-
-    patterns = allow_patterns(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    with hub_errors(repo_id, revision):
-        try:
-            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
-        except Exception:  # not (completely) in the cache yet: go to the network below
-            pass
-    if constants.HF_HUB_OFFLINE:
-        raise _offline(repo_id)
-    cache_dir = Path(constants.HF_HUB_CACHE)
-    files = remote_files(repo_id, revision, patterns)
-    total = sum(files.values())
-    # Partial files left by an earlier, killed pull are never reused, so they don't count as already here.
-    already = _cached_bytes(cache_dir, repo_id, finished_only=True)
-    check_disk(max(0, total - already), cache_dir, free_bytes)
-    tracker = _tracker(total, lambda: _cached_bytes(cache_dir, repo_id), progress, cancel)
-    with hub_errors(repo_id, revision):
-        folder = Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=patterns, tqdm_class=tracker)
-        )
-    if progress:
-        progress(Progress(total, total, 0.0))
-    return folder
-
-
-def _tracker(total: int, measure: Callable[[], int], progress, cancel):
-    """A tqdm stand-in for snapshot_download's bars: on each update it checks `cancel` and, a few times a second,
-    reports the bytes on disk (finished and .incomplete blobs), which doesn't depend on how the bars are wired."""
-    start_bytes = measure()
-    state = {"start": time.monotonic(), "last": 0.0}
-
-    class Tracker:
-        def __init__(self, *args, **kwargs):
-            self.total = kwargs.get("total")
-            self.n = 0
-
-        def update(self, n=1):
-            if cancel is not None and cancel.is_set():
-                raise DownloadCancelled("download stopped; run the same pull again to finish it")
-            now = time.monotonic()
-            if progress is None or now - state["last"] < 0.2:
-                return
-            state["last"] = now
-            done = min(total, measure())
-            progress(Progress(done, total, (done - start_bytes) / max(now - state["start"], 1e-6)))
-
-        def __getattr__(self, _name):
-            return lambda *args, **kwargs: None
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def __iter__(self):
-            return iter(())
-
-    return Tracker
+def matching(filename: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(filename, p) for p in patterns)
 
 
 @dataclass(frozen=True)

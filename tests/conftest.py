@@ -139,6 +139,7 @@ def hub_server(starter_folder, tiny_folder):
     server.add("TestOrg/SmolLM2-135M-Instruct", starter_folder, downloads=100)
     server.add("TestOrg/tiny-llama", tiny_folder, downloads=5)
     server.add("TestOrg/gated-llama", tiny_folder, gated=True)
+    server.add("OtherOrg/forbidden", tiny_folder, forbidden=True)
     url = server.start()
     yield server, url
     server.stop()

@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 class Repo:
     folder: Path
     gated: bool = False
+    forbidden: bool = False
     downloads: int = 0
 
     @property
@@ -46,12 +47,20 @@ def _etag(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _sibling(folder: Path, path: Path) -> dict:
+    """A file as the Hub lists it with files_metadata: weights are in LFS, with their sha256."""
+    entry = {"rfilename": str(path.relative_to(folder)), "size": path.stat().st_size}
+    if path.suffix == ".safetensors":
+        entry["lfs"] = {"sha256": _etag(path), "size": path.stat().st_size, "pointerSize": 134}
+    return entry
+
+
 @dataclass
 class HubServer:
     repos: dict[str, Repo] = field(default_factory=dict)
-    #: Cut the connection after this many body bytes of a GET (once per armed count), to test resume.
-    drop_after_bytes: int | None = None
-    drops_left: int = 0
+    #: Each GET of a file body takes the first number here, if any, and cuts the connection after that many
+    #: bytes: [5_000_000] is one cut mid-file, [20_000_000, 0, 0, ...] a network that then stays down.
+    drops: list[int] = field(default_factory=list)
     #: Sleep this long between 64 KiB blocks of a GET body, to test cancel and progress.
     block_delay_s: float = 0.0
     requests: list[str] = field(default_factory=list)
@@ -105,12 +114,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, code: str, message: str) -> None:
         self._send_json({"error": message}, status, {"X-Error-Code": code, "X-Error-Message": message})
 
-    def _repo(self, repo_id: str) -> Repo | None:
+    def _repo(self, repo_id: str, *, files: bool = False) -> Repo | None:
+        """The repo, or None after answering with an error. As on the Hub, a gated repo's info is public and
+        its files need a token; `forbidden` is a server that answers a bare 403 with no error code."""
         repo = self.server_state.repos.get(repo_id)
         if repo is None:
             self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
             return None
-        if repo.gated and not self.headers.get("Authorization"):
+        if repo.forbidden:
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        if files and repo.gated and not self.headers.get("Authorization"):
             self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must be authenticated.")
             return None
         return repo
@@ -124,7 +140,8 @@ class _Handler(BaseHTTPRequestHandler):
         state = self.server_state
         url = urlparse(self.path)
         path = unquote(url.path)
-        state.requests.append(f"{self.command} {path}")
+        ranged = self.headers.get("Range")
+        state.requests.append(f"{self.command} {path}" + (f" Range:{ranged}" if ranged else ""))
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) == 2:
             return self._search(parse_qs(url.query))
@@ -141,7 +158,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "EntryNotFound", "unknown api route")
         if len(parts) >= 5 and parts[2] == "resolve":
             repo_id = "/".join(parts[:2])
-            repo = self._repo(repo_id)
+            repo = self._repo(repo_id, files=True)
             if repo is None:
                 return
             return self._resolve(repo, "/".join(parts[4:]))
@@ -160,9 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "lastModified": "2026-11-01T00:00:00.000Z",
                 "pipeline_tag": "text-generation",
                 "tags": ["safetensors", "text-generation"],
-                "siblings": [
-                    {"rfilename": str(p.relative_to(repo.folder)), "size": p.stat().st_size} for p in repo.files
-                ],
+                "siblings": [_sibling(repo.folder, p) for p in repo.files],
             }
         )
 
@@ -213,21 +228,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        self._stream(path, start, end)
+        try:
+            self._stream(path, start, end)
+        except (BrokenPipeError, ConnectionResetError):  # the client went away: a cancel or a kill
+            self.close_connection = True
 
     def _stream(self, path: Path, start: int, end: int) -> None:
         state = self.server_state
         limit = None
-        if state.drop_after_bytes is not None and state.drops_left > 0 and end - start + 1 > state.drop_after_bytes:
-            state.drops_left -= 1
-            limit = state.drop_after_bytes
+        if state.drops and end - start + 1 > state.drops[0]:
+            limit = state.drops.pop(0)
         sent = 0
         with path.open("rb") as handle:
             handle.seek(start)
             remaining = end - start + 1
             while remaining > 0:
                 block = handle.read(min(65536, remaining))
-                if limit is not None and sent + len(block) > limit:
+                if limit is not None and sent + len(block) >= limit:
                     self.wfile.write(block[: limit - sent])
                     self.wfile.flush()
                     self.close_connection = True

@@ -47,3 +47,20 @@ def test_unknown_hub_repo_is_one_clear_line(hub_env):
     out = chatapp(hub_env, "ask", "hi", "--model", "TestOrg/no-such-model")
     assert out.returncode == 1
     assert "unknown model 'TestOrg/no-such-model': no such repo on the Hub" in out.stderr
+
+
+def test_pull_of_a_gated_repo_is_one_line_with_license_and_login(hub_env):
+    out = chatapp(hub_env, "pull", "TestOrg/gated-llama")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == (
+        "chatapp: error: 'TestOrg/gated-llama' is gated: accept its license at "
+        "https://huggingface.co/TestOrg/gated-llama, then log in with `hf auth login` or set HF_TOKEN"
+    )
+
+
+def test_a_bare_403_still_says_how_to_get_access(hub_env):
+    out = chatapp(hub_env, "pull", "OtherOrg/forbidden")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    line = out.stderr.strip()
+    assert line.startswith("chatapp: error: the Hub refused access to 'OtherOrg/forbidden' (HTTP 403)")
+    assert "https://huggingface.co/OtherOrg/forbidden" in line and "hf auth login" in line

@@ -21,7 +21,8 @@ def test_engine_does_not_import_textual():
 def test_light_modules_do_not_import_torch():
     modules = imported_after(
         "import chatapp.cli, chatapp.config, chatapp.catalog, chatapp.refs, chatapp.planner, "
-        "chatapp.hardware, chatapp.hub, chatapp.protocol, chatapp.facts, chatapp.report, chatapp.progress, chatapp.cli_hub"
+        "chatapp.hardware, chatapp.hub, chatapp.protocol, chatapp.facts, chatapp.report, chatapp.progress, chatapp.cli_hub, "
+        "chatapp.hub_download"
     )
     assert "torch" not in modules
     assert "transformers" not in modules

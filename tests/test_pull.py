@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 REPO = "TestOrg/SmolLM2-135M-Instruct"
@@ -44,16 +46,90 @@ def test_pull_shows_progress_and_fetches_only_what_loading_needs(hub_server, hub
 
 def test_a_connection_cut_mid_file_still_completes_byte_identical(hub_server, hub_env, starter_folder):
     server, _url = hub_server
-    server.drop_after_bytes, server.drops_left = 5_000_000, 1
+    server.drops = [25_000_000]
     try:
         out = chatapp(hub_env, "pull", REPO)
     finally:
-        server.drop_after_bytes, server.drops_left = None, 0
+        server.drops = []
     assert out.returncode == 0, out.stderr
     snapshot = Path(out.stdout.strip().splitlines()[-1])
     assert sha256(snapshot / "model.safetensors") == sha256(starter_folder / "model.safetensors")
     ranged = [r for r in server.requests if "model.safetensors" in r]
     assert len([r for r in ranged if r.startswith("GET")]) >= 2  # the cut, then the resumed request
+
+
+def resumed_from(requests: list[str]) -> int:
+    """The byte offset the first GET of the weights asked for (0 when it started from the beginning)."""
+    first = next(r for r in requests if r.startswith("GET") and r.split()[1].endswith("model.safetensors"))
+    return int(first.split("Range:bytes=")[1].split("-")[0]) if "Range:" in first else 0
+
+
+def partial_bytes(hf_home: Path) -> int:
+    return sum(p.stat().st_size for p in hf_home.glob("hub/models--*/blobs/*.incomplete"))
+
+
+def test_a_pull_cut_off_for_good_resumes_on_the_next_pull(hub_server, hub_env, starter_folder):
+    server, _url = hub_server
+    # A cut mid-file, then a network that stays down for longer than huggingface_hub retries: the pull gives up.
+    server.drops = [25_000_000] + [0] * 10
+    try:
+        failed = chatapp(hub_env, "pull", REPO)
+    finally:
+        server.drops = []
+    assert failed.returncode == 1
+    error = failed.stderr.strip().splitlines()[-1]
+    assert error.startswith("chatapp: error: the connection to the Hub broke while downloading model.safetensors")
+    assert error.endswith("run the pull again to continue") and "Traceback" not in failed.stderr
+    kept = partial_bytes(Path(hub_env["HF_HOME"]))
+    assert 20_000_000 <= kept <= 25_000_000
+    assert_next_pull_continues_from(kept, server, hub_env, starter_folder)
+
+
+def assert_next_pull_continues_from(kept: int, server, hub_env, starter_folder) -> None:
+    server.requests.clear()
+    out = chatapp(hub_env, "pull", REPO)
+    assert out.returncode == 0, out.stderr
+    assert resumed_from(server.requests) == kept
+    snapshot = Path(out.stdout.strip().splitlines()[-1])
+    assert sha256(snapshot / "model.safetensors") == sha256(starter_folder / "model.safetensors")
+    assert partial_bytes(Path(hub_env["HF_HOME"])) == 0
+
+
+def test_a_pull_killed_with_sigkill_resumes_on_the_next_pull(hub_server, hub_env, starter_folder):
+    server, _url = hub_server
+    hf_home = Path(hub_env["HF_HOME"])
+    server.block_delay_s = 0.01
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "chatapp.cli", "pull", REPO], env=hub_env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while partial_bytes(hf_home) < 2_000_000 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        server.block_delay_s = 0.0
+    assert proc.returncode == -signal.SIGKILL
+    kept = partial_bytes(hf_home)
+    assert kept >= 2_000_000
+    assert not list(hf_home.glob("hub/models--*/snapshots/*/model.safetensors"))
+    assert_next_pull_continues_from(kept, server, hub_env, starter_folder)
+
+
+def test_a_corrupt_partial_file_is_caught_by_the_hash_and_deleted(hub_server, hub_env, starter_folder):
+    """A leftover partial file that isn't a prefix of the real one must never become the model."""
+    hf_home = Path(hub_env["HF_HOME"])
+    blobs = hf_home / "hub" / f"models--{REPO.replace('/', '--')}" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / f"{sha256(starter_folder / 'model.safetensors')}.incomplete").write_bytes(b"\0" * 1_000_000)
+    out = chatapp(hub_env, "pull", REPO)
+    assert out.returncode == 1
+    assert "model.safetensors arrived corrupted" in out.stderr and "run the pull again" in out.stderr
+    assert partial_bytes(hf_home) == 0
+    again = chatapp(hub_env, "pull", REPO)
+    assert again.returncode == 0, again.stderr
+    snapshot = Path(again.stdout.strip().splitlines()[-1])
+    assert sha256(snapshot / "model.safetensors") == sha256(starter_folder / "model.safetensors")
 
 
 def test_cancel_stops_promptly_and_leaves_nothing_taken_for_complete(hub_server, hub_env):
@@ -62,7 +138,7 @@ def test_cancel_stops_promptly_and_leaves_nothing_taken_for_complete(hub_server,
     try:
         out = python(hub_env, f"""
             import threading, json
-            from chatapp import hub
+            from chatapp import hub, hub_download
             cancel = threading.Event()
             seen = []
             def progress(p):
@@ -70,9 +146,9 @@ def test_cancel_stops_promptly_and_leaves_nothing_taken_for_complete(hub_server,
                 if p.done_bytes > 2_000_000:
                     cancel.set()
             try:
-                hub.download("{REPO}", progress=progress, cancel=cancel)
+                hub_download.download("{REPO}", progress=progress, cancel=cancel)
                 print("finished")
-            except hub.DownloadCancelled as exc:
+            except hub_download.DownloadCancelled as exc:
                 print("cancelled:", exc)
             print(json.dumps({{"max_seen": max(seen), "local": [m.repo_id for m in hub.list_local()]}}))
             """)
@@ -86,18 +162,20 @@ def test_cancel_stops_promptly_and_leaves_nothing_taken_for_complete(hub_server,
     offline = {**hub_env, "HF_HUB_OFFLINE": "1"}
     ask = chatapp(offline, "ask", "hi", "--model", REPO)
     assert ask.returncode == 1 and "not downloaded" in ask.stderr
-    # And the next pull completes.
+    # The next pull continues from what arrived instead of starting over, and completes.
+    server.requests.clear()
     pulled = chatapp(hub_env, "pull", REPO)
     assert pulled.returncode == 0, pulled.stderr
+    assert resumed_from(server.requests) > 2_000_000
 
 
 def test_not_enough_disk_is_refused_before_downloading(hub_server, hub_env):
     server, _url = hub_server
     server.requests.clear()
     out = python(hub_env, f"""
-        from chatapp import hub
+        from chatapp import hub, hub_download
         try:
-            hub.download("{REPO}", free_bytes=lambda path: 1_000_000)
+            hub_download.download("{REPO}", free_bytes=lambda path: 1_000_000)
         except hub.HubError as exc:
             print(exc)
         """)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .. import hub, planner
+from .. import hub_download, planner
 from ..catalog import ModelSpec, load_catalog
 from ..config import Settings, load_settings
 from ..errors import ModelLoadError
@@ -119,7 +119,7 @@ def materialize(
             say(f"converting {source.path.name} into a Hugging Face checkpoint (once; about half a minute)...")
         return convert_gguf(source.path, settings.converted_dir)
     if source.kind == "hub":
-        return hub.download(
+        return hub_download.download(
             source.repo_id,
             source.revision,
             allow_pickle=allow_pickle,

@@ -1,0 +1,230 @@
+"""Downloads into the standard Hugging Face cache that resume across pulls, with progress, cancel and a disk check.
+
+huggingface_hub 2.4 writes each file to a process-unique `.incomplete` name and deletes it when the download
+fails, so a pull that is cancelled or killed starts the file over next time. For multi-GB weights that is not
+good enough. Here each missing blob is fetched into a stable `blobs/<etag>.incomplete` file, appended to with
+a Range request on the next pull, checked against the Hub's sha256, and only then renamed to `blobs/<etag>`.
+snapshot_download then finds every blob in place and lays out `snapshots/` and `refs/` itself, so the cache
+stays exactly what every other HF tool expects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ChatappError, HubError
+from .hub import allow_patterns, hub_errors, is_network_error, matching, offline_error
+
+
+class DownloadCancelled(ChatappError):
+    """The user stopped a download. What arrived is kept; the next pull of the same model continues from there."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    done_bytes: int
+    total_bytes: int
+    bytes_per_s: float
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.bytes_per_s <= 0:
+            return None
+        return max(0.0, (self.total_bytes - self.done_bytes) / self.bytes_per_s)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    size: int
+    etag: str
+    url: str
+    sha256: str | None  # the Hub's LFS hash, when the file is in LFS
+
+
+def check_disk(needed: int, where: Path, free_bytes: Callable[[Path], int] | None = None) -> None:
+    """Refuse before starting when the cache's disk can't hold what is left to download."""
+    where = Path(where)
+    probe = next((p for p in [where, *where.parents] if p.exists()), Path("/"))
+    free = free_bytes(probe) if free_bytes else shutil.disk_usage(probe).free
+    if needed > free:
+        raise HubError(
+            f"not enough disk space in {where}: the download needs {needed / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB is free ({(needed - free) / 1e9:.2f} GB missing)"
+        )
+
+
+def download(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: threading.Event | None = None,
+    free_bytes: Callable[[Path], int] | None = None,
+) -> Path:
+    """The local snapshot folder of repo_id, downloading what's missing.
+
+    progress gets byte counts a few times a second; setting cancel stops at the next block and raises
+    DownloadCancelled. A model is only ever a snapshot once every file in it is whole and checked.
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    patterns = allow_patterns(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    with hub_errors(repo_id, revision):
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+        except Exception:  # not (completely) in the cache yet: go to the network below
+            pass
+    if constants.HF_HUB_OFFLINE:
+        raise offline_error(repo_id)
+
+    from huggingface_hub.file_download import repo_folder_name
+
+    blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
+    files = _remote_files(repo_id, revision, patterns)
+    total = sum(f.size for f in files)
+    missing = [f for f in files if not (blobs / f.etag).exists()]
+    partial = sum(_size(blobs / f"{f.etag}.incomplete") for f in missing)
+    check_disk(sum(f.size for f in missing) - partial, blobs, free_bytes)
+
+    # huggingface_hub reads in 10 MiB blocks, and cancel and progress can only act between blocks:
+    # 1 MiB keeps both within a second on a slow link and loses at most 1 MiB to a kill.
+    constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, 1 << 20)
+    meter = _Meter(total, total - sum(f.size for f in missing) + partial, progress, cancel)
+    blobs.mkdir(parents=True, exist_ok=True)
+    for remote in missing:
+        _fetch_blob(repo_id, remote, blobs, meter)
+    with hub_errors(repo_id, revision):
+        # Every blob is in place, so this only writes the snapshot links and refs/<revision>.
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, tqdm_class=_silent_class()))
+    meter.finish()
+    return folder
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _remote_files(repo_id: str, revision: str | None, patterns: list[str]) -> list[RemoteFile]:
+    """What the download needs, pinned to one commit so that every file comes from the same revision."""
+    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+
+    with hub_errors(repo_id, revision):
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        files = []
+        for sibling in info.siblings or []:
+            if not matching(sibling.rfilename, patterns):
+                continue
+            meta = get_hf_file_metadata(hf_hub_url(repo_id, sibling.rfilename, revision=info.sha))
+            if meta.etag is None or meta.size is None:
+                raise HubError(f"the Hub gave no ETag or size for {repo_id}/{sibling.rfilename}; can't download it")
+            lfs = getattr(sibling, "lfs", None)
+            files.append(RemoteFile(sibling.rfilename, meta.size, meta.etag, meta.location, lfs.sha256 if lfs else None))
+    return files
+
+
+def _fetch_blob(repo_id: str, remote: RemoteFile, blobs: Path, meter: _Meter) -> None:
+    """Fill blobs/<etag> through a stable partial file that a later pull continues with a Range request."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers
+
+    target = blobs / remote.etag
+    partial = blobs / f"{remote.etag}.incomplete"
+    # The same lock file huggingface_hub takes, so another HF tool never writes this blob at the same time.
+    lock = Path(constants.HF_HUB_CACHE) / ".locks" / blobs.parent.name / f"{remote.etag}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(lock), hub_errors(repo_id):
+        if target.exists():
+            return
+        if _size(partial) > remote.size:
+            partial.unlink()
+        partial.touch()
+        with partial.open("r+b") as handle:
+            resumed = handle.seek(0, os.SEEK_END)
+            try:
+                http_get(remote.url, handle, resume_size=resumed, headers=build_hf_headers(),
+                         expected_size=remote.size, displayed_filename=remote.name, tqdm_class=lambda **_: meter)
+            except Exception as exc:
+                if not is_network_error(exc):
+                    raise
+                handle.flush()
+                raise HubError(
+                    f"the connection to the Hub broke while downloading {remote.name} "
+                    f"({_size(partial) / 1e6:,.1f} of {remote.size / 1e6:,.1f} MB kept, {type(exc).__name__}); "
+                    "run the pull again to continue"
+                ) from None
+        if remote.sha256 and _sha256(partial) != remote.sha256:
+            partial.unlink()
+            raise HubError(
+                f"{repo_id}/{remote.name} arrived corrupted (its sha256 doesn't match the Hub's); "
+                "the broken copy was deleted, run the pull again"
+            )
+        os.replace(partial, target)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _silent_class():
+    from huggingface_hub.utils import tqdm
+
+    class Silent(tqdm):
+        """snapshot_download's own "Fetching N files" bars, which would print under ours."""
+
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Silent
+
+
+class _Meter:
+    """Stands in for http_get's tqdm bar: counts bytes for the progress callback and checks for cancel."""
+
+    def __init__(self, total: int, done: int, progress, cancel):
+        self.total, self.done, self.progress, self.cancel = total, done, progress, cancel
+        self._start_done, self._start, self._last = done, time.monotonic(), 0.0
+
+    def update(self, n: int = 1) -> None:
+        # http_get rolls back with a negative n when a server ignores Range and the file starts over.
+        self.done += n
+        if self.cancel is not None and self.cancel.is_set():
+            raise DownloadCancelled("download stopped; run the same pull again to continue where it left off")
+        now = time.monotonic()
+        if self.progress is not None and now - self._last >= 0.2:
+            self._last = now
+            self.progress(Progress(min(self.done, self.total), self.total, self.rate(now)))
+
+    def rate(self, now: float) -> float:
+        return (self.done - self._start_done) / max(now - self._start, 1e-6)
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress(Progress(self.total, self.total, self.rate(time.monotonic())))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __getattr__(self, _name):  # tqdm's other methods (refresh, set_description, ...)
+        return lambda *args, **kwargs: None
