@@ -1,0 +1,376 @@
+"""Conversations, messages and UI state in one SQLite file in the user data dir (stdlib sqlite3 only)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .errors import ChatappError
+
+DB_NAME = "chatapp.db"
+ROLES = ("user", "assistant", "system")
+
+#: MIGRATIONS[i] takes the schema from version i to i + 1. Never edit a released entry; append a new one.
+MIGRATIONS: list[str] = [
+    # 0 -> 1: first release.
+    """
+    CREATE TABLE conversations (
+        id             INTEGER PRIMARY KEY,
+        title          TEXT NOT NULL,
+        created        REAL NOT NULL,
+        updated        REAL NOT NULL,
+        system_prompt  TEXT NOT NULL DEFAULT '',
+        temperature    REAL,
+        top_p          REAL,
+        max_new_tokens INTEGER
+    );
+    CREATE TABLE messages (
+        id              INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        position        INTEGER NOT NULL,
+        role            TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'system')),
+        content         TEXT NOT NULL,
+        model           TEXT,
+        preset          TEXT,
+        stats           TEXT,
+        cut             INTEGER NOT NULL DEFAULT 0,
+        created         REAL NOT NULL,
+        UNIQUE (conversation_id, position)
+    );
+    CREATE INDEX conversations_by_updated ON conversations(updated);
+    CREATE TABLE state (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
+]
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class StoreError(ChatappError):
+    """The conversation database can't be opened or doesn't hold what was asked for."""
+
+
+@dataclass
+class ConvSettings:
+    system_prompt: str = ""
+    #: None means "use the app default".
+    temperature: float | None = None
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class Conversation:
+    id: int
+    title: str
+    #: Unix times.
+    created: float
+    updated: float
+    settings: ConvSettings
+
+
+@dataclass
+class StoredMessage:
+    id: int
+    conversation_id: int
+    #: 0, 1, 2... order inside the conversation.
+    position: int
+    role: str
+    content: str
+    model: str | None
+    preset: str | None
+    #: A TurnStats.as_dict(); JSON in the DB.
+    stats: dict | None
+    #: A reply that was stopped before it finished.
+    cut: bool
+    created: float
+
+
+def default_title(text: str) -> str:
+    """A title from a user's first message: its first line, whitespace collapsed, at most 40 characters."""
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    line = " ".join(line.split())
+    if not line:
+        return "New chat"
+    return line if len(line) <= 40 else line[:39].rstrip() + "…"
+
+
+def _casefold(value: str | None) -> str:
+    return value.casefold() if value else ""
+
+
+class Store:
+    """One open database. Every write commits before returning, so a killed app loses nothing already added."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._db = self._connect()
+        self._last_time = self._db.execute("SELECT coalesce(max(updated), 0) FROM conversations").fetchone()[0]
+
+    @classmethod
+    def open(cls, data_dir: Path) -> Store:
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(data_dir / DB_NAME)
+
+    def _connect(self) -> sqlite3.Connection:
+        # Look at the header ourselves: SQLite would only notice on first use, and any write could damage the file.
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(len(_SQLITE_HEADER))
+        except FileNotFoundError:
+            head = b""
+        except OSError as e:
+            raise StoreError(f"can't read the conversation database {self.path}: {e.strerror or e}") from None
+        if head and head != _SQLITE_HEADER:
+            raise StoreError(f"{self.path} is not a SQLite database; move it aside and restart (it was left untouched)")
+        try:
+            # isolation_level=None: we open transactions ourselves, so each commit happens exactly where we say.
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        except sqlite3.Error as e:
+            raise StoreError(f"can't open the conversation database {self.path}: {e}") from None
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"{self.path} has schema version {version}, newer than this chatapp knows "
+                    f"({len(MIGRATIONS)}); upgrade chatapp"
+                )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            # FULL: a committed message survives a power cut too, not only a killed process.
+            db.execute("PRAGMA synchronous=FULL")
+            db.create_function("casefold", 1, _casefold, deterministic=True)
+            self._migrate(db, version)
+        except StoreError:
+            db.close()
+            raise
+        except sqlite3.Error as e:
+            db.close()
+            raise StoreError(f"can't open the conversation database {self.path}: {e}") from None
+        return db
+
+    def _migrate(self, db: sqlite3.Connection, version: int) -> None:
+        while version < len(MIGRATIONS):
+            # executescript commits any open transaction first, so BEGIN/COMMIT go inside the script.
+            script = f"BEGIN IMMEDIATE;\n{MIGRATIONS[version]}\nPRAGMA user_version = {version + 1};\nCOMMIT;"
+            try:
+                db.executescript(script)
+            except sqlite3.Error as e:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                # Another chatapp opened the same file at the same moment and migrated it first.
+                now = db.execute("PRAGMA user_version").fetchone()[0]
+                if now > version:
+                    version = now
+                    continue
+                raise StoreError(f"can't migrate {self.path} from schema version {version}: {e}") from None
+            version += 1
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return self._conn().execute("PRAGMA user_version").fetchone()[0]
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError(f"the conversation database {self.path} is closed")
+        return self._db
+
+    @contextmanager
+    def _tx(self):
+        with self._lock:
+            db = self._conn()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                yield db
+                db.execute("COMMIT")
+            except BaseException as e:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise StoreError(f"can't write to the conversation database {self.path}: {e}") from e
+                raise
+
+    def _now(self) -> float:
+        # Strictly increasing, so "most recently updated first" never ties, even on a coarse or stepped-back clock.
+        self._last_time = max(time.time(), self._last_time + 1e-6)
+        return self._last_time
+
+    # Conversations
+
+    def new_conversation(self, title: str = "New chat", settings: ConvSettings | None = None) -> Conversation:
+        s = settings or ConvSettings()
+        with self._tx() as db:
+            now = self._now()
+            cur = db.execute(
+                "INSERT INTO conversations (title, created, updated, system_prompt, temperature, top_p, max_new_tokens)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (title, now, now, s.system_prompt, s.temperature, s.top_p, s.max_new_tokens),
+            )
+        return Conversation(cur.lastrowid, title, now, now, replace(s))
+
+    _CONV_COLUMNS = "id, title, created, updated, system_prompt, temperature, top_p, max_new_tokens"
+
+    @staticmethod
+    def _conversation(row) -> Conversation:
+        return Conversation(row[0], row[1], row[2], row[3], ConvSettings(row[4], row[5], row[6], row[7]))
+
+    def conversations(self, search: str = "") -> list[Conversation]:
+        """Most recently updated first; `search` matches the title or any message, ignoring case."""
+        sql = f"SELECT {self._CONV_COLUMNS} FROM conversations c"
+        args: tuple = ()
+        needle = search.strip().casefold()
+        if needle:
+            # instr(), not LIKE: no escaping of % and _, and casefold() handles non-ASCII letters.
+            sql += (
+                " WHERE instr(casefold(c.title), ?) OR EXISTS (SELECT 1 FROM messages m"
+                " WHERE m.conversation_id = c.id AND instr(casefold(m.content), ?))"
+            )
+            args = (needle, needle)
+        with self._lock:
+            rows = self._conn().execute(sql + " ORDER BY c.updated DESC, c.id DESC", args).fetchall()
+        return [self._conversation(r) for r in rows]
+
+    def conversation(self, conversation_id: int) -> Conversation:
+        with self._lock:
+            row = self._conn().execute(
+                f"SELECT {self._CONV_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)
+            ).fetchone()
+        if row is None:
+            raise StoreError(f"no conversation with id {conversation_id}")
+        return self._conversation(row)
+
+    def rename(self, conversation_id: int, title: str) -> None:
+        with self._tx() as db:
+            cur = db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
+            if cur.rowcount == 0:
+                raise StoreError(f"no conversation with id {conversation_id}")
+
+    def delete(self, conversation_id: int) -> None:
+        """Delete a conversation and its messages; deleting one that is already gone does nothing."""
+        with self._tx() as db:
+            db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    def set_settings(self, conversation_id: int, settings: ConvSettings) -> None:
+        s = settings
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE conversations SET system_prompt = ?, temperature = ?, top_p = ?, max_new_tokens = ?"
+                " WHERE id = ?",
+                (s.system_prompt, s.temperature, s.top_p, s.max_new_tokens, conversation_id),
+            )
+            if cur.rowcount == 0:
+                raise StoreError(f"no conversation with id {conversation_id}")
+
+    # Messages
+
+    def messages(self, conversation_id: int) -> list[StoredMessage]:
+        with self._lock:
+            rows = self._conn().execute(
+                "SELECT id, conversation_id, position, role, content, model, preset, stats, cut, created"
+                " FROM messages WHERE conversation_id = ? ORDER BY position",
+                (conversation_id,),
+            ).fetchall()
+        return [
+            StoredMessage(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]) if r[7] else None, bool(r[8]), r[9])
+            for r in rows
+        ]
+
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        *,
+        model: str | None = None,
+        preset: str | None = None,
+        stats: dict | None = None,
+        cut: bool = False,
+    ) -> StoredMessage:
+        """Append a complete message and commit it; the conversation becomes the most recently updated."""
+        if role not in ROLES:
+            raise StoreError(f"unknown message role {role!r} (expected one of {', '.join(ROLES)})")
+        stats_json = json.dumps(stats) if stats is not None else None
+        with self._tx() as db:
+            now = self._now()
+            cur = db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, conversation_id))
+            if cur.rowcount == 0:
+                raise StoreError(f"no conversation with id {conversation_id}")
+            position = db.execute(
+                "SELECT coalesce(max(position) + 1, 0) FROM messages WHERE conversation_id = ?", (conversation_id,)
+            ).fetchone()[0]
+            cur = db.execute(
+                "INSERT INTO messages (conversation_id, position, role, content, model, preset, stats, cut, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (conversation_id, position, role, content, model, preset, stats_json, int(cut), now),
+            )
+        return StoredMessage(
+            cur.lastrowid, conversation_id, position, role, content, model, preset,
+            json.loads(stats_json) if stats_json else None, bool(cut), now,
+        )
+
+    def delete_from(self, conversation_id: int, position: int) -> None:
+        """Delete the messages at `position` and after (regenerate, edit)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM messages WHERE conversation_id = ? AND position >= ?", (conversation_id, position)
+            )
+            if cur.rowcount:
+                db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (self._now(), conversation_id))
+
+    # UI state
+
+    def get_state(self, key: str, default: str | None = None) -> str | None:
+        with self._lock:
+            row = self._conn().execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_state(self, key: str, value: str | None) -> None:
+        """Remember a UI value; None forgets it."""
+        with self._tx() as db:
+            if value is None:
+                db.execute("DELETE FROM state WHERE key = ?", (key,))
+            else:
+                db.execute(
+                    "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+
+    # Export
+
+    def export_markdown(self, conversation_id: int) -> str:
+        conv = self.conversation(conversation_id)
+        parts = [f"# {conv.title}"]
+        for m in self.messages(conversation_id):
+            if m.role == "user":
+                header = "**You**"
+            elif m.role == "system":
+                header = "**System**"
+            else:
+                about = " · ".join(x for x in (m.model, m.preset) if x)
+                header = f"**Assistant** ({about})" if about else "**Assistant**"
+            parts += [header, m.content.rstrip("\n")]
+            if m.cut:
+                parts.append("*(stopped)*")
+        return "\n\n".join(parts) + "\n"
