@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ask)
     _add_generation_args(ask)
 
+    tui = sub.add_parser("tui", help="the chat app (the default when no command is given)")
+    tui.add_argument("--model", "-m", help="catalog key, Hub repo id (Org/Name[@rev]), folder or .gguf file")
+    tui.add_argument("--preset", "-p", choices=planner.PRESETS, help="precision/quantization")
+
     repl = sub.add_parser("repl", help="a plain line-based multi-turn chat (/reset, /regen, /exit)")
     _add_model_args(repl)
     _add_generation_args(repl)
@@ -101,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("text")
     search.add_argument("--limit", type=int, default=20)
     search.add_argument("--json", action="store_true")
+
+    config = sub.add_parser("config", help="print the config file path or its values")
+    config.add_argument("action", choices=("path", "show"), help="path: where config.toml is; show: every setting")
     return parser
 
 
@@ -296,16 +303,39 @@ COMMANDS = {
 }
 
 
+def _use_hub_cache(settings) -> None:
+    # huggingface_hub reads its cache path once, at import; the worker process inherits the variable.
+    if settings.hub_cache:
+        os.environ["HF_HUB_CACHE"] = str(settings.hub_cache)
+
+
+def _tui(args) -> int:
+    """The Textual app. A bad config value is shown in the app, which falls back to that value's default."""
+    from .config import load_settings_checked
+
+    settings, errors = load_settings_checked()
+    _use_hub_cache(settings)
+    from .ui.app import run
+
+    return run(settings, errors, args.model, args.preset)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        # Until the TUI lands, plain `chatapp` is the line-based chat on the default model.
-        argv = ["repl", *argv]
+        argv = ["tui", *argv]  # plain `chatapp` is the app
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "config":
+            from .cli_config import cmd_config
+
+            return cmd_config(args)  # loads the settings itself, leniently, so it can report bad values
+        if args.command == "tui":
+            return _tui(args)
         from .config import load_settings
 
         settings = load_settings()
+        _use_hub_cache(settings)
         if args.command in ("ask", "repl", "bench"):
             _quiet_libraries()
         return COMMANDS[args.command](args, settings)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -24,6 +29,15 @@ def _default_data_dir() -> Path:
     return Path(os.environ.get("CHATAPP_DATA_DIR") or user_data_dir(APP_NAME))
 
 
+def _default_themes_dir() -> Path:
+    return _default_config_dir() / "themes"
+
+
+def config_file_path() -> Path:
+    """The config.toml that load_settings reads when given none."""
+    return _default_config_dir() / "config.toml"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every field can be set in config.toml; the CHATAPP_<FIELD> variable wins over the file."""
@@ -34,13 +48,23 @@ class Settings:
     default_preset: str = "auto"
     #: Upper bound on the context the app uses, in tokens (0: the model's own maximum).
     context_cap: int = 0
-    #: Generation defaults.
+    #: Sampling temperature when the model's catalog entry recommends none (0: greedy).
     temperature: float = 0.7
+    #: Nucleus sampling cutoff, above 0 and at most 1, when the model's catalog entry recommends none.
     top_p: float = 0.9
+    #: Reply length cap in tokens.
     max_new_tokens: int = 512
+    #: The UI theme: a shipped one (chatapp-dark, chatapp-light, chatapp-high-contrast, chatapp-dusk)
+    #: or one from themes_dir.
+    theme: str = "chatapp-dark"
     #: Where converted models and (later) conversations live.
     data_dir: Path = field(default_factory=_default_data_dir)
+    #: Where config.toml and models.toml live.
     config_dir: Path = field(default_factory=_default_config_dir)
+    #: Extra UI themes, one *.toml file each (default: the themes folder in config_dir).
+    themes_dir: Path = field(default_factory=_default_themes_dir)
+    #: Where downloaded models go (empty: huggingface_hub's own default, from HF_HUB_CACHE or HF_HOME).
+    hub_cache: Path | None = None
 
     @property
     def config_file(self) -> Path:
@@ -51,41 +75,188 @@ class Settings:
         return self.data_dir / "converted"
 
 
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """Each Settings field's `#:` comment, read from the source so the text lives in one place."""
+    try:
+        source = inspect.getsource(Settings)
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in source.splitlines():
+        text = line.strip()
+        if text.startswith("#:"):
+            pending.append(text[2:].strip())
+            continue
+        match = re.match(r"(\w+)\s*:", text)
+        if match and pending:
+            docs[match.group(1)] = " ".join(pending)
+        pending = []
+    return docs
+
+
 _ENV_PREFIX = "CHATAPP_"
 
 
-def _coerce(name: str, kind: type, value: object, source: str) -> object:
+def _kind(f) -> type:
+    # Annotations are strings here (from __future__ import annotations), and the Path fields have factories.
+    return Path if "Path" in str(f.type) else type(f.default)
+
+
+def _optional(f) -> bool:
+    return "None" in str(f.type)
+
+
+def _coerce(kind: type, optional: bool, value: object) -> object:
+    """The value as `kind`; raises ValueError with the reason."""
+    if isinstance(value, str) and value == "" and optional:
+        return None
     try:
+        if isinstance(value, bool) and kind is not bool:
+            raise TypeError
         if kind is Path:
-            return Path(str(value)).expanduser()
+            if not isinstance(value, str):
+                raise TypeError
+            return Path(value).expanduser()
         if kind is int and isinstance(value, str):
             return int(value)
         if kind is float and isinstance(value, (str, int)):
             return float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        if not isinstance(value, kind):
             raise TypeError
         return value
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: '{name}' must be {kind.__name__}, got {value!r}") from None
+        what = "a path" if kind is Path else kind.__name__
+        raise ValueError(f"must be {what}, got {value!r}") from None
+
+
+def _presets() -> tuple[str, ...]:
+    from .planner import PRESETS  # the planner is plain Python; importing it here costs nothing at startup
+
+    return PRESETS
+
+
+# Per-key checks after the type is right: (accepts the value, the rule in words).
+_RULES = {
+    "default_model": (lambda v: bool(v.strip()), "must not be empty"),
+    "default_preset": (lambda v: v in _presets(), lambda: f"must be one of {', '.join(_presets())}"),
+    "context_cap": (lambda v: v >= 0, "must be >= 0 (0: the model's own maximum)"),
+    "temperature": (lambda v: math.isfinite(v) and v >= 0, "must be >= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "must be > 0 and <= 1"),
+    "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
+    "theme": (lambda v: bool(v.strip()), "must not be empty"),
+}
+
+
+def _check(name: str, value: object, given: object) -> None:
+    rule = _RULES.get(name)
+    if rule and not rule[0](value):
+        words = rule[1]() if callable(rule[1]) else rule[1]
+        raise ValueError(f"{words}, got {given!r}")  # what the user wrote, not our float of it
+
+
+def format_value(value: object) -> str:
+    """A value as it would be written in config.toml (unset is the empty string)."""
+    if value is None:
+        return '""'
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))
+    return repr(value)
+
+
+def _show_default(value: object) -> str:
+    return "unset" if value is None else format_value(value)
+
+
+def load_settings_sourced(config_file: Path | None = None) -> tuple[Settings, list[str], dict[str, str]]:
+    """Like load_settings_checked, plus where each field's value came from: default, the file's name or $CHATAPP_X."""
+    return _load(config_file, strict=False)
+
+
+def load_settings_checked(config_file: Path | None = None) -> tuple[Settings, list[str]]:
+    """Defaults, then the TOML file, then the environment; a bad value gives one error line and its default."""
+    settings, errors, _sources = _load(config_file, strict=False)
+    return settings, errors
 
 
 def load_settings(config_file: Path | None = None) -> Settings:
-    """Defaults, then the TOML file, then the environment."""
+    """Defaults, then the TOML file, then the environment; raises ConfigError at the first bad value."""
+    return _load(config_file, strict=True)[0]
+
+
+def _load(config_file: Path | None, strict: bool) -> tuple[Settings, list[str], dict[str, str]]:
     base = Settings()
-    path = config_file or base.config_file
-    kinds = {f.name: (Path if f.name.endswith("_dir") else type(getattr(base, f.name))) for f in fields(Settings)}
+    path = config_file or config_file_path()
+    specs = {f.name: f for f in fields(Settings)}
     values: dict[str, object] = {}
+    sources = {name: "default" for name in specs}
+    errors: list[str] = []
+
+    def reject(message: str, fallback: str) -> None:
+        if strict:
+            raise ConfigError(message)
+        errors.append(f"{message}; {fallback}")
+
+    def take(source: str, label: str, name: str, value: object) -> None:
+        spec = specs[name]
+        try:
+            coerced = _coerce(_kind(spec), _optional(spec), value)
+            _check(name, coerced, value)
+        except ValueError as exc:
+            reject(f"{source}: '{name}' {exc}", f"using the default ({_show_default(getattr(base, name))})")
+            return
+        values[name] = coerced
+        sources[name] = label
+
+    raw: dict[str, object] = {}
     if path.is_file():
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-        for key, value in raw.items():
-            if key not in kinds:
-                raise ConfigError(f"{path}: unknown setting '{key}' (known: {', '.join(sorted(kinds))})")
-            values[key] = _coerce(key, kinds[key], value, str(path))
-    for name, kind in kinds.items():
-        env = os.environ.get(_ENV_PREFIX + name.upper())
+            reject(f"{path}: not valid TOML ({exc})", "using the defaults")
+    for key, value in raw.items():
+        if key in specs:
+            take(str(path), path.name, key, value)
+        else:
+            reject(f"{path}: unknown setting '{key}' (known: {', '.join(sorted(specs))})", "ignored")
+    for name in specs:
+        env_name = _ENV_PREFIX + name.upper()
+        env = os.environ.get(env_name)
         if env:
-            values[name] = _coerce(name, kind, env, f"${_ENV_PREFIX}{name.upper()}")
-    return replace(base, **values)
+            take(f"${env_name}", f"${env_name}", name, env)
+    if "config_dir" in values and "themes_dir" not in values:
+        # The themes folder follows a config_dir moved by the file, as it does one moved by the environment.
+        values["themes_dir"] = Path(values["config_dir"]) / "themes"
+    return replace(base, **values), errors, sources
+
+
+def save_setting(config_file: Path, key: str, value: str) -> None:
+    """Set one top-level string key in config.toml, keeping every other line (comments included)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        raise ValueError(f"not a bare TOML key: {key!r}")
+    # A JSON string is a valid TOML basic string, once DEL (which JSON leaves bare and TOML forbids) is escaped.
+    literal = json.dumps(value).replace("\x7f", "\\u007f")
+    text = config_file.read_text(encoding="utf-8") if config_file.is_file() else ""
+    lines = text.splitlines()
+    # Only the lines before the first [table] are top level; a key after it would belong to that table.
+    first_table = next((i for i, line in enumerate(lines) if line.lstrip().startswith("[")), len(lines))
+    assignment = re.compile(
+        rf"""^(\s*){re.escape(key)}(\s*=\s*)("(?:[^"\\]|\\.)*"|'[^']*'|[^\s#]*)(\s*(?:#.*)?)$"""
+    )
+    for i in range(first_table):
+        match = assignment.match(lines[i])
+        if match:
+            indent, equals, _old, rest = match.groups()
+            lines[i] = f"{indent}{key}{equals}{literal}{rest}"
+            break
+        if re.match(rf"^\s*{re.escape(key)}\s*=", lines[i]):
+            lines[i] = f"{key} = {literal}"  # a value we can't parse on one line: replace the whole line
+            break
+    else:
+        lines.insert(first_table, f"{key} = {literal}")
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so a crash never leaves half a config file.
+    tmp = config_file.with_name(config_file.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(config_file)

@@ -1,4 +1,8 @@
-"""Plain dataclasses passed between the engine and its callers (and, later, between UI and worker)."""
+"""Plain dataclasses passed between the engine and its callers, and between the UI and the worker process.
+
+They cross a multiprocessing pipe, so they hold only picklable builtins, and this module imports nothing
+heavy: the UI imports it without torch.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ class TurnStats:
     finish_reason: str
     #: How many old messages were dropped from the context this turn (0 unless finish_reason says so).
     trimmed_messages: int = 0
+    #: How many old messages are out of the context in all (this turn's and earlier turns' trimming).
+    dropped_messages: int = 0
 
     @property
     def reused_tokens(self) -> int:
@@ -29,3 +35,125 @@ class TurnStats:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# -- UI to worker ------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """Load a model (freeing the one loaded before). Chats' caches start over on the new model."""
+
+    model: str
+    preset: str = "auto"
+    #: Bytes of KV cache all open chats may hold together before the least recently used one is dropped.
+    cache_budget_bytes: int | None = None
+
+
+@dataclass
+class Generate:
+    """Answer the last message of `messages` (a user message) in conversation `conversation_id`.
+
+    The whole conversation is sent every time; the worker's session for that conversation reuses its
+    cache up to the first token that differs, so a regenerate or an edit costs only what changed.
+    """
+
+    request_id: int
+    conversation_id: int
+    #: (role, content) pairs, oldest first; the system prompt, if any, first.
+    messages: list[tuple[str, str]]
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int | None = None
+
+
+@dataclass
+class Cancel:
+    """Stop the reply of request_id now (the partial reply comes back in Finished, marked cancelled)."""
+
+    request_id: int
+
+
+@dataclass
+class Reset:
+    """Forget the cache of one conversation (deleted, or its history rewritten)."""
+
+    conversation_id: int
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+# -- worker to UI ------------------------------------------------------------------------------
+
+
+@dataclass
+class Status:
+    """A line about what the worker is doing (loading, converting, downloading)."""
+
+    text: str
+
+
+@dataclass
+class DownloadProgress:
+    done_bytes: int
+    total_bytes: int
+    bytes_per_s: float
+
+
+@dataclass
+class Loaded:
+    model: str
+    preset: str
+    dtype: str
+    device: str
+    attn_implementation: str
+    context_length: int
+    footprint_bytes: int
+    notes: list[str]
+    #: The model's own sampling defaults from the catalog (None: use the app's).
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+@dataclass
+class Delta:
+    request_id: int
+    text: str
+
+
+@dataclass
+class Finished:
+    """The end of a reply: its full text (the deltas joined, stop strings removed) and its stats."""
+
+    request_id: int
+    conversation_id: int
+    text: str
+    stats: TurnStats
+
+
+@dataclass
+class Evicted:
+    """Conversations whose caches were freed to stay under the cache budget; their next reply re-reads them."""
+
+    conversation_ids: list[int]
+    freed_bytes: int
+
+
+@dataclass
+class Error:
+    """One line for the user. request_id is set when a reply failed, None for a failed load."""
+
+    message: str
+    request_id: int | None = None
+
+
+@dataclass
+class WorkerDied:
+    """Made by the UI side when the worker process is gone without a Shutdown (OOM killer, segfault, kill -9)."""
+
+    exitcode: int | None
+    last_log_line: str = ""

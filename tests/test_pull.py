@@ -232,3 +232,14 @@ def test_offline_mode_says_so_in_one_line(hub_env):
     assert out.stderr.strip() == (
         "chatapp: error: 'TestOrg/tiny-llama' is not downloaded and the Hub can't be reached (offline, or HF_HUB_OFFLINE=1)"
     )
+
+
+def test_the_hub_cache_setting_decides_where_models_go(hub_env, tmp_path):
+    config = tmp_path / "cfg"
+    config.mkdir()
+    cache = tmp_path / "my-hub-cache"
+    (config / "config.toml").write_text(f"hub_cache = {json.dumps(str(cache))}\n")
+    out = chatapp({**hub_env, "CHATAPP_CONFIG_DIR": str(config)}, "pull", "TestOrg/tiny-llama")
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip().splitlines()[-1]).is_relative_to(cache)
+    assert list(cache.glob("models--TestOrg--tiny-llama/snapshots/*/config.json"))

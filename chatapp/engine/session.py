@@ -142,6 +142,29 @@ class ChatSession:
         self.dropped_messages = min(self.dropped_messages, position)
         return self._turn(**params)
 
+    def reply_to(self, messages: list[Message], **params) -> Iterator[str | TurnStats]:
+        """Take `messages` as the conversation and answer its last (user) message.
+
+        For a caller that keeps the conversation itself (the worker, on behalf of the UI): a regenerate or an
+        edit is just a different list, and the cache is still reused up to the first token that differs.
+        """
+        if not messages or messages[-1].role != "user":
+            raise ValueError("the last message must be the user's")
+        same = common_prefix_len(
+            [(m.role, m.content) for m in self.messages], [(m.role, m.content) for m in messages]
+        )
+        self.messages = list(messages)
+        self.dropped_messages = min(self.dropped_messages, sum(1 for m in messages[:same] if m.role != "system"))
+        return self._turn(**params)
+
+    def cache_bytes(self) -> int:
+        """Bytes the KV cache holds now."""
+        if self._cache is None:
+            return 0
+        return sum(
+            t.nbytes for layer in self._cache.layers for t in (layer.keys, layer.values) if t is not None
+        )
+
     # -- one turn -------------------------------------------------------------------------
 
     def _turn(
@@ -224,6 +247,7 @@ class ChatSession:
             cache_tokens=len(self._cache_ids),
             finish_reason=finish,
             trimmed_messages=trimmed,
+            dropped_messages=self.dropped_messages,
         )
         yield self.last_stats
 

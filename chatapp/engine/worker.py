@@ -1,0 +1,200 @@
+"""The backend worker: the engine in a child process, speaking chatapp.protocol over a multiprocessing pipe.
+
+The UI starts `main` with the "spawn" start method. Importing this module imports nothing heavy, so the UI
+can name it as the child's entry point without importing torch; the child imports the engine itself.
+One thread reads requests so that a Cancel acts while the main thread is busy generating.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import OrderedDict
+
+from .. import protocol as p
+
+#: Without a budget from the UI, all chats together may keep this many full-context KV caches.
+DEFAULT_BUDGET_CONTEXTS = 4
+
+
+def main(conn, settings, log_path: str | None = None) -> None:
+    """The child process: serve requests from `conn` until Shutdown or until the UI goes away."""
+    if log_path:
+        # Library warnings written to the terminal would tear the UI's screen apart; they go to a log instead.
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # download progress comes as events instead
+    Worker(conn, settings).serve()
+
+
+class Worker:
+    def __init__(self, conn, settings):
+        self.conn = conn
+        self.settings = settings
+        self.loaded = None
+        self.budget: int | None = None
+        self.sessions: OrderedDict[int, object] = OrderedDict()  # conversation id -> ChatSession, LRU first
+        self.requests: queue.Queue = queue.Queue()
+        self._current: tuple[int, object] | None = None  # (request id, session) being generated
+        self._lock = threading.Lock()
+
+    def send(self, event) -> None:
+        self.conn.send(event)
+
+    def serve(self) -> None:
+        threading.Thread(target=self._read, daemon=True, name="worker-reader").start()
+        while True:
+            request = self.requests.get()
+            if isinstance(request, p.Shutdown):
+                return
+            try:
+                self.handle(request)
+            except (BrokenPipeError, EOFError, OSError) as exc:
+                if isinstance(exc, OSError) and not isinstance(exc, (BrokenPipeError, ConnectionError)):
+                    self._error(request, exc)
+                    continue
+                return  # the UI is gone
+
+    def _read(self) -> None:
+        while True:
+            try:
+                request = self.conn.recv()
+            except (EOFError, OSError):
+                self.requests.put(p.Shutdown())
+                return
+            if isinstance(request, p.Cancel):
+                with self._lock:
+                    if self._current and self._current[0] == request.request_id:
+                        self._current[1].cancel()
+                continue
+            self.requests.put(request)
+
+    def handle(self, request) -> None:
+        if isinstance(request, p.Load):
+            self.load(request)
+        elif isinstance(request, p.Generate):
+            self.generate(request)
+        elif isinstance(request, p.Reset):
+            self.sessions.pop(request.conversation_id, None)
+
+    def _error(self, request, exc: BaseException) -> None:
+        from ..errors import ChatappError
+
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, ChatappError):
+            text = f"{type(exc).__name__}: {text}"
+        self.send(p.Error(text, getattr(request, "request_id", None)))
+
+    # -- requests --------------------------------------------------------------------------
+
+    def load(self, request: p.Load) -> None:
+        import gc
+
+        from .loader import load_model
+
+        self.sessions.clear()
+        if self.loaded is not None:
+            self.loaded = None
+            gc.collect()
+            _empty_device_cache()
+        try:
+            loaded = load_model(
+                request.model,
+                request.preset,
+                settings=self.settings,
+                on_status=lambda text: self.send(p.Status(text)),
+                on_progress=lambda pr: self.send(p.DownloadProgress(pr.done_bytes, pr.total_bytes, pr.bytes_per_s)),
+            )
+        except Exception as exc:  # every load failure becomes one line for the user; the worker stays up
+            self._error(request, exc)
+            return
+        self.loaded = loaded
+        self.budget = request.cache_budget_bytes or DEFAULT_BUDGET_CONTEXTS * _full_cache_bytes(loaded)
+        self.send(
+            p.Loaded(
+                model=loaded.source.label,
+                preset=loaded.preset,
+                dtype=loaded.dtype,
+                device=loaded.device,
+                attn_implementation=loaded.attn_implementation,
+                context_length=loaded.context_length,
+                footprint_bytes=loaded.footprint_bytes,
+                notes=list(loaded.notes),
+                temperature=loaded.spec.temperature if loaded.spec else None,
+                top_p=loaded.spec.top_p if loaded.spec else None,
+            )
+        )
+
+    def generate(self, request: p.Generate) -> None:
+        from ..protocol import TurnStats
+        from .session import ChatSession, Message
+
+        if self.loaded is None:
+            self.send(p.Error("no model is loaded yet", request.request_id))
+            return
+        session = self.sessions.get(request.conversation_id)
+        if session is None:
+            session = self.sessions[request.conversation_id] = ChatSession(self.loaded)
+        self.sessions.move_to_end(request.conversation_id)
+        messages = [Message(role, content) for role, content in request.messages]
+        with self._lock:
+            self._current = (request.request_id, session)
+        try:
+            stream = session.reply_to(
+                messages,
+                max_new_tokens=request.max_new_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=request.seed,
+            )
+            for item in stream:
+                if isinstance(item, TurnStats):
+                    reply = session.messages[-1].content
+                    self.send(p.Finished(request.request_id, request.conversation_id, reply, item))
+                else:
+                    self.send(p.Delta(request.request_id, item))
+        except (BrokenPipeError, ConnectionError):
+            raise
+        except Exception as exc:
+            self._error(request, exc)
+        finally:
+            with self._lock:
+                self._current = None
+        self._evict(keep=request.conversation_id)
+
+    def _evict(self, keep: int) -> None:
+        """Drop the least recently used chats' caches while all of them together are over the budget."""
+        total = sum(s.cache_bytes() for s in self.sessions.values())
+        gone, freed = [], 0
+        for cid in list(self.sessions):
+            if self.budget is None or total <= self.budget:
+                break
+            if cid == keep:
+                continue
+            size = self.sessions.pop(cid).cache_bytes()
+            total -= size
+            freed += size
+            gone.append(cid)
+        if gone:
+            self.send(p.Evicted(gone, freed))
+
+
+def _full_cache_bytes(loaded) -> int:
+    """KV bytes of one cache filled to the whole context."""
+    config = loaded.model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element = 4 if loaded.dtype in ("float32", "fp32") else 2  # the cache is kept in the compute dtype
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * element * loaded.context_length
+
+
+def _empty_device_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,1 @@
+"""The Textual UI. It never imports torch or transformers."""

@@ -1,0 +1,427 @@
+"""The chat screen: conversations in a sidebar, the messages, the prompt, and the status bar."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Label, ListItem, ListView
+
+from ... import protocol as p
+from ...store import default_title
+from ..widgets import MessageView, PromptInput, StatusBar, code_blocks, loaded_line, stats_line
+from .dialogs import ConfirmScreen, ConversationSettingsScreen, TextPromptScreen
+
+
+@dataclass
+class Turn:
+    """A reply being generated. view is None while its conversation isn't on screen."""
+
+    request_id: int
+    conversation_id: int
+    view: MessageView | None
+    text: str = ""
+
+
+class ChatScreen(Screen):
+    # priority: the prompt and the search box have their own uses for some of these keys (ctrl+d deletes a
+    # character there), and the chat's actions must work wherever the cursor is.
+    BINDINGS = [
+        Binding("escape", "stop", "Stop"),
+        Binding("ctrl+n", "new_chat", "New chat", priority=True),
+        Binding("ctrl+r", "regenerate", "Regenerate", priority=True),
+        Binding("ctrl+o", "chat_settings", "Chat settings", priority=True),
+        Binding("f2", "rename_chat", "Rename", priority=True),
+        Binding("ctrl+d", "delete_chat", "Delete chat", priority=True),
+        Binding("ctrl+f", "search", "Search", priority=True),
+        Binding("ctrl+y", "copy_reply", "Copy reply", priority=True),
+        Binding("ctrl+e", "export", "Export", priority=True),
+        Binding("f5", "restart_worker", "Restart worker", priority=True),
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self.conversation_id: int | None = None
+        self.turn: Turn | None = None
+        self.queued: list[tuple[int, str]] = []
+        self.editing: int | None = None  # position of the user message being edited
+        self.loaded: p.Loaded | None = None
+        self.rates: list[float] = []
+
+    @property
+    def store(self):
+        return self.app.store
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="body"):
+            with Vertical(id="sidebar"):
+                yield Input(placeholder="Search chats", id="search")
+                yield ListView(id="chats")
+            with Vertical(id="main"):
+                yield VerticalScroll(id="messages")
+                yield Label("", id="edit-banner")
+                yield PromptInput(id="prompt", soft_wrap=True, show_line_numbers=False)
+        yield StatusBar(id="status")
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        self.query_one("#edit-banner").display = False
+        chats = self.store.conversations()
+        last = self.store.get_state("last_conversation")
+        ids = [c.id for c in chats]
+        if not chats:
+            chosen = self.store.new_conversation().id
+        else:
+            chosen = int(last) if last and last.isdigit() and int(last) in ids else ids[0]
+        await self.open_conversation(chosen)
+        self.query_one(PromptInput).focus()
+
+    # -- the sidebar -------------------------------------------------------------------------
+
+    async def refresh_chats(self) -> None:
+        search = self.query_one("#search", Input).value
+        chats = self.store.conversations(search)
+        view = self.query_one("#chats", ListView)
+        await view.clear()
+        await view.extend(ListItem(Label(c.title), name=str(c.id)) for c in chats)
+        for index, chat in enumerate(chats):
+            if chat.id == self.conversation_id:
+                view.index = index
+
+    @on(Input.Changed, "#search")
+    async def _search_changed(self) -> None:
+        await self.refresh_chats()
+
+    @on(ListView.Selected, "#chats")
+    async def _chat_selected(self, event: ListView.Selected) -> None:
+        await self.open_conversation(int(event.item.name))
+        self.query_one(PromptInput).focus()
+
+    async def open_conversation(self, conversation_id: int) -> None:
+        self.conversation_id = conversation_id
+        self.store.set_state("last_conversation", str(conversation_id))
+        self._cancel_edit()
+        box = self.query_one("#messages", VerticalScroll)
+        await box.remove_children()
+        messages = self.store.messages(conversation_id)
+        views = [
+            MessageView(m.role, m.content, header=_header(m.model, m.preset, m.stats), cut=m.cut, position=m.position)
+            for m in messages
+        ]
+        if self.turn and self.turn.conversation_id == conversation_id:
+            self.turn.view = MessageView("assistant", self.turn.text, header="…")
+            views.append(self.turn.view)
+        elif self.turn:
+            self.turn.view = None
+        await box.mount_all(views)
+        box.scroll_end(animate=False)
+        self._show_stats(self._latest_stats(messages))
+        await self.refresh_chats()
+
+    # -- sending -----------------------------------------------------------------------------
+
+    @on(PromptInput.Submitted)
+    async def _submitted(self, event: PromptInput.Submitted) -> None:
+        prompt = self.query_one(PromptInput)
+        if self.conversation_id is None:
+            self.conversation_id = self.store.new_conversation().id
+        if self.turn is not None or self.loaded is None:
+            # The input stays usable: what was typed waits its turn instead of being lost.
+            self.queued.append((self.conversation_id, event.text))
+            prompt.clear()
+            why = "this reply finishes" if self.turn else "the model has loaded"
+            self.notify(f"Queued: it is sent when {why}.", timeout=3)
+            return
+        prompt.clear()
+        if self.editing is not None:
+            await self._truncate(self.editing)
+            self._cancel_edit()
+        await self.send_user_message(self.conversation_id, event.text)
+
+    async def send_user_message(self, conversation_id: int, text: str) -> None:
+        stored = self.store.add_message(conversation_id, "user", text)
+        conversation = self.store.conversation(conversation_id)
+        if conversation.title == "New chat" and stored.position == 0:
+            self.store.rename(conversation_id, default_title(text))
+        if conversation_id == self.conversation_id:
+            box = self.query_one("#messages", VerticalScroll)
+            await box.mount(MessageView("user", text, position=stored.position))
+        await self.refresh_chats()
+        await self.generate(conversation_id)
+
+    async def generate(self, conversation_id: int) -> None:
+        conversation = self.store.conversation(conversation_id)
+        history = [(m.role, m.content) for m in self.store.messages(conversation_id)]
+        if conversation.settings.system_prompt:
+            history.insert(0, ("system", conversation.settings.system_prompt))
+        s, defaults = conversation.settings, self.app.settings
+        client = self.app.client
+        turn = Turn(client.request_id(), conversation_id, None)
+        # The chat's own setting, else the model's catalog default, else the app's.
+        model_temperature = self.loaded.temperature if self.loaded else None
+        model_top_p = self.loaded.top_p if self.loaded else None
+        request = p.Generate(
+            turn.request_id,
+            conversation_id,
+            history,
+            max_new_tokens=s.max_new_tokens or defaults.max_new_tokens,
+            temperature=_first(s.temperature, model_temperature, defaults.temperature),
+            top_p=_first(s.top_p, model_top_p, defaults.top_p),
+        )
+        if not client.send(request):
+            self.notify("The worker is not running: press F5 to restart it.", severity="error")
+            return
+        self.turn = turn
+        if conversation_id == self.conversation_id:
+            turn.view = MessageView("assistant", header="…")
+            box = self.query_one("#messages", VerticalScroll)
+            await box.mount(turn.view)
+            box.scroll_end(animate=False)
+
+    async def _next_queued(self) -> None:
+        if self.turn is None and self.loaded is not None and self.queued:
+            conversation_id, text = self.queued.pop(0)
+            await self.send_user_message(conversation_id, text)
+
+    # -- worker events -----------------------------------------------------------------------
+
+    async def handle_event(self, event) -> None:
+        status = self.query_one(StatusBar)
+        turn = self.turn
+        if isinstance(event, p.Delta) and turn and event.request_id == turn.request_id:
+            turn.text += event.text
+            if turn.view is not None:
+                await turn.view.append(event.text)
+                self.query_one("#messages", VerticalScroll).scroll_end(animate=False)
+        elif isinstance(event, p.Finished) and turn and event.request_id == turn.request_id:
+            await self._finish(event.text, event.stats.as_dict())
+        elif isinstance(event, p.Status):
+            status.busy(event.text)
+        elif isinstance(event, p.DownloadProgress):
+            status.busy(_download_line(event), event.done_bytes, event.total_bytes)
+        elif isinstance(event, p.Loaded):
+            self.loaded = event
+            status.idle()
+            status.model_line = loaded_line(event)
+            if self.conversation_id is not None:
+                self._show_stats(self._latest_stats(self.store.messages(self.conversation_id)))
+            self.store.set_state("last_model", self.app.model_ref)
+            self.store.set_state("last_preset", self.app.preset)
+            for note in event.notes:
+                self.notify(note, timeout=8)
+            await self._next_queued()
+        elif isinstance(event, p.Evicted):
+            self.notify(
+                f"{len(event.conversation_ids)} other chat(s) left the KV cache to free {event.freed_bytes / 1e6:,.1f} MB; "
+                "their next reply re-reads their history once.",
+                timeout=6,
+            )
+        elif isinstance(event, p.Error):
+            self.notify(event.message, severity="error", timeout=10)
+            if event.request_id is None:
+                status.idle()
+                status.model_line = f"no model loaded: {event.message}"
+            elif turn and event.request_id == turn.request_id:
+                await self._finish(turn.text, None, failed=True)
+        elif isinstance(event, p.WorkerDied):
+            self.loaded = None
+            status.idle()
+            why = "killed" if event.exitcode == -9 else f"exit code {event.exitcode}"
+            status.model_line = f"the worker stopped ({why}): press F5 to restart it"
+            # A killed process wrote nothing about it; a crash's last line says what went wrong.
+            detail = f": {event.last_log_line}" if event.last_log_line and event.exitcode != -9 else ""
+            self.notify(f"The model worker stopped ({why}){detail}. Your chats are safe.", severity="error", timeout=15)
+            if turn:
+                await self._finish(turn.text, None, failed=True)
+
+    async def _finish(self, text: str, stats: dict | None, failed: bool = False) -> None:
+        """Store the reply (a stopped or failed one too, when anything arrived) and update the screen."""
+        turn, self.turn = self.turn, None
+        cut = failed or (stats or {}).get("finish_reason") == "cancelled"
+        model = self.loaded.model if self.loaded else None
+        preset = self.loaded.preset if self.loaded else None
+        if text or not failed:
+            stored = self.store.add_message(
+                turn.conversation_id, "assistant", text, model=model, preset=preset, stats=stats, cut=cut
+            )
+            if turn.view is not None:
+                turn.view.position = stored.position
+        if turn.view is not None:
+            if text or not failed:
+                await turn.view.finish(text)
+                turn.view.set_header(_header(model, preset, stats), cut=cut)
+            else:
+                await turn.view.remove()
+            self._show_stats(stats)
+        if stats:
+            self.rates.append(stats["decode_tokens_per_s"])
+            self.query_one(StatusBar).rates(self.rates)
+        await self.refresh_chats()
+        await self._next_queued()
+
+    @staticmethod
+    def _latest_stats(messages) -> dict | None:
+        return next((m.stats for m in reversed(messages) if m.stats), None)
+
+    def _show_stats(self, stats: dict | None) -> None:
+        status = self.query_one(StatusBar)
+        context = self.loaded.context_length if self.loaded else None
+        status.numbers = stats_line(stats, context) if stats else ""
+        dropped = (stats or {}).get("dropped_messages", 0)
+        status.notice = (
+            f"⚠ {dropped} old message(s) no longer fit the context: the model doesn't see them" if dropped else ""
+        )
+
+    # -- actions -----------------------------------------------------------------------------
+
+    def action_stop(self) -> None:
+        if self.turn is not None:
+            self.app.client.send(p.Cancel(self.turn.request_id))
+        elif self.editing is not None:
+            self._cancel_edit()
+
+    async def action_new_chat(self) -> None:
+        await self.open_conversation(self.store.new_conversation().id)
+        self.query_one(PromptInput).focus()
+
+    async def action_regenerate(self) -> None:
+        if self.turn is not None or self.conversation_id is None:
+            return
+        messages = self.store.messages(self.conversation_id)
+        if not messages:
+            return
+        if messages[-1].role == "assistant":
+            await self._truncate(messages[-1].position)
+        await self.generate(self.conversation_id)
+
+    async def _truncate(self, position: int) -> None:
+        """Delete the messages from `position` on, in the store and on screen."""
+        self.store.delete_from(self.conversation_id, position)
+        for view in list(self.query(MessageView)):
+            if view.position >= position:
+                await view.remove()
+
+    def _cancel_edit(self) -> None:
+        self.editing = None
+        banner = self.query_one("#edit-banner", Label)
+        banner.display = False
+
+    @on(MessageView.Action)
+    async def _message_action(self, event: MessageView.Action) -> None:
+        view = event.view
+        if event.action == "copy":
+            self.app.copy_to_clipboard(view.content)
+            self.notify("Message copied.", timeout=2)
+        elif event.action == "copy_code":
+            blocks = code_blocks(view.content)
+            if not blocks:
+                self.notify("No code block in this message.", timeout=2)
+                return
+            self.app.copy_to_clipboard("\n\n".join(blocks))
+            self.notify(f"{len(blocks)} code block(s) copied.", timeout=2)
+        elif event.action == "edit" and view.role == "user" and self.turn is None:
+            self.editing = view.position
+            prompt = self.query_one(PromptInput)
+            prompt.text = view.content
+            banner = self.query_one("#edit-banner", Label)
+            banner.update("Editing an earlier message: Enter re-runs the chat from there, Esc cancels.")
+            banner.display = True
+            prompt.focus()
+        elif event.action == "regenerate" and view.role == "assistant":
+            await self.action_regenerate()
+
+    def action_chat_settings(self) -> None:
+        if self.conversation_id is None:
+            return
+        conversation = self.store.conversation(self.conversation_id)
+        d = self.app.settings
+        defaults = {"temperature": d.temperature, "top_p": d.top_p, "max_new_tokens": d.max_new_tokens}
+
+        def saved(settings) -> None:
+            if settings is not None:
+                self.store.set_settings(conversation.id, settings)
+                self.notify("Chat settings saved.", timeout=2)
+
+        self.app.push_screen(ConversationSettingsScreen(conversation.settings, defaults), saved)
+
+    def action_rename_chat(self) -> None:
+        if self.conversation_id is None:
+            return
+        conversation = self.store.conversation(self.conversation_id)
+
+        async def renamed(title: str | None) -> None:
+            if title:
+                self.store.rename(conversation.id, title)
+                await self.refresh_chats()
+
+        self.app.push_screen(TextPromptScreen("Rename chat", conversation.title), renamed)
+
+    def action_delete_chat(self) -> None:
+        if self.conversation_id is None:
+            return
+        conversation = self.store.conversation(self.conversation_id)
+
+        async def confirmed(yes: bool | None) -> None:
+            if not yes:
+                return
+            if self.turn and self.turn.conversation_id == conversation.id:
+                self.app.client.send(p.Cancel(self.turn.request_id))
+            self.store.delete(conversation.id)
+            self.app.client.send(p.Reset(conversation.id))
+            rest = self.store.conversations()
+            await self.open_conversation(rest[0].id if rest else self.store.new_conversation().id)
+            self.notify(f"Deleted “{conversation.title}”.", timeout=3)
+
+        self.app.push_screen(ConfirmScreen(f"Delete “{conversation.title}” and all its messages?"), confirmed)
+
+    def action_search(self) -> None:
+        self.query_one("#search", Input).focus()
+
+    def action_copy_reply(self) -> None:
+        replies = [v for v in self.query(MessageView) if v.role == "assistant" and v.content]
+        if replies:
+            self.app.copy_to_clipboard(replies[-1].content)
+            self.notify("Last reply copied.", timeout=2)
+
+    def action_export(self) -> None:
+        if self.conversation_id is None:
+            return
+        conversation = self.store.conversation(self.conversation_id)
+        folder = self.app.settings.data_dir / "exports"
+        folder.mkdir(parents=True, exist_ok=True)
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", conversation.title).strip("-").lower() or "chat"
+        path = folder / f"{slug}-{conversation.id}.md"
+        path.write_text(self.store.export_markdown(conversation.id), encoding="utf-8")
+        self.notify(f"Exported to {path}", timeout=8)
+
+    def action_restart_worker(self) -> None:
+        if self.app.client.alive:
+            self.notify("The worker is running.", timeout=2)
+            return
+        self.app.start_worker()
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
+
+
+def _header(model: str | None, preset: str | None, stats: dict | None) -> str:
+    parts = [x for x in (model, preset) if x]
+    if stats:
+        parts.append(f"{stats['generated_tokens']} tok · {stats['decode_tokens_per_s']:.1f} tok/s")
+    return " · ".join(parts)
+
+
+def _download_line(event: p.DownloadProgress) -> str:
+    eta = ""
+    if event.bytes_per_s > 0:
+        eta = f" · {max(0, event.total_bytes - event.done_bytes) / event.bytes_per_s:,.0f}s left"
+    return (
+        f"downloading: {event.done_bytes / 1e6:,.1f} / {event.total_bytes / 1e6:,.1f} MB · "
+        f"{event.bytes_per_s / 1e6:,.1f} MB/s{eta}"
+    )

@@ -1,0 +1,221 @@
+"""The chat screen through the real worker process on the tiny model, driven with Pilot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from chatapp.store import Store
+from chatapp.ui.widgets import MessageView
+from uihelpers import last_stats, loaded, make_app, make_settings, run, say, start_long_reply, until
+
+
+def test_send_streams_a_reply_and_stores_both_messages(settings, tiny_words_folder, tmp_path):
+    app = make_app(make_settings(settings, tmp_path), str(tiny_words_folder))
+
+    async def scenario(pilot):
+        assert app.chat.loaded is None  # the screen is up before the model
+        await loaded(pilot)
+        await say(pilot, "Hello there")
+        views = list(app.chat.query(MessageView))
+        assert [v.role for v in views] == ["user", "assistant"]
+        stored = app.store.messages(app.chat.conversation_id)
+        assert [m.role for m in stored] == ["user", "assistant"]
+        assert views[1].content == stored[1].content and stored[1].content
+        assert stored[1].model == str(tiny_words_folder) and stored[1].preset == "fp32"
+        stats = stored[1].stats
+        assert stats["prefilled_tokens"] == stats["prompt_tokens"]
+        status = app.chat.query_one("StatusBar")
+        assert f"cached {stats['cache_tokens']}" in status.numbers and "TTFT" in status.numbers
+        assert app.store.conversation(app.chat.conversation_id).title == "Hello there"
+        # Turn two prefills only the new message.
+        await say(pilot, "Tell me more")
+        second = last_stats(app)
+        assert second["prefilled_tokens"] < second["prompt_tokens"] - stats["prompt_tokens"] + 2
+
+    run(app, scenario)
+
+
+def test_escape_stops_a_reply_and_keeps_it_marked_stopped(settings, tiny_words_folder, tmp_path):
+    app = make_app(make_settings(settings, tmp_path, max_new_tokens=1500), str(tiny_words_folder))
+
+    async def scenario(pilot):
+        await loaded(pilot)
+        await start_long_reply(pilot, "Go on and on")
+        await pilot.press("escape")
+        await until(pilot, lambda: app.chat.turn is None, what="the stop")
+        reply = app.store.messages(app.chat.conversation_id)[-1]
+        assert reply.role == "assistant" and reply.cut and reply.content
+        assert reply.stats["finish_reason"] == "cancelled" and reply.stats["generated_tokens"] < 1500
+        view = list(app.chat.query(MessageView))[-1]
+        assert "stopped" in view.query_one(".message-header").content
+
+    run(app, scenario)
+
+
+def test_what_is_typed_during_a_reply_is_queued_and_sent_after_it(settings, tiny_words_folder, tmp_path):
+    app = make_app(make_settings(settings, tmp_path, max_new_tokens=1500), str(tiny_words_folder))
+
+    async def scenario(pilot):
+        await loaded(pilot)
+        await start_long_reply(pilot, "A long answer please")
+        await say(pilot, "Then this", wait=False)
+        assert app.chat.queued == [(app.chat.conversation_id, "Then this")]
+        assert app.chat.query_one("#prompt").text == ""
+        await pilot.press("escape")
+        await until(pilot, lambda: len(app.store.messages(app.chat.conversation_id)) == 4, what="the queued turn")
+        roles = [(m.role, m.cut) for m in app.store.messages(app.chat.conversation_id)]
+        assert roles[:3] == [("user", False), ("assistant", True), ("user", False)]
+        assert app.store.messages(app.chat.conversation_id)[2].content == "Then this"
+
+    run(app, scenario)
+
+
+def test_regenerate_and_edit_reuse_the_cache(settings, tiny_words_folder, tmp_path):
+    app = make_app(make_settings(settings, tmp_path), str(tiny_words_folder))
+
+    async def scenario(pilot):
+        await loaded(pilot)
+        await say(pilot, "First question")
+        await say(pilot, "Second question")
+        before = app.store.messages(app.chat.conversation_id)[-1].created
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: app.chat.turn is None and app.store.messages(app.chat.conversation_id)[-1].created
+                    != before, what="the regenerated reply")
+        stored = app.store.messages(app.chat.conversation_id)
+        assert [m.role for m in stored] == ["user", "assistant", "user", "assistant"]
+        # Regenerating re-runs nothing but the last prompt token.
+        assert last_stats(app)["prefilled_tokens"] == 1
+
+        first_user = next(v for v in app.chat.query(MessageView) if v.role == "user")
+        first_user.focus()
+        await pilot.press("e")
+        assert app.chat.editing == 0 and app.chat.query_one("#prompt").text == "First question"
+        await say(pilot, "First question, rephrased")
+        stored = app.store.messages(app.chat.conversation_id)
+        assert [(m.role, m.content) for m in stored][:1] == [("user", "First question, rephrased")]
+        assert len(stored) == 2
+        stats = last_stats(app)
+        assert 0 < stats["prefilled_tokens"] < stats["prompt_tokens"]  # the template's system part was reused
+        assert [v.role for v in app.chat.query(MessageView)] == ["user", "assistant"]
+
+    run(app, scenario)
+
+
+def test_each_chat_keeps_its_own_cache_when_switching(settings, tiny_words_folder, tmp_path):
+    app = make_app(make_settings(settings, tmp_path), str(tiny_words_folder))
+
+    async def scenario(pilot):
+        await loaded(pilot)
+        await say(pilot, "Chat A first")
+        chat_a = app.chat.conversation_id
+        a_first = last_stats(app)
+        await pilot.press("ctrl+n")
+        await say(pilot, "Chat B first")
+        chat_b = app.chat.conversation_id
+        assert chat_b != chat_a
+        await app.chat.open_conversation(chat_a)
+        assert [v.content for v in app.chat.query(MessageView)][0] == "Chat A first"
+        await say(pilot, "Chat A second")
+        a_second = last_stats(app)
+        assert a_second["prompt_tokens"] - a_second["prefilled_tokens"] >= a_first["prompt_tokens"]
+        assert a_second["prefilled_tokens"] < a_second["prompt_tokens"] - a_first["prompt_tokens"] + 2
+        await app.chat.open_conversation(chat_b)
+        await say(pilot, "Chat B second")
+        b_second = last_stats(app)
+        assert b_second["prefilled_tokens"] < b_second["prompt_tokens"] // 2
+
+    run(app, scenario)
+
+
+def test_chats_come_back_after_a_restart(settings, tiny_words_folder, tmp_path):
+    test_settings = make_settings(settings, tmp_path)
+    first = make_app(test_settings, str(tiny_words_folder))
+
+    async def chat(pilot):
+        await loaded(pilot)
+        await say(pilot, "Remember me")
+        await pilot.press("ctrl+n")
+        await say(pilot, "The second chat")
+
+    run(first, chat)
+    first.store.close()
+    second = make_app(test_settings, str(tiny_words_folder), store=Store.open(test_settings.data_dir))
+
+    async def check(pilot):
+        await pilot.pause(0.2)
+        titles = [c.title for c in second.store.conversations()]
+        assert titles == ["The second chat", "Remember me"]
+        assert [v.content for v in second.chat.query(MessageView)][0] == "The second chat"
+        assert len(second.chat.query_one("#chats").children) == 2
+
+    run(second, check)
+
+
+def test_a_killed_worker_leaves_the_app_up_keeps_the_partial_reply_and_restarts(
+    settings, tiny_words_folder, tmp_path
+):
+    app = make_app(make_settings(settings, tmp_path, max_new_tokens=1500), str(tiny_words_folder))
+
+    async def scenario(pilot):
+        await loaded(pilot)
+        await start_long_reply(pilot, "Keep talking", min_chars=20)
+        app.client.kill()
+        await until(pilot, lambda: app.chat.turn is None, what="the UI to notice")
+        status = app.chat.query_one("StatusBar")
+        assert "the worker stopped (killed): press F5 to restart it" in status.model_line
+        reply = app.store.messages(app.chat.conversation_id)[-1]
+        assert reply.role == "assistant" and reply.cut and reply.content
+        await pilot.press("f5")
+        await loaded(pilot)
+        await say(pilot, "Back again?")
+        assert app.store.messages(app.chat.conversation_id)[-1].content
+
+    run(app, scenario)
+
+
+def test_context_trimming_is_shown_and_an_evicted_chat_is_announced(settings, tiny_words_folder, tmp_path):
+    app = make_app(make_settings(settings, tmp_path, context_cap=96, max_new_tokens=8), str(tiny_words_folder),
+                   cache_budget_bytes=512 * 80)
+
+    async def scenario(pilot):
+        await loaded(pilot)
+        for turn in range(4):
+            await say(pilot, f"Message number {turn} with a few more words in it")
+        status = app.chat.query_one("StatusBar")
+        assert last_stats(app)["dropped_messages"] > 0
+        assert "no longer fit the context" in status.notice
+        await pilot.press("ctrl+n")
+        await say(pilot, "A new chat that pushes the old one out of the cache")
+        await until(pilot, lambda: any("left the KV cache" in n.message for n in app._notifications),
+                    what="the eviction notice")
+
+    run(app, scenario)
+
+
+def test_the_ui_process_never_imports_torch(tiny_words_folder, tmp_path):
+    """A whole chat turn in a fresh process: the model runs in the worker, and this process has no torch."""
+    code = textwrap.dedent(f"""
+        import asyncio, sys
+        sys.path.insert(0, "tests")
+        from pathlib import Path
+        from chatapp.config import load_settings
+        from uihelpers import loaded, make_app, make_settings, say
+
+        async def main():
+            app = make_app(make_settings(load_settings(), Path({str(tmp_path)!r})), {str(tiny_words_folder)!r})
+            async with app.run_test() as pilot:
+                await loaded(pilot)
+                await say(pilot, "Hi")
+                assert app.store.messages(app.chat.conversation_id)[-1].content
+            print("torch" in sys.modules, "transformers" in sys.modules)
+
+        if __name__ == "__main__":
+            asyncio.run(main())
+        """)
+    script = tmp_path / "ui_only.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False False"

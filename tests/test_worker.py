@@ -1,0 +1,130 @@
+"""The backend worker in its own process, driven through the protocol the UI uses."""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import time
+
+import pytest
+
+from chatapp import protocol as p
+from chatapp.worker_client import WorkerClient
+
+
+class Events:
+    """Collects the worker's events and waits for the ones a test needs."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+        self.seen: list = []
+
+    def __call__(self, event) -> None:
+        self.queue.put(event)
+
+    def wait(self, kind, timeout: float = 120.0, where=lambda e: True):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                event = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.seen.append(event)
+            if isinstance(event, p.Error) and kind is not p.Error:
+                raise AssertionError(f"worker error: {event.message}")
+            if isinstance(event, kind) and where(event):
+                return event
+        raise AssertionError(f"no {kind.__name__} within {timeout}s; saw {[type(e).__name__ for e in self.seen]}")
+
+
+@pytest.fixture
+def worker(settings, tiny_words_folder, tmp_path):
+    events = Events()
+    client = WorkerClient(settings, events, log_path=tmp_path / "worker.log")
+    client.start()
+    client.send(p.Load(str(tiny_words_folder), "fp32"))
+    events.wait(p.Loaded)
+    yield client, events
+    client.stop()
+
+
+def ask(client, events, conversation_id, messages, **params):
+    rid = client.request_id()
+    client.send(p.Generate(rid, conversation_id, messages, temperature=0.0, **params))
+    return events.wait(p.Finished, where=lambda e: e.request_id == rid)
+
+
+def test_streams_deltas_then_finished_and_each_chat_keeps_its_cache(worker):
+    client, events = worker
+    first = ask(client, events, 1, [("user", "Hello there")], max_new_tokens=8)
+    deltas = [e.text for e in events.seen if isinstance(e, p.Delta) and e.request_id == first.request_id]
+    assert "".join(deltas).strip() == first.text.strip() and first.text
+    assert first.stats.prefilled_tokens == first.stats.prompt_tokens
+
+    other = ask(client, events, 2, [("user", "A different chat")], max_new_tokens=8)
+    assert other.stats.prefilled_tokens == other.stats.prompt_tokens
+    # Back to chat 1: its cache is still there, so only the new message (and the template's glue) is prefilled.
+    again = ask(client, events, 1, [("user", "Hello there"), ("assistant", first.text), ("user", "And more")],
+                max_new_tokens=8)
+    assert 0 < again.stats.prefilled_tokens < again.stats.prompt_tokens - first.stats.prompt_tokens + 1
+    assert again.stats.reused_tokens >= first.stats.prompt_tokens
+
+
+def test_cancel_stops_a_reply_and_keeps_the_partial_text(worker):
+    client, events = worker
+    rid = client.request_id()
+    client.send(p.Generate(rid, 1, [("user", "Talk for a long time")], max_new_tokens=1500, temperature=0.0))
+    events.wait(p.Delta, where=lambda e: e.request_id == rid)
+    client.send(p.Cancel(rid))
+    done = events.wait(p.Finished, where=lambda e: e.request_id == rid)
+    assert done.stats.finish_reason == "cancelled"
+    assert 0 < done.stats.generated_tokens < 1500
+    # The next turn in the same chat works and reuses the cache of the cut reply.
+    nxt = ask(client, events, 1, [("user", "Talk for a long time"), ("assistant", done.text), ("user", "Short")],
+              max_new_tokens=4)
+    assert nxt.stats.reused_tokens > 0
+
+
+def test_least_recently_used_chat_is_evicted_over_the_budget(settings, tiny_words_folder, tmp_path):
+    events = Events()
+    client = WorkerClient(settings, events, log_path=tmp_path / "worker.log")
+    client.start()
+    try:
+        # The tiny model's KV cache is 2 layers x 2 heads x 16 dims x 4 bytes x 2 = 512 bytes a token.
+        client.send(p.Load(str(tiny_words_folder), "fp32", cache_budget_bytes=512 * 60))
+        events.wait(p.Loaded)
+        ask(client, events, 1, [("user", "one " * 20)], max_new_tokens=4)
+        ask(client, events, 2, [("user", "two " * 20)], max_new_tokens=4)
+        evicted = events.wait(p.Evicted)
+        assert evicted.conversation_ids == [1] and evicted.freed_bytes > 0
+        # Chat 1 comes back with a full prefill: its cache was dropped.
+        back = ask(client, events, 1, [("user", "one " * 20), ("assistant", "x"), ("user", "hi")], max_new_tokens=4)
+        assert back.stats.prefilled_tokens == back.stats.prompt_tokens
+    finally:
+        client.stop()
+
+
+def test_a_killed_worker_is_reported_and_a_new_one_starts(worker, settings, tiny_words_folder):
+    client, events = worker
+    client.kill()
+    died = events.wait(p.WorkerDied)
+    assert died.exitcode == -9
+    client.start()
+    client.send(p.Load(str(tiny_words_folder), "fp32"))
+    events.wait(p.Loaded)
+    assert ask(client, events, 1, [("user", "Still there?")], max_new_tokens=4).text
+
+
+def test_a_bad_model_is_one_error_line_and_the_worker_stays_up(worker):
+    client, events = worker
+    client.send(p.Load("no-such-model-anywhere", "fp32"))
+    error = events.wait(p.Error)
+    assert "no-such-model-anywhere" in error.message and "\n" not in error.message
+    assert client.alive
+
+
+def test_the_client_module_does_not_import_torch():
+    code = "import sys, chatapp.worker_client, chatapp.engine.worker; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

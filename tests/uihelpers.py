@@ -1,0 +1,78 @@
+"""Running the Textual app in tests: Pilot through the real worker process on the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from chatapp import protocol as p
+from chatapp.store import Store
+
+
+def make_settings(settings, tmp_path: Path, **overrides):
+    """The session settings with this test's own data and config dirs, greedy decoding and short replies."""
+    values = dict(data_dir=tmp_path / "data", config_dir=tmp_path / "config", themes_dir=tmp_path / "themes",
+                  temperature=0.0, max_new_tokens=12)
+    values.update(overrides)
+    return replace(settings, **values)
+
+
+def make_app(settings, model: str | None = None, *, store: Store | None = None, **kwargs):
+    from chatapp.ui.app import ChatApp
+
+    store = store or Store.open(settings.data_dir)
+    return ChatApp(settings, store, model=model, preset="fp32" if model else None, **kwargs)
+
+
+async def until(pilot, condition, timeout: float = 120.0, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)
+
+
+async def loaded(pilot) -> None:
+    await until(pilot, lambda: pilot.app.chat.loaded is not None, what="the model to load")
+
+
+async def say(pilot, text: str, *, wait: bool = True) -> None:
+    """Type a message into the prompt and press Enter; wait for the reply unless told not to."""
+    chat = pilot.app.chat
+    chat.query_one("#prompt").focus()
+    chat.query_one("#prompt").text = text
+    await pilot.press("enter")
+    if wait:
+        await until(pilot, lambda: chat.turn is None and not chat.queued, what="the reply")
+        await pilot.pause(0.1)
+
+
+async def start_long_reply(pilot, text: str, min_chars: int = 1) -> None:
+    """Send text and return once the reply has streamed at least min_chars (use a large max_new_tokens)."""
+    chat = pilot.app.chat
+    await say(pilot, text, wait=False)
+    await until(pilot, lambda: chat.turn is not None and len(chat.turn.text) >= min_chars, what="the first tokens")
+
+
+def last_stats(app) -> dict:
+    messages = app.store.messages(app.chat.conversation_id)
+    return next(m.stats for m in reversed(messages) if m.stats)
+
+
+def run(app, scenario, size=(120, 40)):
+    """Run `scenario(pilot)` inside app.run_test()."""
+
+    async def main():
+        async with app.run_test(size=size) as pilot:
+            await scenario(pilot)
+
+    asyncio.run(main())
+
+
+def loaded_event(**kwargs) -> p.Loaded:
+    values = dict(model="TestOrg/tiny-llama", preset="fp32", dtype="fp32", device="cpu",
+                  attn_implementation="sdpa", context_length=2048, footprint_bytes=52_000_000, notes=[])
+    values.update(kwargs)
+    return p.Loaded(**values)
