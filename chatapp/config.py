@@ -231,8 +231,16 @@ def _load(config_file: Path | None, strict: bool) -> tuple[Settings, list[str], 
     return replace(base, **values), errors, sources
 
 
-def save_setting(config_file: Path, key: str, value: str) -> None:
-    """Set one top-level string key in config.toml, keeping every other line (comments included)."""
+def parse_setting(name: str, text: str) -> object:
+    """A value typed into a form, checked as config.toml's would be; ValueError says why it is refused."""
+    spec = {f.name: f for f in fields(Settings)}[name]
+    value = _coerce(_kind(spec), _optional(spec), text.strip())
+    _check(name, value, text)
+    return value
+
+
+def save_setting(config_file: Path, key: str, value: str | int | float) -> None:
+    """Set one top-level key in config.toml, keeping every other line (comments included)."""
     if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
         raise ValueError(f"not a bare TOML key: {key!r}")
     # A JSON string is a valid TOML basic string, once DEL (which JSON leaves bare and TOML forbids) is escaped.

@@ -22,7 +22,9 @@ def test_light_modules_do_not_import_torch():
     modules = imported_after(
         "import chatapp.cli, chatapp.config, chatapp.catalog, chatapp.refs, chatapp.planner, "
         "chatapp.hardware, chatapp.hub, chatapp.protocol, chatapp.facts, chatapp.report, chatapp.progress, chatapp.cli_hub, "
-        "chatapp.hub_download"
+        "chatapp.hub_download, chatapp.store, chatapp.worker_client, chatapp.choices, chatapp.engine.worker"
     )
     assert "torch" not in modules
     assert "transformers" not in modules
+    # DESIGN: the engine, hub, planner and store never import textual either.
+    assert not any(m == "textual" or m.startswith("textual.") for m in modules)

@@ -19,11 +19,13 @@ def make_settings(settings, tmp_path: Path, **overrides):
     return replace(settings, **values)
 
 
-def make_app(settings, model: str | None = None, *, store: Store | None = None, **kwargs):
+def make_app(settings, model: str | None = None, *, store: Store | None = None, preset: str | None = None,
+             **kwargs):
     from chatapp.ui.app import ChatApp
 
     store = store or Store.open(settings.data_dir)
-    return ChatApp(settings, store, model=model, preset="fp32" if model else None, **kwargs)
+    kwargs.setdefault("first_run", False)  # tests of the chat screen don't want the first-run picker over it
+    return ChatApp(settings, store, model=model, preset=preset or ("fp32" if model else None), **kwargs)
 
 
 async def until(pilot, condition, timeout: float = 120.0, what: str = "the condition") -> None:

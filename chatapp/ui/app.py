@@ -31,6 +31,11 @@ class WorkerEvent(Message):
 class ChatApp(App):
     CSS_PATH = "chatapp.tcss"
     TITLE = "chatapp"
+    BINDINGS = [
+        ("f3", "models", "Models"),
+        ("f4", "presets", "Preset"),
+        ("f9", "settings", "Settings"),
+    ]
 
     def __init__(
         self,
@@ -42,12 +47,19 @@ class ChatApp(App):
         settings_errors: Iterable[str] = (),
         start_worker: bool = True,
         cache_budget_bytes: int | None = None,
+        hardware=None,
+        first_run: bool | None = None,
     ):
         super().__init__()
         self.settings = settings
         self.store = store
+        #: No model was ever loaded here: the picker opens (the starter loads meanwhile).
+        self.first_run = (model is None and store.get_state("last_model") is None) if first_run is None else first_run
         self.model_ref = model or store.get_state("last_model") or settings.default_model
         self.preset = preset or (store.get_state("last_preset") if not model else None) or settings.default_preset
+        #: What to load again if loading a newly chosen model or preset fails.
+        self.fallback: tuple[str, str] | None = None
+        self._hardware = hardware
         self.startup_errors = list(settings_errors)
         self.should_start_worker = start_worker
         self.cache_budget_bytes = cache_budget_bytes
@@ -67,7 +79,86 @@ class ChatApp(App):
         if self.should_start_worker:
             # After the first paint: the screen is up before the worker process even starts.
             self.call_after_refresh(self.start_worker)
+        if self.first_run:
+            self.call_after_refresh(self.action_models)
 
+    def notify(self, message: str, *, markup: bool = False, **kwargs) -> None:
+        # Our messages quote model names, paths and pip extras like 'chatapp[flash]', and widgets pass
+        # markup=True by default: nothing shown here is Rich markup.
+        super().notify(message, markup=False, **kwargs)
+
+    @property
+    def hardware(self):
+        """What the planner plans for: detected once (NVML and /proc, no torch), or given by a test."""
+        if self._hardware is None:
+            from ..hardware import detect
+
+            self._hardware = detect()
+        return self._hardware
+
+    def switch_model(self, model: str, preset: str) -> None:
+        """Load another model or preset; the chats continue, and each one's cache is rebuilt once."""
+        from .. import protocol as p
+
+        if self.chat.loaded is not None and (model, preset) == (self.model_ref, self.preset):
+            return  # already what is loaded
+        if self.chat.loaded is not None:
+            self.fallback = (self.model_ref, self.preset)
+        self.model_ref, self.preset = model, preset
+        self.chat.query_one("StatusBar").busy(f"loading {model} ({preset})…")
+        self.chat.loaded = None
+        if not self.client.alive:
+            self.client.start()
+        self.client.send(p.Load(model, preset, cache_budget_bytes=self.cache_budget_bytes))
+
+    def action_models(self) -> None:
+        from .screens.models import ModelPickerScreen
+
+        if not isinstance(self.screen, ModelPickerScreen):
+            self.push_screen(ModelPickerScreen())
+
+    def action_presets(self) -> None:
+        from ..catalog import load_catalog
+        from ..choices import preset_options
+        from ..errors import ChatappError
+        from ..facts import facts_for
+        from ..refs import parse_ref
+        from .screens.dialogs import ConfirmScreen
+        from .screens.presets import PresetScreen
+
+        try:
+            facts = facts_for(parse_ref(self.model_ref, load_catalog(self.settings.config_dir / "models.toml")))
+        except ChatappError as exc:
+            self.notify(f"can't plan presets for {self.model_ref}: {exc}", severity="error")
+            return
+        options = dict(preset_options(facts, self.hardware))
+
+        def chosen(preset: str | None) -> None:
+            if preset is None or preset == self.preset:
+                return
+            plan = options[preset]
+            if plan.choice is not None:
+                self.switch_model(self.model_ref, preset)
+                return
+            why = plan.reasons[-1] if plan.reasons else "the planner found no room for it"
+            self.push_screen(
+                ConfirmScreen(f"{preset} won't fit on this machine: {why}. Load it anyway?", yes="Load anyway"),
+                lambda yes: yes and self.switch_model(self.model_ref, preset),
+            )
+
+        self.push_screen(PresetScreen(self.model_ref, list(options.items()), self.preset), chosen)
+
+    def action_settings(self) -> None:
+        from .screens.settings import SettingsScreen
+
+        def saved(settings) -> None:
+            if settings is not None:
+                self.settings = settings
+                if settings.theme in self.available_themes:
+                    self.theme = settings.theme
+                self.notify("Settings saved.", timeout=3)
+
+        self.push_screen(SettingsScreen(self.settings), saved)
     def start_worker(self) -> None:
         from .. import protocol as p
 
@@ -89,6 +180,9 @@ class ChatApp(App):
         yield from super().get_system_commands(screen)
         if screen is not self.chat:
             return
+        yield SystemCommand("Models", "Pick, download or delete a model (F3)", self.action_models)
+        yield SystemCommand("Preset", "Switch bf16 / fp16 / fp32 / int8 / nf4 / auto (F4)", self.action_presets)
+        yield SystemCommand("Settings", "Edit config.toml in a form (F9)", self.action_settings)
         for binding in self.chat.BINDINGS:
             action = getattr(self.chat, f"action_{binding.action}")
             yield SystemCommand(binding.description, f"{binding.description} ({binding.key})", action)

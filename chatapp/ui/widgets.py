@@ -44,7 +44,7 @@ class MessageView(Vertical, can_focus=True):
         self.stream = None
 
     def compose(self) -> ComposeResult:
-        yield Label(self._header_text(), classes="message-header")
+        yield Label(self._header_text(), classes="message-header", markup=False)
         yield Markdown(self.content, classes="message-body")
 
     def _header_text(self) -> str:
@@ -124,11 +124,11 @@ class StatusBar(Horizontal):
     notice: reactive[str] = reactive("")
 
     def compose(self) -> ComposeResult:
-        yield Static(id="status-model")
+        yield Static(id="status-model", markup=False)
         yield ProgressBar(total=None, show_eta=False, show_percentage=False, id="status-progress")
-        yield Static(id="status-numbers")
+        yield Static(id="status-numbers", markup=False)
         yield Sparkline([], id="status-rate")
-        yield Static(id="status-notice")
+        yield Static(id="status-notice", markup=False)
 
     def watch_model_line(self, value: str) -> None:
         self.query_one("#status-model", Static).update(value)
@@ -170,3 +170,9 @@ def stats_line(stats: dict, context_length: int | None) -> str:
         f"{context} · cached {stats['cache_tokens']:,} · prefilled {stats['prefilled_tokens']:,} · "
         f"TTFT {stats['ttft_s']:.2f}s · {stats['decode_tokens_per_s']:.1f} tok/s"
     )
+
+
+def hardware_line(hardware) -> str:
+    from ..report import describe_hardware
+
+    return "; ".join(describe_hardware(hardware))

@@ -25,6 +25,9 @@ class Turn:
     request_id: int
     conversation_id: int
     view: MessageView | None
+    #: What writes this reply (a switch may begin before it ends).
+    model: str | None = None
+    preset: str | None = None
     text: str = ""
 
 
@@ -88,7 +91,7 @@ class ChatScreen(Screen):
         chats = self.store.conversations(search)
         view = self.query_one("#chats", ListView)
         await view.clear()
-        await view.extend(ListItem(Label(c.title), name=str(c.id)) for c in chats)
+        await view.extend(ListItem(Label(c.title, markup=False), name=str(c.id)) for c in chats)
         for index, chat in enumerate(chats):
             if chat.id == self.conversation_id:
                 view.index = index
@@ -161,7 +164,8 @@ class ChatScreen(Screen):
             history.insert(0, ("system", conversation.settings.system_prompt))
         s, defaults = conversation.settings, self.app.settings
         client = self.app.client
-        turn = Turn(client.request_id(), conversation_id, None)
+        turn = Turn(client.request_id(), conversation_id, None, self.loaded and self.loaded.model,
+                    self.loaded and self.loaded.preset)
         # The chat's own setting, else the model's catalog default, else the app's.
         model_temperature = self.loaded.temperature if self.loaded else None
         model_top_p = self.loaded.top_p if self.loaded else None
@@ -206,6 +210,7 @@ class ChatScreen(Screen):
             status.busy(_download_line(event), event.done_bytes, event.total_bytes)
         elif isinstance(event, p.Loaded):
             self.loaded = event
+            self.app.fallback = None
             status.idle()
             status.model_line = loaded_line(event)
             if self.conversation_id is not None:
@@ -226,6 +231,11 @@ class ChatScreen(Screen):
             if event.request_id is None:
                 status.idle()
                 status.model_line = f"no model loaded: {event.message}"
+                if self.app.fallback:
+                    model, preset = self.app.fallback
+                    self.app.fallback = None
+                    self.notify(f"Going back to {model} ({preset}).", timeout=6)
+                    self.app.switch_model(model, preset)
             elif turn and event.request_id == turn.request_id:
                 await self._finish(turn.text, None, failed=True)
         elif isinstance(event, p.WorkerDied):
@@ -243,8 +253,7 @@ class ChatScreen(Screen):
         """Store the reply (a stopped or failed one too, when anything arrived) and update the screen."""
         turn, self.turn = self.turn, None
         cut = failed or (stats or {}).get("finish_reason") == "cancelled"
-        model = self.loaded.model if self.loaded else None
-        preset = self.loaded.preset if self.loaded else None
+        model, preset = turn.model, turn.preset
         if text or not failed:
             stored = self.store.add_message(
                 turn.conversation_id, "assistant", text, model=model, preset=preset, stats=stats, cut=cut
@@ -291,6 +300,9 @@ class ChatScreen(Screen):
 
     async def action_regenerate(self) -> None:
         if self.turn is not None or self.conversation_id is None:
+            return
+        if self.loaded is None:
+            self.notify("No model is loaded yet.", timeout=3)
             return
         messages = self.store.messages(self.conversation_id)
         if not messages:

@@ -20,7 +20,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.question)
+            yield Label(self.question, markup=False)
             with Horizontal(classes="buttons"):
                 yield Button(self.yes, variant="error", id="yes")
                 yield Button("Cancel", id="no")
@@ -38,7 +38,7 @@ class TextPromptScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.title_text)
+            yield Label(self.title_text, markup=False)
             yield Input(self.value, id="text")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -60,10 +60,32 @@ def _number(text: str, kind: type, name: str, low: float, high: float | None) ->
     return value
 
 
-class ConversationSettingsScreen(ModalScreen[ConvSettings | None]):
-    """System prompt, temperature, top_p and max new tokens for one conversation; empty means the default."""
+class FormScreen(ModalScreen):
+    """A form with an error line and Save/Cancel; subclasses yield their fields and implement action_save."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel"), Binding("ctrl+s", "save", "Save")]
+
+    def form_footer(self) -> ComposeResult:
+        yield Label("", id="settings-error", classes="error", markup=False)
+        with Horizontal(classes="buttons"):
+            yield Button("Save", variant="primary", id="save")
+            yield Button("Cancel", id="cancel")
+
+    def show_error(self, text: str) -> None:
+        self.query_one("#settings-error", Label).update(text)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "save":
+            self.action_save()
+        else:
+            self.dismiss(None)
+
+    def action_save(self) -> None:
+        raise NotImplementedError
+
+
+class ConversationSettingsScreen(FormScreen):
+    """System prompt, temperature, top_p and max new tokens for one conversation; empty means the default."""
 
     def __init__(self, current: ConvSettings, defaults: dict[str, float | int]):
         super().__init__(classes="dialog-screen")
@@ -82,16 +104,7 @@ class ConversationSettingsScreen(ModalScreen[ConvSettings | None]):
                 yield Input("" if c.top_p is None else str(c.top_p), id="top-p")
                 yield Label(f"Max new tokens (default {d['max_new_tokens']})")
                 yield Input("" if c.max_new_tokens is None else str(c.max_new_tokens), id="max-new-tokens")
-            yield Label("", id="settings-error", classes="error")
-            with Horizontal(classes="buttons"):
-                yield Button("Save", variant="primary", id="save")
-                yield Button("Cancel", id="cancel")
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "save":
-            self.action_save()
-        else:
-            self.dismiss(None)
+            yield from self.form_footer()
 
     def action_save(self) -> None:
         value = lambda wid: self.query_one(wid, Input).value  # noqa: E731
@@ -103,6 +116,6 @@ class ConversationSettingsScreen(ModalScreen[ConvSettings | None]):
                 max_new_tokens=_number(value("#max-new-tokens"), int, "max new tokens", 1, None),
             )
         except ValueError as exc:
-            self.query_one("#settings-error", Label).update(str(exc))
+            self.show_error(str(exc))
             return
         self.dismiss(settings)

@@ -1,0 +1,268 @@
+"""The model picker: recommended, catalog, downloaded and Hub search, with fit verdicts, downloads and delete."""
+
+from __future__ import annotations
+
+import threading
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import (
+    Button,
+    DataTable,
+    Footer,
+    Input,
+    Label,
+    ProgressBar,
+    Static,
+    TabbedContent,
+    TabPane,
+)
+
+from ... import choices
+from ...errors import ChatappError
+from .dialogs import ConfirmScreen
+
+TABS = ("recommended", "catalog", "downloaded", "search")
+COLUMNS = ("model", "fit on this machine", "params", "download", "license", "context")
+
+
+def _gb(n: int | None) -> str:
+    return f"{n / 1e9:.1f} GB" if n else "-"
+
+
+class ModelPickerScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "back", "Back"),
+        Binding("enter", "choose", "Choose", show=True),
+        Binding("x", "delete", "Delete download"),
+        Binding("slash", "search", "Search the Hub"),
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[str, list[choices.ModelRow]] = {tab: [] for tab in TABS}
+        self.cancel: threading.Event | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Label("Choose a model", id="picker-title", markup=False)
+        with Horizontal(id="picker-body"):
+            with Vertical(id="picker-lists"):
+                with TabbedContent(id="picker-tabs", initial="recommended"):
+                    for tab in TABS:
+                        with TabPane(f"{tab.capitalize()}" if tab != "search" else "Search the Hub", id=tab):
+                            if tab == "search":
+                                yield Input(placeholder="Search text-generation models, then Enter", id="hub-query")
+                            yield DataTable(id=f"table-{tab}", cursor_type="row", zebra_stripes=True)
+            with VerticalScroll(id="picker-details"):
+                yield Static("", id="details", markup=False)
+        with Horizontal(id="download-box"):
+            yield Label("", id="download-label", markup=False)
+            yield ProgressBar(id="download-bar", show_eta=False)
+            yield Button("Cancel download", id="download-cancel", variant="warning")
+        yield Label("", id="picker-error", classes="error", markup=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#download-box").display = False
+        self.query_one("#picker-error").display = False
+        hw = self.app.hardware
+        from ..widgets import hardware_line
+
+        self.query_one("#picker-title", Label).update(f"Choose a model · this machine: {hardware_line(hw)}")
+        for tab in TABS:
+            self.query_one(f"#table-{tab}", DataTable).add_columns(*COLUMNS)
+        self.refresh_rows()
+
+    def refresh_rows(self) -> None:
+        """Plan every catalog and downloaded model for this machine (pure arithmetic, no downloads)."""
+        from ... import hub
+        from ...catalog import load_catalog
+
+        local = {m.repo_id: m for m in hub.list_local()}
+        catalog = load_catalog(self.app.settings.config_dir / "models.toml")
+        hw = self.app.hardware
+        self.rows["catalog"] = choices.catalog_rows(catalog, hw, local)
+        self.rows["recommended"] = choices.recommended(self.rows["catalog"])
+        known = {spec.repo for spec in catalog.values()}
+        downloaded = [r for r in self.rows["catalog"] if r.size_on_disk]
+        downloaded += choices.local_rows({k: v for k, v in local.items() if k not in known}, hw)
+        self.rows["downloaded"] = downloaded
+        for tab in ("recommended", "catalog", "downloaded"):
+            self._fill(tab)
+
+    def _fill(self, tab: str) -> None:
+        table = self.query_one(f"#table-{tab}", DataTable)
+        table.clear()
+        for row in self.rows[tab]:
+            ready = "ready" if row.ready and not row.size_on_disk else _gb(row.size_on_disk)
+            size = ready if row.ready else f"≈{_gb(row.download_bytes)}"
+            license_text = ("gated · " if row.gated else "") + (row.license or "")
+            context = f"{row.context:,}" if row.context else "-"
+            params = f"{row.params / 1e9:.2f}B" if row.params else "?"
+            table.add_row(row.name, row.verdict, params, size, license_text or "-", context, key=row.ref)
+        if tab == self._active_tab():
+            self._show_details()
+
+    def _active_tab(self) -> str:
+        return self.query_one("#picker-tabs", TabbedContent).active or "recommended"
+
+    def selected(self) -> choices.ModelRow | None:
+        tab = self._active_tab()
+        table = self.query_one(f"#table-{tab}", DataTable)
+        rows = self.rows[tab]
+        if not rows or table.cursor_row is None or table.cursor_row >= len(rows):
+            return None
+        return rows[table.cursor_row]
+
+    def _show_details(self) -> None:
+        row = self.selected()
+        self.query_one("#details", Static).update(row.details() if row else "")
+
+    @on(DataTable.RowHighlighted)
+    def _highlighted(self) -> None:
+        self._show_details()
+
+    @on(TabbedContent.TabActivated)
+    def _tab_changed(self) -> None:
+        self._show_details()
+
+    @on(DataTable.RowSelected)
+    def _row_selected(self) -> None:
+        self.action_choose()
+
+    # -- search ------------------------------------------------------------------------------
+
+    def action_search(self) -> None:
+        self.query_one("#picker-tabs", TabbedContent).active = "search"
+        self.query_one("#hub-query", Input).focus()
+
+    @on(Input.Submitted, "#hub-query")
+    def _query(self, event: Input.Submitted) -> None:
+        if event.value.strip():
+            self.query_one("#picker-error").display = False
+            self._search(event.value.strip())
+
+    @work(thread=True, exclusive=True, group="search")
+    def _search(self, text: str) -> None:
+        from ... import hub
+
+        try:
+            results = hub.search(text, 30)
+            local = {m.repo_id: m for m in hub.list_local()}
+            rows = choices.search_rows(results, self.app.hardware, local)
+        except ChatappError as exc:
+            self.app.call_from_thread(self.show_error, str(exc))
+            return
+        self.app.call_from_thread(self._searched, rows, text)
+
+    def _searched(self, rows: list[choices.ModelRow], text: str) -> None:
+        self.rows["search"] = rows
+        self._fill("search")
+        if not rows:
+            self.show_error(f"no text-generation models match '{text}'")
+        else:
+            self.query_one("#table-search", DataTable).focus()
+
+    def show_error(self, text: str) -> None:
+        label = self.query_one("#picker-error", Label)
+        label.update(text)
+        label.display = True
+        self.notify(text, severity="error", timeout=10)
+
+    # -- choose, download, delete ------------------------------------------------------------
+
+    def action_choose(self) -> None:
+        row = self.selected()
+        if row is None or self.cancel is not None:
+            return
+        if row.ready:
+            self.app.switch_model(row.ref, row.preset)
+            self.dismiss_to_chat()
+            return
+        self._download(row)
+
+    def dismiss_to_chat(self) -> None:
+        if self.app.screen is self:
+            self.app.pop_screen()
+
+    def _download(self, row: choices.ModelRow) -> None:
+        self.cancel = threading.Event()
+        self.query_one("#picker-error").display = False
+        self.query_one("#download-box").display = True
+        self.query_one("#download-label", Label).update(f"downloading {row.name}…")
+        self.query_one("#download-bar", ProgressBar).update(total=None, progress=0)
+        self._fetch(row, self.cancel)
+
+    @work(thread=True, exclusive=True, group="download")
+    def _fetch(self, row: choices.ModelRow, cancel: threading.Event) -> None:
+        from ...catalog import load_catalog
+        from ...hub_download import download
+        from ...refs import parse_ref
+
+        try:
+            source = parse_ref(row.ref, load_catalog(self.app.settings.config_dir / "models.toml"))
+            download(source.repo_id, source.revision,
+                     progress=lambda p: self.app.call_from_thread(self._progress, row, p), cancel=cancel)
+        except ChatappError as exc:
+            self.app.call_from_thread(self._download_ended, row, str(exc))
+            return
+        self.app.call_from_thread(self._download_ended, row, None)
+
+    def _progress(self, row: choices.ModelRow, p) -> None:
+        eta = f" · {p.eta_s:,.0f}s left" if p.eta_s is not None else ""
+        self.query_one("#download-label", Label).update(
+            f"{row.name}: {p.done_bytes / 1e6:,.1f} / {p.total_bytes / 1e6:,.1f} MB · {p.bytes_per_s / 1e6:,.1f} MB/s{eta}"
+        )
+        self.query_one("#download-bar", ProgressBar).update(total=p.total_bytes or None, progress=p.done_bytes)
+
+    def _download_ended(self, row: choices.ModelRow, error: str | None) -> None:
+        self.cancel = None
+        self.query_one("#download-box").display = False
+        if error:
+            self.show_error(error)
+            return
+        self.notify(f"Downloaded {row.name}.", timeout=4)
+        self.refresh_rows()
+        self.app.switch_model(row.ref, "auto")
+        self.dismiss_to_chat()
+
+    @on(Button.Pressed, "#download-cancel")
+    def _cancel_pressed(self) -> None:
+        self.action_back()
+
+    def action_back(self) -> None:
+        if self.cancel is not None:
+            self.cancel.set()  # the download stops at its next block; what arrived is kept for next time
+            return
+        self.dismiss_to_chat()
+
+    def action_delete(self) -> None:
+        row = self.selected()
+        if row is None or not row.size_on_disk:
+            self.notify("Only a downloaded model can be deleted.", timeout=3)
+            return
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self._delete(row)
+
+        self.app.push_screen(
+            ConfirmScreen(f"Delete the download of {row.name} ({_gb(row.size_on_disk)})?"), confirmed
+        )
+
+    def _delete(self, row: choices.ModelRow) -> None:
+        from ... import hub
+        from ...catalog import load_catalog
+        from ...refs import parse_ref
+
+        try:
+            source = parse_ref(row.ref, load_catalog(self.app.settings.config_dir / "models.toml"))
+            freed = hub.delete(source.repo_id)
+        except ChatappError as exc:
+            self.show_error(str(exc))
+            return
+        self.notify(f"Deleted {row.name}: {freed / 1e9:.2f} GB freed.", timeout=6)
+        self.refresh_rows()

@@ -1,0 +1,43 @@
+"""Switch the loaded model's preset: each option with the planner's fit and estimated memory."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Label, OptionList
+from textual.widgets.option_list import Option
+
+
+def option_text(preset: str, plan, current: str) -> str:
+    if plan.choice is None:
+        need = min(est.total_bytes for est, _ in plan.presets)
+        fit = f"✗ needs {need / 1e9:.1f} GB: won't fit"
+    else:
+        where = "GPU+CPU, slow" if plan.choice.slow else plan.choice.device_map
+        fit = f"✓ {plan.choice.estimate.total_bytes / 1e9:.1f} GB on {where}"
+        if preset == "auto":
+            fit = f"→ {plan.choice.preset}, {fit}"
+    mark = " (loaded)" if preset == current else ""
+    return f"{preset:<5} {fit}{mark}"
+
+
+class PresetScreen(ModalScreen[str | None]):
+    """Dismisses with the chosen preset, or None."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, model: str, options: list[tuple[str, object]], current: str):
+        super().__init__(classes="dialog-screen")
+        self.model, self.options, self.current = model, options, current
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog wide"):
+            yield Label(f"Preset for {self.model}: the planner's estimate for this machine", markup=False)
+            yield OptionList(
+                *(Option(option_text(p, plan, self.current), id=p) for p, plan in self.options), id="presets"
+            )
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)

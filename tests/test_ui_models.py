@@ -1,0 +1,188 @@
+"""The model picker, downloads in the app, and switching presets and models mid-conversation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from chatapp.hardware import CpuInfo, Hardware, describe_by_hand
+from uihelpers import last_stats, loaded, make_app, make_settings, run, say, until
+
+GIB = 1024**3
+SIMULATED = describe_by_hand(
+    Hardware(cpu=CpuInfo(ram_total_bytes=32 * GIB, ram_available_bytes=32 * GIB, flags=frozenset())),
+    gpus=["RTX 4070:12GiB"],
+)
+
+
+async def picker_ready(pilot):
+    app = pilot.app
+    await until(pilot, lambda: type(app.screen).__name__ == "ModelPickerScreen" and app.screen.rows["catalog"],
+                what="the picker")
+    await pilot.pause(0.1)
+    return app.screen
+
+
+def scenario(hub_env, tmp_path, name: str):
+    out = subprocess.run([sys.executable, "tests/ui_hub_scenarios.py", name, str(tmp_path)], env=hub_env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), (out.stdout + out.stderr)[-3000:]
+
+
+def test_download_in_the_app_then_chat_then_delete(hub_env, tmp_path):
+    scenario(hub_env, tmp_path, "download_and_chat")
+
+
+def test_a_download_shows_progress_and_can_be_cancelled(hub_server, hub_env, tmp_path):
+    server, _url = hub_server
+    server.block_delay_s = 0.01
+    try:
+        scenario(hub_env, tmp_path, "cancel_download")
+    finally:
+        server.block_delay_s = 0.0
+
+
+def test_a_gated_repo_shows_the_license_page_and_how_to_log_in(hub_env, tmp_path):
+    scenario(hub_env, tmp_path, "gated")
+
+
+def test_the_picker_plans_for_the_hardware_it_is_given(settings, tmp_path):
+    app = make_app(make_settings(settings, tmp_path), start_worker=False, hardware=SIMULATED)
+
+    async def check(pilot):
+        await pilot.press("f3")
+        picker = await picker_ready(pilot)
+        catalog = {r.ref: r for r in picker.rows["catalog"]}
+        assert catalog["llama-3.1-8b"].verdict.startswith("bf16 ✗") and "nf4 ✓" in catalog["llama-3.1-8b"].verdict
+        assert picker.rows["recommended"][0].ref == "smollm2-135m-local"
+        assert "llama-3.1-70b" not in [r.ref for r in picker.rows["recommended"]]
+        assert "RTX 4070" in str(picker.query_one("#picker-title").content)
+        assert "reasons:" in str(picker.query_one("#details").content)
+
+    run(app, check, size=(140, 40))
+
+
+def test_first_run_opens_the_picker_with_the_starter_on_top(settings, tmp_path):
+    app = make_app(make_settings(settings, tmp_path), start_worker=False, hardware=SIMULATED, first_run=None)
+
+    async def check(pilot):
+        await picker_ready(pilot)
+        assert app.screen.selected().ref == "smollm2-135m-local" and app.screen.selected().ready
+
+    run(app, check, size=(140, 40))
+
+
+@pytest.mark.parametrize("size", [(120, 40)])
+def test_picker_snapshot(snap_compare, settings, tmp_path, size):
+    app = make_app(make_settings(settings, tmp_path), start_worker=False, hardware=SIMULATED)
+
+    async def ready(pilot):
+        await pilot.press("f3")
+        await picker_ready(pilot)
+
+    assert snap_compare(app, terminal_size=size, run_before=ready)
+
+
+def test_switching_presets_keeps_the_conversation_and_prefills_it_once(settings, tiny_words_folder, tmp_path):
+    app = make_app(make_settings(settings, tmp_path), str(tiny_words_folder), preset="nf4")
+
+    async def scenario_(pilot):
+        await loaded(pilot)
+        assert app.chat.loaded.preset == "nf4"
+        await say(pilot, "Hello in nf4")
+        await say(pilot, "Still nf4")
+        app.switch_model(str(tiny_words_folder), "bf16")
+        await until(pilot, lambda: app.chat.loaded is not None and app.chat.loaded.preset == "bf16", what="bf16")
+        await say(pilot, "Now in bf16")
+        once = last_stats(app)
+        assert once["prefilled_tokens"] == once["prompt_tokens"]  # the cache is rebuilt once, on the new weights
+        await say(pilot, "And again")
+        after = last_stats(app)
+        assert after["prefilled_tokens"] < after["prompt_tokens"] - once["prompt_tokens"] + 2
+        presets = [m.preset for m in app.store.messages(app.chat.conversation_id) if m.role == "assistant"]
+        assert presets == ["nf4", "nf4", "bf16", "bf16"]
+        assert app.store.get_state("last_preset") == "bf16"
+
+    run(app, scenario_)
+
+
+def test_switching_models_mid_conversation_and_a_failed_load_goes_back(settings, tiny_words_folder, tiny_folder,
+                                                                        tmp_path):
+    app = make_app(make_settings(settings, tmp_path), str(tiny_words_folder))
+
+    async def scenario_(pilot):
+        await loaded(pilot)
+        await say(pilot, "First model")
+        app.switch_model(str(tiny_folder), "fp32")
+        await until(pilot, lambda: app.chat.loaded is not None and app.chat.loaded.model == str(tiny_folder),
+                    what="the other model")
+        await say(pilot, "Second model")
+        models = [m.model for m in app.store.messages(app.chat.conversation_id) if m.role == "assistant"]
+        assert models == [str(tiny_words_folder), str(tiny_folder)]
+        app.switch_model("no-such-model-anywhere", "fp32")
+        await until(pilot, lambda: app.chat.loaded is not None and app.chat.loaded.model == str(tiny_folder),
+                    what="the previous model to come back")
+        assert any("Going back to" in n.message for n in app._notifications)
+
+    run(app, scenario_)
+
+
+def test_the_preset_picker_shows_fits_and_asks_before_one_that_wont(settings, tiny_folder, tmp_path):
+    from chatapp.facts import facts_from_folder
+    from chatapp.planner import SAFETY_MARGIN, estimate
+
+    # RAM between what nf4 and fp32 need: the planner says nf4 fits and fp32 doesn't.
+    facts = facts_from_folder(tiny_folder)
+    need = {p: estimate(facts, p, facts.max_context, device_type="cpu", bf16_supported=False).total_bytes
+            for p in ("fp32", "nf4")}
+    ram = int((need["fp32"] + need["nf4"]) / 2 / (1 - SAFETY_MARGIN))
+    tight = Hardware(cpu=CpuInfo(ram_total_bytes=ram, ram_available_bytes=ram, flags=frozenset()))
+    app = make_app(make_settings(settings, tmp_path), str(tiny_folder), preset="nf4", start_worker=False,
+                   hardware=tight)
+
+    async def check(pilot):
+        await pilot.pause()
+        await pilot.press("f4")
+        await until(pilot, lambda: type(app.screen).__name__ == "PresetScreen", what="the preset picker")
+        options = app.screen.query_one("#presets")
+        texts = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+        assert texts[3].startswith("fp32  ✗ needs") and "won't fit" in texts[3]
+        assert texts[5].startswith("nf4   ✓") and texts[5].endswith(" GB on cpu (loaded)")
+        options.highlighted = 3
+        await pilot.press("enter")
+        await until(pilot, lambda: type(app.screen).__name__ == "ConfirmScreen", what="the confirmation")
+        assert "fp32 won't fit on this machine" in str(app.screen.query_one("Label").content)
+        await pilot.click("#no")
+        await pilot.pause()
+        assert app.preset == "nf4" and app.fallback is None  # nothing was reloaded
+
+    run(app, check)
+
+
+def test_the_settings_form_checks_each_field_and_saves_config_toml(settings, tmp_path):
+    s = make_settings(settings, tmp_path)
+    app = make_app(s, start_worker=False)
+
+    async def check(pilot):
+        await pilot.pause()
+        await pilot.press("f9")
+        await until(pilot, lambda: type(app.screen).__name__ == "SettingsScreen", what="the settings")
+        form = app.screen
+        form.query_one("#set-top_p").value = "7"
+        form.query_one("#set-default_preset").value = "q3"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        error = str(form.query_one("#settings-error").content)
+        assert "top_p must be > 0 and <= 1" in error and "default_preset must be one of" in error
+        form.query_one("#set-top_p").value = "0.5"
+        form.query_one("#set-default_preset").value = "nf4"
+        form.query_one("#set-theme").value = "chatapp-light"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert app.settings.top_p == 0.5 and app.theme == "chatapp-light"
+
+    run(app, check)
+    text = s.config_file.read_text()
+    assert "top_p = 0.5" in text and 'default_preset = "nf4"' in text and 'theme = "chatapp-light"' in text
