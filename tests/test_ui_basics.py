@@ -192,3 +192,21 @@ def test_the_app_opens_on_the_last_used_model_else_the_default(settings, tmp_pat
     store.set_state("last_preset", "nf4")
     app = make_app(s, store=store, start_worker=False)
     assert (app.model_ref, app.preset) == ("TestOrg/tiny-llama", "nf4")
+
+
+def test_ctrl_j_and_shift_enter_add_lines_and_enter_sends(settings, tmp_path):
+    s = make_settings(settings, tmp_path)
+    app = make_app(s, start_worker=False)
+
+    async def scenario(pilot):
+        await pilot.pause()
+        prompt = app.chat.query_one("#prompt")
+        prompt.focus()
+        await pilot.press("a", "ctrl+j", "b", "shift+enter", "c")
+        assert prompt.text == "a\nb\nc"
+        await pilot.press("enter")
+        await pilot.pause()
+        # No model yet: the message waits for the load instead of being lost.
+        assert app.chat.queued == [(app.chat.conversation_id, "a\nb\nc")] and prompt.text == ""
+
+    run(app, scenario)

@@ -116,19 +116,21 @@ def _size(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
-class StatusBar(Horizontal):
-    """Model and preset, context and cache, speed, and what the worker is doing."""
+class StatusBar(Vertical):
+    """Two lines: the model (or what the worker is doing) and any warning; then context, cache and speed."""
 
     model_line: reactive[str] = reactive("starting the worker…")
     numbers: reactive[str] = reactive("")
     notice: reactive[str] = reactive("")
 
     def compose(self) -> ComposeResult:
-        yield Static(id="status-model", markup=False)
-        yield ProgressBar(total=None, show_eta=False, show_percentage=False, id="status-progress")
-        yield Static(id="status-numbers", markup=False)
-        yield Sparkline([], id="status-rate")
-        yield Static(id="status-notice", markup=False)
+        with Horizontal(classes="status-line"):
+            yield Static(id="status-model", markup=False)
+            yield ProgressBar(total=None, show_eta=False, show_percentage=False, id="status-progress")
+            yield Static(id="status-notice", markup=False)
+        with Horizontal(classes="status-line"):
+            yield Static(id="status-numbers", markup=False)
+            yield Sparkline([], id="status-rate")
 
     def watch_model_line(self, value: str) -> None:
         self.query_one("#status-model", Static).update(value)

@@ -283,7 +283,7 @@ class ChatScreen(Screen):
         status.numbers = stats_line(stats, context) if stats else ""
         dropped = (stats or {}).get("dropped_messages", 0)
         status.notice = (
-            f"⚠ {dropped} old message(s) no longer fit the context: the model doesn't see them" if dropped else ""
+            f"⚠ {dropped} old message(s) no longer fit the context" if dropped else ""
         )
 
     # -- actions -----------------------------------------------------------------------------
