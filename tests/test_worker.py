@@ -128,3 +128,14 @@ def test_the_client_module_does_not_import_torch():
     code = "import sys, chatapp.worker_client, chatapp.engine.worker; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_shutdown_stops_a_reply_in_progress_and_exits_cleanly(worker):
+    client, events = worker
+    rid = client.request_id()
+    client.send(p.Generate(rid, 1, [("user", "Talk for a long time")], max_new_tokens=1900, temperature=0.0))
+    events.wait(p.Delta, where=lambda e: e.request_id == rid)
+    client.stop(timeout=30)
+    assert client.process.exitcode == 0  # it exited on its own instead of being killed
+    done = events.wait(p.Finished, where=lambda e: e.request_id == rid, timeout=5)
+    assert done.stats.finish_reason == "cancelled"  # the shutdown cut the reply short

@@ -53,10 +53,7 @@ class Worker:
                 return
             try:
                 self.handle(request)
-            except (BrokenPipeError, EOFError, OSError) as exc:
-                if isinstance(exc, OSError) and not isinstance(exc, (BrokenPipeError, ConnectionError)):
-                    self._error(request, exc)
-                    continue
+            except (BrokenPipeError, ConnectionError, EOFError):
                 return  # the UI is gone
 
     def _read(self) -> None:
@@ -66,11 +63,13 @@ class Worker:
             except (EOFError, OSError):
                 self.requests.put(p.Shutdown())
                 return
-            if isinstance(request, p.Cancel):
+            if isinstance(request, (p.Cancel, p.Shutdown)):
+                # A shutdown also stops the reply in progress, so quitting never waits for a long reply.
                 with self._lock:
-                    if self._current and self._current[0] == request.request_id:
+                    if self._current and (isinstance(request, p.Shutdown) or self._current[0] == request.request_id):
                         self._current[1].cancel()
-                continue
+                if isinstance(request, p.Cancel):
+                    continue
             self.requests.put(request)
 
     def handle(self, request) -> None:
