@@ -57,7 +57,7 @@ class Settings:
     #: The UI theme: a shipped one (chatapp-dark, chatapp-light, chatapp-high-contrast, chatapp-dusk)
     #: or one from themes_dir.
     theme: str = "chatapp-dark"
-    #: Where converted models and (later) conversations live.
+    #: Where converted models, the chat database (chatapp.db), exports and the worker log live.
     data_dir: Path = field(default_factory=_default_data_dir)
     #: Where config.toml and models.toml live.
     config_dir: Path = field(default_factory=_default_config_dir)
