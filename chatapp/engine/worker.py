@@ -183,13 +183,12 @@ class Worker:
 
 
 def _full_cache_bytes(loaded) -> int:
-    """KV bytes of one cache filled to the whole context."""
-    config = loaded.model.config.get_text_config()
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    element = 4 if loaded.dtype in ("float32", "fp32") else 2  # the cache is kept in the compute dtype
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * element * loaded.context_length
+    """KV bytes of one cache filled to the whole context, by the planner's own formula."""
+    from ..facts import facts_from_config
+    from ..planner import kv_cache_bytes
+
+    facts = facts_from_config(loaded.source.label, loaded.model.config.to_dict(), params=0)
+    return kv_cache_bytes(facts, loaded.context_length, loaded.dtype)
 
 
 def _empty_device_cache() -> None:
