@@ -96,6 +96,18 @@ class ChatApp(App):
             self._hardware = detect()
         return self._hardware
 
+    def catalog(self) -> dict:
+        """The shipped catalog with the user's models.toml on top."""
+        from ..catalog import load_catalog
+
+        return load_catalog(self.settings.config_dir / "models.toml")
+
+    def source(self, ref: str):
+        """What a model reference names (catalog key, repo id, folder, .gguf)."""
+        from ..refs import parse_ref
+
+        return parse_ref(ref, self.catalog())
+
     def switch_model(self, model: str, preset: str) -> None:
         """Load another model or preset; the chats continue, and each one's cache is rebuilt once."""
         from .. import protocol as p
@@ -118,16 +130,14 @@ class ChatApp(App):
             self.push_screen(ModelPickerScreen())
 
     def action_presets(self) -> None:
-        from ..catalog import load_catalog
         from ..choices import preset_options
         from ..errors import ChatappError
         from ..facts import facts_for
-        from ..refs import parse_ref
         from .screens.dialogs import ConfirmScreen
         from .screens.presets import PresetScreen
 
         try:
-            facts = facts_for(parse_ref(self.model_ref, load_catalog(self.settings.config_dir / "models.toml")))
+            facts = facts_for(self.source(self.model_ref))
         except ChatappError as exc:
             self.notify(f"can't plan presets for {self.model_ref}: {exc}", severity="error")
             return

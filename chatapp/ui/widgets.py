@@ -178,3 +178,9 @@ def hardware_line(hardware) -> str:
     from ..report import describe_hardware
 
     return "; ".join(describe_hardware(hardware))
+
+
+def download_line(done: int, total: int, bytes_per_s: float) -> str:
+    """Bytes so far, total, speed and time left, as both the status bar and the picker show a download."""
+    eta = f" · {max(0, total - done) / bytes_per_s:,.0f}s left" if bytes_per_s > 0 else ""
+    return f"{done / 1e6:,.1f} / {total / 1e6:,.1f} MB · {bytes_per_s / 1e6:,.1f} MB/s{eta}"

@@ -14,7 +14,7 @@ from textual.widgets import Footer, Input, Label, ListItem, ListView
 
 from ... import protocol as p
 from ...store import default_title
-from ..widgets import MessageView, PromptInput, StatusBar, code_blocks, loaded_line, stats_line
+from ..widgets import MessageView, PromptInput, StatusBar, code_blocks, download_line, loaded_line, stats_line
 from .dialogs import ConfirmScreen, ConversationSettingsScreen, TextPromptScreen
 
 
@@ -207,7 +207,8 @@ class ChatScreen(Screen):
         elif isinstance(event, p.Status):
             status.busy(event.text)
         elif isinstance(event, p.DownloadProgress):
-            status.busy(_download_line(event), event.done_bytes, event.total_bytes)
+            status.busy(f"downloading: {download_line(event.done_bytes, event.total_bytes, event.bytes_per_s)}",
+                        event.done_bytes, event.total_bytes)
         elif isinstance(event, p.Loaded):
             self.loaded = event
             self.app.fallback = None
@@ -427,13 +428,3 @@ def _header(model: str | None, preset: str | None, stats: dict | None) -> str:
     if stats:
         parts.append(f"{stats['generated_tokens']} tok · {stats['decode_tokens_per_s']:.1f} tok/s")
     return " · ".join(parts)
-
-
-def _download_line(event: p.DownloadProgress) -> str:
-    eta = ""
-    if event.bytes_per_s > 0:
-        eta = f" · {max(0, event.total_bytes - event.done_bytes) / event.bytes_per_s:,.0f}s left"
-    return (
-        f"downloading: {event.done_bytes / 1e6:,.1f} / {event.total_bytes / 1e6:,.1f} MB · "
-        f"{event.bytes_per_s / 1e6:,.1f} MB/s{eta}"
-    )

@@ -23,6 +23,7 @@ from textual.widgets import (
 
 from ... import choices
 from ...errors import ChatappError
+from ..widgets import download_line, hardware_line
 from .dialogs import ConfirmScreen
 
 TABS = ("recommended", "catalog", "downloaded", "search")
@@ -69,8 +70,6 @@ class ModelPickerScreen(Screen):
         self.query_one("#download-box").display = False
         self.query_one("#picker-error").display = False
         hw = self.app.hardware
-        from ..widgets import hardware_line
-
         self.query_one("#picker-title", Label).update(f"Choose a model · this machine: {hardware_line(hw)}")
         for tab in TABS:
             self.query_one(f"#table-{tab}", DataTable).add_columns(*COLUMNS)
@@ -79,10 +78,9 @@ class ModelPickerScreen(Screen):
     def refresh_rows(self) -> None:
         """Plan every catalog and downloaded model for this machine (pure arithmetic, no downloads)."""
         from ... import hub
-        from ...catalog import load_catalog
 
         local = {m.repo_id: m for m in hub.list_local()}
-        catalog = load_catalog(self.app.settings.config_dir / "models.toml")
+        catalog = self.app.catalog()
         hw = self.app.hardware
         self.rows["catalog"] = choices.catalog_rows(catalog, hw, local)
         self.rows["recommended"] = choices.recommended(self.rows["catalog"])
@@ -198,12 +196,10 @@ class ModelPickerScreen(Screen):
 
     @work(thread=True, exclusive=True, group="download")
     def _fetch(self, row: choices.ModelRow, cancel: threading.Event) -> None:
-        from ...catalog import load_catalog
         from ...hub_download import download
-        from ...refs import parse_ref
 
         try:
-            source = parse_ref(row.ref, load_catalog(self.app.settings.config_dir / "models.toml"))
+            source = self.app.source(row.ref)
             download(source.repo_id, source.revision,
                      progress=lambda p: self.app.call_from_thread(self._progress, row, p), cancel=cancel)
         except ChatappError as exc:
@@ -212,9 +208,8 @@ class ModelPickerScreen(Screen):
         self.app.call_from_thread(self._download_ended, row, None)
 
     def _progress(self, row: choices.ModelRow, p) -> None:
-        eta = f" · {p.eta_s:,.0f}s left" if p.eta_s is not None else ""
         self.query_one("#download-label", Label).update(
-            f"{row.name}: {p.done_bytes / 1e6:,.1f} / {p.total_bytes / 1e6:,.1f} MB · {p.bytes_per_s / 1e6:,.1f} MB/s{eta}"
+            f"{row.name}: {download_line(p.done_bytes, p.total_bytes, p.bytes_per_s)}"
         )
         self.query_one("#download-bar", ProgressBar).update(total=p.total_bytes or None, progress=p.done_bytes)
 
@@ -255,11 +250,9 @@ class ModelPickerScreen(Screen):
 
     def _delete(self, row: choices.ModelRow) -> None:
         from ... import hub
-        from ...catalog import load_catalog
-        from ...refs import parse_ref
 
         try:
-            source = parse_ref(row.ref, load_catalog(self.app.settings.config_dir / "models.toml"))
+            source = self.app.source(row.ref)
             freed = hub.delete(source.repo_id)
         except ChatappError as exc:
             self.show_error(str(exc))
