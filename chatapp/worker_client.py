@@ -28,6 +28,7 @@ class WorkerClient:
         self._send_lock = threading.Lock()
         self._stopping = False
         self._next_request = 0
+        self._reader: threading.Thread | None = None
 
     @property
     def alive(self) -> bool:
@@ -61,7 +62,9 @@ class WorkerClient:
         theirs.close()
         self._conn = ours
         self._stopping = False
-        threading.Thread(target=self._read, args=(ours, self.process), daemon=True, name="worker-events").start()
+        self._reader = threading.Thread(target=self._read, args=(ours, self.process), daemon=True,
+                                        name="worker-events")
+        self._reader.start()
 
     def request_id(self) -> int:
         self._next_request += 1
@@ -82,9 +85,7 @@ class WorkerClient:
         while True:
             try:
                 event = conn.recv()
-            except (EOFError, OSError):
-                break
-            except Exception:  # a message cut off by a kill mid-send can't be unpickled; the pipe is done
+            except Exception:  # EOF, or a message cut off by a kill mid-send that can't be unpickled: done
                 break
             self.on_event(event)
         process.join(timeout=5)
@@ -111,6 +112,8 @@ class WorkerClient:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(timeout)
+        # The child is gone, so the reader sees EOF once it has delivered what the child sent before exiting.
+        self._reader.join(timeout)
         if self._conn is not None:
             self._conn.close()
             self._conn = None
