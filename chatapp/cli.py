@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 
 from . import planner
@@ -139,43 +140,36 @@ def _load(args, settings):
     return loaded
 
 
-def _generation_params(args, settings, loaded) -> dict:
-    spec = loaded.spec
-    temperature = args.temperature
-    if temperature is None:
-        temperature = spec.temperature if spec and spec.temperature is not None else settings.temperature
-    top_p = args.top_p
-    if top_p is None:
-        top_p = spec.top_p if spec and spec.top_p is not None else settings.top_p
-    return {
-        "max_new_tokens": args.max_new_tokens or settings.max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "seed": args.seed,
-    }
+def _sampling(args, settings, loaded):
+    """The flags, else the model's catalog recommendation, else config.toml."""
+    from .sampling import resolve
+
+    flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    try:
+        return resolve(flags, loaded.spec or {}, settings, seed=args.seed)
+    except ValueError as exc:
+        raise ChatappError(str(exc)) from None
 
 
 @contextmanager
-def _ctrl_c_cancels(session):
+def _ctrl_c_cancels():
     """While a reply streams, Ctrl+C stops it (keeping what was said) instead of killing the program."""
-    previous = signal.signal(signal.SIGINT, lambda *_: session.cancel())
+    cancel = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
     try:
-        yield
+        yield cancel
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
-def _stream(session, turn, show_stats: bool):
-    from .protocol import TurnStats
-
+def _reply(session, messages, params, show_stats: bool):
+    """Stream the reply to `messages` to stdout; its stats."""
     stats = None
-    with _ctrl_c_cancels(session):
-        for item in turn:
-            if isinstance(item, TurnStats):
-                stats = item
-            else:
-                sys.stdout.write(item)
-                sys.stdout.flush()
+    with _ctrl_c_cancels() as cancel:
+        for response in session.reply_to(messages, params, cancel):
+            sys.stdout.write(response.text)
+            sys.stdout.flush()
+            stats = response.stats or stats
     sys.stdout.write("\n")
     if stats and stats.finish_reason == "cancelled":
         _note("stopped; the partial reply is kept")
@@ -194,8 +188,14 @@ def format_stats(stats) -> str:
     )
 
 
+def _opening(args) -> list:
+    from .engine import Message
+
+    return [Message("system", args.system)] if args.system else []
+
+
 def cmd_ask(args, settings) -> int:
-    from .engine import ChatSession
+    from .engine import ChatSession, Message
 
     prompt = args.prompt
     if prompt in (None, "-"):
@@ -205,17 +205,18 @@ def cmd_ask(args, settings) -> int:
     if not prompt:
         raise ChatappError("the prompt is empty")
     loaded = _load(args, settings)
-    session = ChatSession(loaded, system_prompt=args.system)
-    _stream(session, session.send(prompt, **_generation_params(args, settings, loaded)), args.stats)
+    params = _sampling(args, settings, loaded)
+    _reply(ChatSession(loaded), [*_opening(args), Message("user", prompt)], params, args.stats)
     return 0
 
 
 def cmd_repl(args, settings) -> int:
-    from .engine import ChatSession
+    from .engine import ChatSession, Message
 
     loaded = _load(args, settings)
-    session = ChatSession(loaded, system_prompt=args.system)
-    params = _generation_params(args, settings, loaded)
+    session = ChatSession(loaded)
+    params = _sampling(args, settings, loaded)
+    history = _opening(args)
     _note("type a message; /regen answers again, /reset starts over, /exit quits")
     while True:
         try:
@@ -229,14 +230,22 @@ def cmd_repl(args, settings) -> int:
         if text == "/exit":
             return 0
         if text == "/reset":
-            session.reset()
+            history = _opening(args)
             _note("conversation reset")
             continue
+        if text == "/regen":
+            messages = history[:-1] if history and history[-1].role == "assistant" else history
+            if not messages or messages[-1].role != "user":
+                _note("error: there is no message to answer yet")
+                continue
+        else:
+            messages = [*history, Message("user", text)]
         try:
-            turn = session.regenerate(**params) if text == "/regen" else session.send(text, **params)
-            _stream(session, turn, args.stats)
-        except (ChatappError, ValueError) as exc:
-            _note(f"error: {exc}")
+            _reply(session, messages, params, args.stats)
+        except ChatappError as exc:
+            _note(f"error: {exc}")  # history is untouched: nothing typed before is lost
+            continue
+        history = list(session.messages)
 
 
 def cmd_bench(args, settings) -> int:

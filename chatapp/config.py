@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import math
 import os
 import re
 import tomllib
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import ConfigError
+from .sampling import LIMITS
 
 APP_NAME = "chatapp"
 
@@ -49,11 +49,11 @@ class Settings:
     #: Upper bound on the context the app uses, in tokens (0: the model's own maximum).
     context_cap: int = 0
     #: Sampling temperature when the model's catalog entry recommends none (0: greedy).
-    temperature: float = 0.7
+    temperature: float = LIMITS["temperature"].default
     #: Nucleus sampling cutoff, above 0 and at most 1, when the model's catalog entry recommends none.
-    top_p: float = 0.9
+    top_p: float = LIMITS["top_p"].default
     #: Reply length cap in tokens.
-    max_new_tokens: int = 512
+    max_new_tokens: int = LIMITS["max_new_tokens"].default
     #: The UI theme: a shipped one (chatapp-dark, chatapp-light, chatapp-high-contrast, chatapp-dusk)
     #: or one from themes_dir.
     theme: str = "chatapp-dark"
@@ -142,9 +142,7 @@ _RULES = {
     "default_model": (lambda v: bool(v.strip()), "must not be empty"),
     "default_preset": (lambda v: v in _presets(), lambda: f"must be one of {', '.join(_presets())}"),
     "context_cap": (lambda v: v >= 0, "must be >= 0 (0: the model's own maximum)"),
-    "temperature": (lambda v: math.isfinite(v) and v >= 0, "must be >= 0"),
-    "top_p": (lambda v: 0 < v <= 1, "must be > 0 and <= 1"),
-    "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
+    **{name: (limit.accepts, limit.rule()) for name, limit in LIMITS.items()},
     "theme": (lambda v: bool(v.strip()), "must not be empty"),
 }
 

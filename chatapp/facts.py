@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .catalog import ModelSpec
-from .errors import ModelNotFound
+from .errors import ModelLoadError, ModelNotFound
 from .refs import ModelSource
 
 
@@ -124,9 +124,16 @@ def facts_from_config(name: str, config: dict, params: int) -> ModelFacts:
 
 def safetensors_param_count(path: Path) -> int:
     """Parameters in a .safetensors file, from its JSON header alone."""
+    size = path.stat().st_size
     with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+        head = handle.read(8)
+        (length,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
+        if length > size - 8:
+            raise ModelLoadError(f"can't load '{path}': not a safetensors file (its header runs past the file's end)")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            raise ModelLoadError(f"can't load '{path}': its safetensors header is not valid JSON") from None
     total = 0
     for key, info in header.items():
         if key != "__metadata__":

@@ -160,3 +160,10 @@ def describe_by_hand(
     elif gpus:
         devices, mps = tuple(parse_gpu(text, i) for i, text in enumerate(gpus)), False
     return Hardware(cpu=cpu, gpus=devices, mps=mps)
+
+
+def flash_attn_installed() -> bool:
+    """Whether the flash-attn package is importable, found without importing it (it imports torch)."""
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None

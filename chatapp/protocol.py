@@ -6,13 +6,15 @@ heavy: the UI imports it without torch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-FINISH_REASONS = ("stop", "length", "cancelled", "overflow-trimmed")
+from .sampling import SamplingParams
 
 
 @dataclass
 class TurnStats:
+    """What one turn cost: the prompt, how much of it ran through the model, the reply, and how fast."""
+
     #: Length of the rendered conversation the reply was conditioned on.
     prompt_tokens: int
     #: Tokens run through the model before the first new token (history reused from the cache is not counted).
@@ -46,6 +48,9 @@ class Load:
 
     model: str
     preset: str = "auto"
+    #: The context and attention the planner chose for this preset (None: the loader plans them itself).
+    context_tokens: int | None = None
+    attn_implementation: str | None = None
     #: Bytes of KV cache all open chats may hold together before the least recently used one is dropped.
     cache_budget_bytes: int | None = None
 
@@ -62,10 +67,7 @@ class Generate:
     conversation_id: int
     #: (role, content) pairs, oldest first; the system prompt, if any, first.
     messages: list[tuple[str, str]]
-    max_new_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.9
-    seed: int | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
 
 
 @dataclass
@@ -106,6 +108,8 @@ class DownloadProgress:
 
 @dataclass
 class Loaded:
+    """A model is ready. notes need the user (a fallback, a slow split, remote code); reasons are the planner's."""
+
     model: str
     preset: str
     dtype: str
@@ -114,6 +118,7 @@ class Loaded:
     context_length: int
     footprint_bytes: int
     notes: list[str]
+    reasons: list[str] = field(default_factory=list)
     #: The model's own sampling defaults from the catalog (None: use the app's).
     temperature: float | None = None
     top_p: float | None = None

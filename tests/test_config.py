@@ -75,7 +75,8 @@ def test_themes_dir_follows_a_config_dir_set_in_the_file(tmp_path, monkeypatch):
     [
         ('default_preset = "fp8"', "default_preset", "must be one of auto, bf16, fp16, fp32, int8, nf4, got 'fp8'",
          '"auto"'),
-        ("temperature = -0.5", "temperature", "must be >= 0, got -0.5", "0.7"),
+        ("temperature = -0.5", "temperature", "must be >= 0 and <= 2, got -0.5", "0.7"),
+        ("temperature = 3", "temperature", "must be >= 0 and <= 2, got 3", "0.7"),
         ("top_p = 0", "top_p", "must be > 0 and <= 1, got 0", "0.9"),
         ("top_p = 1.5", "top_p", "must be > 0 and <= 1, got 1.5", "0.9"),
         ("max_new_tokens = 0", "max_new_tokens", "must be >= 1, got 0", "512"),

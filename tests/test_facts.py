@@ -56,7 +56,8 @@ def test_engine_auto_follows_the_planner(tiny_folder, settings, monkeypatch):
     monkeypatch.setattr(loader, "detect_cpu", lambda: small.cpu)
     loaded = loader.load_model(str(tiny_folder), "auto", settings=settings)
     assert loaded.preset == choose(small, f).choice.preset == "nf4"
-    assert any("fp32 needs" in n for n in loaded.notes)
+    assert any("fp32 needs" in reason for reason in loaded.reasons)
+    assert loaded.notes == [f"auto chose nf4: the unquantized presets don't fit (`chatapp plan {tiny_folder}`)"]
     # Too little even for nf4: a clear refusal, before any weight is loaded.
     tiny = Hardware(CpuInfo(nf4 // 2, nf4 // 2, frozenset()))
     monkeypatch.setattr(loader, "detect_hardware", lambda device: tiny)

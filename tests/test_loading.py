@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from chatapp.catalog import load_catalog
-from chatapp.engine import ChatSession, load_model
+from chatapp.engine import load_model
 from chatapp.engine.session import render_ids
 from chatapp.errors import ChatappError, ConfigError, HubError, ModelLoadError, ModelNotFound
 from chatapp.refs import find_packaged_gguf, parse_ref
+from chathelpers import Chat
 
 
 def reply(loaded, text="Hello", n=4):
-    *_, stats = ChatSession(loaded).send(text, max_new_tokens=n)
-    return stats
+    return Chat(loaded).send(text, max_new_tokens=n).stats
 
 
 @pytest.mark.parametrize("preset", ["fp32", "bf16", "fp16", "int8", "nf4", "auto"])
@@ -31,7 +31,7 @@ def test_every_preset_loads_and_generates_on_cpu(tiny_folder, settings, preset):
     assert stats.generated_tokens >= 1
     if preset == "auto":
         assert loaded.preset in ("bf16", "fp32")
-        assert any(note.startswith("auto:") for note in loaded.notes)
+        assert loaded.reasons and not loaded.notes  # the planner's reasons go to the log; nothing needs the user
     if preset in ("int8", "nf4"):
         assert "Linear8bitLt" in repr(loaded.model) or "Linear4bit" in repr(loaded.model)
 
@@ -49,23 +49,25 @@ def test_quantized_weights_are_smaller(tiny_folder, settings):
 
 def test_bf16_cached_first_token_logits_match_full_prefill(tiny_folder, settings):
     """A chunked prefill sums in another order than a whole one; in bf16 compare logits within a tolerance."""
-    from chatapp.engine.generate import forward
     from transformers import DynamicCache
 
+    from chatapp.engine.generate import prefill
+    from chatapp.engine.session import Message
+
     loaded = load_model(str(tiny_folder), "bf16", settings=settings)
-    session = ChatSession(loaded)
+    chat = Chat(loaded)
     for q in ("First message", "Second message"):
-        *_, stats = session.send(q, max_new_tokens=5)
-    cached_ids = list(session.cache_ids)
-    session.messages.append(session.messages[0].__class__("user", "Third message"))
-    ids = render_ids(loaded.tokenizer, session._context_messages())
+        chat.send(q, max_new_tokens=5)
+    cached_ids = list(chat.session.cache_ids)
+    ids = render_ids(loaded.tokenizer, [*chat.session.messages, Message("user", "Third message")])
     keep = 0
     while keep < min(len(ids), len(cached_ids)) and ids[keep] == cached_ids[keep]:
         keep += 1
     with torch.inference_mode():
-        session._rewind(keep)
-        chunked = session._feed(ids[keep:])
-        whole = forward(loaded.model, DynamicCache(config=loaded.model.config), ids)
+        cache = DynamicCache(config=loaded.model.config)
+        prefill(loaded.model, cache, ids[:keep])
+        chunked = prefill(loaded.model, cache, ids[keep:])
+        whole = prefill(loaded.model, DynamicCache(config=loaded.model.config), ids)
     assert keep > len(ids) / 2
     assert torch.allclose(chunked, whole, atol=0.15 * whole.abs().max().item(), rtol=0)
     assert torch.nn.functional.cosine_similarity(chunked, whole).item() > 0.999
@@ -78,11 +80,11 @@ def test_no_chat_template_falls_back_and_says_so(starter_folder, tmp_path, setti
     loaded = load_model(str(folder), "fp32", settings=settings)
     assert loaded.template_fallback
     assert sum("no chat template" in n for n in loaded.notes) == 1
-    session = ChatSession(loaded, system_prompt="Be kind.")
-    *_, stats = session.send("Hi", max_new_tokens=5)
-    text = loaded.tokenizer.decode(render_ids(loaded.tokenizer, session.messages[:2]))
+    chat = Chat(loaded, system="Be kind.")
+    chat.send("Hi", max_new_tokens=5)
+    text = loaded.tokenizer.decode(render_ids(loaded.tokenizer, chat.session.messages[:2]))
     assert text.startswith("System: Be kind.\n\nUser: Hi\n\nAssistant:")
-    *_, again = session.send("More", max_new_tokens=5)
+    again = chat.send("More", max_new_tokens=5).stats
     assert again.prefilled_tokens < again.prompt_tokens
 
 

@@ -6,11 +6,10 @@ import threading
 
 import pytest
 
-from chatapp.engine import ChatSession
 from chatapp.engine.bench import naive_turn
 from chatapp.engine.session import Message, render_ids
 from chatapp.errors import ContextOverflow
-from chatapp.protocol import TurnStats
+from chathelpers import Chat, greedy, run
 
 QUESTIONS = [
     "Hello there, who are you?",
@@ -22,29 +21,23 @@ QUESTIONS = [
 ]
 
 
-def run(turn) -> tuple[str, TurnStats]:
-    items = list(turn)
-    assert isinstance(items[-1], TurnStats)
-    assert all(isinstance(i, str) for i in items[:-1])
-    return "".join(items[:-1]), items[-1]
-
-
-def naive_reply_ids(loaded, session: ChatSession) -> list[int]:
-    """What a fresh model.generate says to the session's conversation minus its last reply."""
-    history = [Message(m.role, m.content) for m in session._context_messages()[:-1]]
-    ids, _stats = naive_turn(loaded, history, len(session.last_reply_ids) or 1)
+def naive_reply_ids(loaded, chat: Chat, turn) -> list[int]:
+    """What a fresh model.generate says to the conversation the model saw, minus its last reply."""
+    history = [Message(m.role, m.content) for m in chat.session.context_messages()[:-1]]
+    ids, _stats = naive_turn(loaded, history, len(turn.tokens) or 1)
     return ids
 
 
 def test_cached_replies_identical_to_full_reencode_over_six_turns(tiny_fp32):
-    session = ChatSession(tiny_fp32, system_prompt="You are terse.")
+    chat = Chat(tiny_fp32, system="You are terse.")
     history: list[Message] = [Message("system", "You are terse.")]
     for turn, question in enumerate(QUESTIONS, 1):
-        text, stats = run(session.send(question, max_new_tokens=12))
+        reply = chat.send(question, max_new_tokens=12)
+        stats = reply.stats
         history.append(Message("user", question))
         expected_ids, _ = naive_turn(tiny_fp32, history, 12)
-        assert session.last_reply_ids == expected_ids, f"turn {turn} differs from a full re-encode"
-        history.append(Message("assistant", session.messages[-1].content))
+        assert reply.tokens == expected_ids, f"turn {turn} differs from a full re-encode"
+        history.append(Message("assistant", chat.session.messages[-1].content))
         assert stats.generated_tokens == len(expected_ids)
         assert stats.prompt_tokens == len(render_ids(tiny_fp32.tokenizer, history[:-1]))
         if turn > 1:
@@ -54,12 +47,12 @@ def test_cached_replies_identical_to_full_reencode_over_six_turns(tiny_fp32):
 
 def test_prefill_after_first_turn_is_new_message_plus_template_glue(tiny_words_fp32):
     tok = tiny_words_fp32.tokenizer
-    session = ChatSession(tiny_words_fp32)
-    _, first = run(session.send("Good morning!", max_new_tokens=8))
+    chat = Chat(tiny_words_fp32)
+    first = chat.send("Good morning!", max_new_tokens=8).stats
     assert first.prefilled_tokens == first.prompt_tokens
     for question in QUESTIONS[:4]:
-        previous = session.last_stats
-        _, stats = run(session.send(question, max_new_tokens=8))
+        previous = chat.session.last_stats
+        stats = chat.send(question, max_new_tokens=8).stats
         # The reply's final token is sampled but never fed: <|im_end|> if it stopped, a word if cut by length.
         glue = f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
         expected = len(tok(glue, add_special_tokens=False)["input_ids"])
@@ -69,139 +62,130 @@ def test_prefill_after_first_turn_is_new_message_plus_template_glue(tiny_words_f
 
 
 def test_cancel_from_another_thread_stops_within_one_token_and_keeps_cache_consistent(tiny_fp32):
-    session = ChatSession(tiny_fp32)
-    run(session.send("First question", max_new_tokens=6))
-    turn = session.send("Write a very long story", max_new_tokens=200)
+    chat = Chat(tiny_fp32)
+    chat.send("First question", max_new_tokens=6)
+    cancel = threading.Event()
     pieces = []
-    for item in turn:
-        if isinstance(item, str):
-            pieces.append(item)
-            if len(pieces) == 2:
-                worker = threading.Thread(target=session.cancel)
-                worker.start()
-                worker.join()
-        else:
-            stats = item
+    for item in chat.stream("Write a very long story", cancel, max_new_tokens=200):
+        pieces.append(item.text)
+        if len(pieces) == 2:
+            worker = threading.Thread(target=cancel.set)
+            worker.start()
+            worker.join()
+        stats = item.stats
     assert stats.finish_reason == "cancelled"
     assert stats.generated_tokens <= 3
-    assert session.messages[-1].cut is True
-    assert session.messages[-1].content == "".join(pieces)
+    assert chat.session.messages[-1].cut is True
+    assert chat.session.messages[-1].content == "".join(pieces)
     # The cache is what it claims to be: the next turn matches a full re-encode.
-    _, after = run(session.send("Go on", max_new_tokens=8))
-    assert after.finish_reason in ("stop", "length")
-    assert session.last_reply_ids == naive_reply_ids(tiny_fp32, session)
+    after = chat.send("Go on", max_new_tokens=8)
+    assert after.stats.finish_reason in ("stop", "length")
+    assert after.tokens == naive_reply_ids(tiny_fp32, chat, after)
+
+
+def test_a_cancel_set_before_the_reply_starts_is_not_lost(tiny_fp32):
+    chat = Chat(tiny_fp32)
+    cancel = threading.Event()
+    cancel.set()
+    reply = run(chat.stream("Write a very long story", cancel, max_new_tokens=200))
+    assert reply.stats.finish_reason == "cancelled" and reply.stats.generated_tokens == 1
 
 
 def test_stopping_iteration_early_keeps_the_partial_reply(tiny_fp32):
-    session = ChatSession(tiny_fp32)
-    turn = session.send("Hi", max_new_tokens=50)
-    first = next(turn)
+    chat = Chat(tiny_fp32)
+    turn = chat.stream("Hi", max_new_tokens=50)
+    first = next(turn).text
     turn.close()
-    assert session.messages[-1].role == "assistant" and session.messages[-1].cut
-    assert session.messages[-1].content.startswith(first)
-    run(session.send("Again", max_new_tokens=5))
-    assert session.last_reply_ids == naive_reply_ids(tiny_fp32, session)
+    assert chat.session.messages[-1].role == "assistant" and chat.session.messages[-1].cut
+    assert chat.session.messages[-1].content.startswith(first)
+    again = chat.send("Again", max_new_tokens=5)
+    assert again.tokens == naive_reply_ids(tiny_fp32, chat, again)
 
 
 def test_regenerate_reuses_the_whole_prompt(tiny_fp32):
-    session = ChatSession(tiny_fp32)
-    run(session.send("One", max_new_tokens=6))
-    first_reply, _ = run(session.send("Two", max_new_tokens=6))
-    again, stats = run(session.regenerate(max_new_tokens=6))
-    assert again == first_reply  # greedy: same prompt, same answer
-    assert stats.prefilled_tokens == 1  # only the last prompt token is run again, for its logits
-    assert [m.role for m in session.messages] == ["user", "assistant", "user", "assistant"]
-    sampled, _ = run(session.regenerate(max_new_tokens=6, temperature=1.0, seed=7))
-    assert session.last_stats.prefilled_tokens == 1
-    assert sampled == run(session.regenerate(max_new_tokens=6, temperature=1.0, seed=7))[0]
+    chat = Chat(tiny_fp32)
+    chat.send("One", max_new_tokens=6)
+    first_reply = chat.send("Two", max_new_tokens=6).text
+    again = chat.regenerate(max_new_tokens=6)
+    assert again.text == first_reply  # greedy: same prompt, same answer
+    assert again.stats.prefilled_tokens == 1  # only the last prompt token is run again, for its logits
+    assert [m.role for m in chat.session.messages] == ["user", "assistant", "user", "assistant"]
+    sampled = chat.regenerate(max_new_tokens=6, temperature=1.0, seed=7).text
+    assert chat.session.last_stats.prefilled_tokens == 1
+    assert sampled == chat.regenerate(max_new_tokens=6, temperature=1.0, seed=7).text
 
 
 def test_edit_reruns_only_from_the_first_changed_token(tiny_fp32):
     tok = tiny_fp32.tokenizer
-    session = ChatSession(tiny_fp32)
+    chat = Chat(tiny_fp32)
     for q in QUESTIONS[:3]:
-        run(session.send(q, max_new_tokens=6))
+        chat.send(q, max_new_tokens=6)
     # Message 2 was "Tell me about the river town ...": the first four tokens stay, the rest changes.
     edited = "Tell me about the glassworks instead."
-    _, stats = run(session.edit(2, edited, max_new_tokens=6))
-    assert [m.role for m in session.messages] == ["user", "assistant", "user", "assistant"]
-    assert session.messages[2].content == edited
+    reply = chat.edit(2, edited, max_new_tokens=6)
+    assert [m.role for m in chat.session.messages] == ["user", "assistant", "user", "assistant"]
+    assert chat.session.messages[2].content == edited
     count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     changed = count(edited + "<|im_end|>\n<|im_start|>assistant\n") - count("Tell me about the")
-    assert stats.prefilled_tokens == changed
-    assert session.last_reply_ids == naive_reply_ids(tiny_fp32, session)
+    assert reply.stats.prefilled_tokens == changed
+    assert reply.tokens == naive_reply_ids(tiny_fp32, chat, reply)
     with pytest.raises(ValueError):
-        session.edit(1, "not a user message")
+        chat.session.reply_to(chat.history[:2], greedy())  # it ends with a reply, not a user message
 
 
 def test_overflow_drops_oldest_turns_keeps_system_prompt_and_counts_the_reprefill(tiny_fp32):
-    session = ChatSession(tiny_fp32, system_prompt="Stay brief.", context_length=160)
+    chat = Chat(tiny_fp32, system="Stay brief.", context_length=160)
     reasons = []
     for q in QUESTIONS:
-        _, stats = run(session.send(q, max_new_tokens=10))
+        stats = chat.send(q, max_new_tokens=10).stats
         reasons.append(stats.finish_reason)
         assert stats.prompt_tokens + 10 <= 160
     assert "overflow-trimmed" in reasons
     trimmed_turn = reasons.index("overflow-trimmed")
-    assert session.messages[0].role == "system"
-    assert session._context_messages()[0].content == "Stay brief."
-    assert session.dropped_messages >= 2
-    assert len(session.messages) == 1 + 2 * len(QUESTIONS)  # nothing is lost from the record
+    assert chat.session.messages[0].role == "system"
+    assert chat.session.context_messages()[0].content == "Stay brief."
+    assert chat.session.dropped_messages >= 2
+    assert len(chat.session.messages) == 1 + 2 * len(QUESTIONS)  # nothing is lost from the record
     assert trimmed_turn >= 1  # the first turn fits; trimming starts once history piles up
 
 
 def test_overflow_prefill_is_counted(tiny_fp32):
-    session = ChatSession(tiny_fp32, system_prompt="Stay brief.", context_length=120)
-    stats = None
+    chat = Chat(tiny_fp32, system="Stay brief.", context_length=120)
+    reply = None
     for q in QUESTIONS:
-        _, stats = run(session.send(q, max_new_tokens=10))
-        if stats.finish_reason == "overflow-trimmed":
+        reply = chat.send(q, max_new_tokens=10)
+        if reply.stats.finish_reason == "overflow-trimmed":
             break
+    stats = reply.stats
     assert stats.finish_reason == "overflow-trimmed" and stats.trimmed_messages >= 2
     assert stats.prefilled_tokens > len(QUESTIONS[0])  # far more than the new message: the kept history again
-    assert session.last_reply_ids == naive_reply_ids(tiny_fp32, session)
+    assert reply.tokens == naive_reply_ids(tiny_fp32, chat, reply)
 
 
 def test_a_message_too_long_for_the_context_is_a_clear_error_and_is_not_kept(tiny_fp32):
-    session = ChatSession(tiny_fp32, context_length=64)
+    chat = Chat(tiny_fp32, context_length=64)
     with pytest.raises(ContextOverflow, match="64-token context"):
-        run(session.send("word " * 200, max_new_tokens=8))
-    assert session.messages == []
-    _, stats = run(session.send("Short", max_new_tokens=4))
+        chat.send("word " * 200, max_new_tokens=8)
+    assert chat.session.messages == []
+    stats = chat.send("Short", max_new_tokens=4).stats
     assert stats.generated_tokens >= 1
 
 
-def test_reset_forgets_history_but_keeps_system_prompt(tiny_fp32):
-    session = ChatSession(tiny_fp32, system_prompt="S")
-    run(session.send("a", max_new_tokens=3))
-    session.reset()
-    assert [m.role for m in session.messages] == ["system"]
-    _, stats = run(session.send("b", max_new_tokens=3))
+def test_a_regenerate_that_overflows_loses_nothing(tiny_fp32):
+    chat = Chat(tiny_fp32, context_length=200)
+    chat.send("Hello", max_new_tokens=4)
+    chat.send("word " * 60, max_new_tokens=4)
+    before = list(chat.session.messages)
+    with pytest.raises(ContextOverflow):
+        chat.regenerate(max_new_tokens=150)
+    assert chat.session.messages == before  # the user's earlier message is still there
+    assert chat.regenerate(max_new_tokens=4).stats.prefilled_tokens == 1
+
+
+def test_reset_forgets_history_and_the_cache(tiny_fp32):
+    chat = Chat(tiny_fp32, system="S")
+    chat.send("a", max_new_tokens=3)
+    chat.session.reset()
+    assert chat.session.messages == [] and chat.session.cache_tokens == 0
+    stats = chat.send("b", max_new_tokens=3).stats
     assert stats.prefilled_tokens == stats.prompt_tokens
-
-
-def test_min_new_tokens_and_a_cache_copy_continue_like_generate(tiny_words_fp32):
-    import torch
-
-    loaded = tiny_words_fp32
-    session = ChatSession(loaded)
-    _, stats = run(session.send("Hello", max_new_tokens=20, min_new_tokens=20))
-    assert stats.generated_tokens == 20
-    assert not set(session.last_reply_ids) & loaded.stop_token_ids
-    prompt = render_ids(loaded.tokenizer, [Message("user", "Hello")])
-    stop = sorted(loaded.stop_token_ids)
-    with torch.inference_mode():
-        out = loaded.model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            cache=session.cache_copy(len(prompt) - 1),
-            max_new_tokens=20,
-            min_new_tokens=20,
-            do_sample=False,
-            eos_token_id=stop,
-            pad_token_id=stop[0],
-        )
-    assert out[0, len(prompt) :].tolist() == session.last_reply_ids
-    assert session.cache_tokens == len(prompt) + 19  # the copy left the session's own cache alone
-    with pytest.raises(ValueError):
-        session.cache_copy(10_000)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from chatapp.engine import ChatSession
 from chatapp.engine.bench import naive_turn
 from chatapp.engine.session import Message
+from chathelpers import Chat
 
 pytestmark = pytest.mark.integration
 
@@ -27,22 +27,23 @@ def test_converted_checkpoint_is_a_normal_hf_folder(starter_folder):
 
 
 def test_capital_of_france(starter_fp32):
-    *deltas, stats = ChatSession(starter_fp32).send("What is the capital of France?", max_new_tokens=30)
-    assert "Paris" in "".join(deltas)
-    assert stats.finish_reason == "stop"
+    reply = Chat(starter_fp32).send("What is the capital of France?", max_new_tokens=30)
+    assert "Paris" in reply.text
+    assert reply.stats.finish_reason == "stop"
 
 
 def test_six_turns_cached_equal_naive_and_prefill_only_new_tokens(starter_fp32):
     tok = starter_fp32.tokenizer
-    session = ChatSession(starter_fp32)
+    chat = Chat(starter_fp32)
     history: list[Message] = []
     previous = None
     for turn, question in enumerate(CONVERSATION, 1):
-        *_, stats = session.send(question, max_new_tokens=24)
+        reply = chat.send(question, max_new_tokens=24)
+        stats = reply.stats
         history.append(Message("user", question))
         expected, _ = naive_turn(starter_fp32, history, 24)
-        assert session.last_reply_ids == expected, f"turn {turn}"
-        history.append(Message("assistant", session.messages[-1].content))
+        assert reply.tokens == expected, f"turn {turn}"
+        history.append(Message("assistant", chat.session.messages[-1].content))
         if turn > 1:
             glue = f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
             new = len(tok(glue, add_special_tokens=False)["input_ids"])

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from chatapp import protocol as p
+from chatapp.sampling import SamplingParams
 from chatapp.worker_client import WorkerClient
 
 
@@ -51,7 +52,7 @@ def worker(settings, tiny_words_folder, tmp_path):
 
 def ask(client, events, conversation_id, messages, **params):
     rid = client.request_id()
-    client.send(p.Generate(rid, conversation_id, messages, temperature=0.0, **params))
+    client.send(p.Generate(rid, conversation_id, messages, SamplingParams(temperature=0.0, **params)))
     return events.wait(p.Finished, where=lambda e: e.request_id == rid)
 
 
@@ -74,7 +75,7 @@ def test_streams_deltas_then_finished_and_each_chat_keeps_its_cache(worker):
 def test_cancel_stops_a_reply_and_keeps_the_partial_text(worker):
     client, events = worker
     rid = client.request_id()
-    client.send(p.Generate(rid, 1, [("user", "Talk for a long time")], max_new_tokens=1500, temperature=0.0))
+    client.send(p.Generate(rid, 1, [("user", "Talk for a long time")], SamplingParams(1500, temperature=0.0)))
     events.wait(p.Delta, where=lambda e: e.request_id == rid)
     client.send(p.Cancel(rid))
     done = events.wait(p.Finished, where=lambda e: e.request_id == rid)
@@ -133,9 +134,20 @@ def test_the_client_module_does_not_import_torch():
 def test_shutdown_stops_a_reply_in_progress_and_exits_cleanly(worker):
     client, events = worker
     rid = client.request_id()
-    client.send(p.Generate(rid, 1, [("user", "Talk for a long time")], max_new_tokens=1900, temperature=0.0))
+    client.send(p.Generate(rid, 1, [("user", "Talk for a long time")], SamplingParams(1900, temperature=0.0)))
     events.wait(p.Delta, where=lambda e: e.request_id == rid)
     client.stop(timeout=30)
     assert client.process.exitcode == 0  # it exited on its own instead of being killed
     done = events.wait(p.Finished, where=lambda e: e.request_id == rid, timeout=5)
     assert done.stats.finish_reason == "cancelled"  # the shutdown cut the reply short
+
+
+def test_a_cancel_sent_before_its_reply_starts_still_stops_it(worker):
+    client, events = worker
+    busy, queued = client.request_id(), client.request_id()
+    client.send(p.Generate(busy, 1, [("user", "Talk for a long time")], SamplingParams(300, temperature=0.0)))
+    client.send(p.Generate(queued, 2, [("user", "Talk for a long time")], SamplingParams(1500, temperature=0.0)))
+    client.send(p.Cancel(queued))  # the worker is still busy with the first request
+    events.wait(p.Finished, where=lambda e: e.request_id == busy)
+    done = events.wait(p.Finished, where=lambda e: e.request_id == queued)
+    assert done.stats.finish_reason == "cancelled" and done.stats.generated_tokens == 1

@@ -6,12 +6,17 @@ conversation every turn. The output dict is a contract (see the README); keep it
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
+from transformers import DynamicCache
 
 from ..protocol import TurnStats
+from ..sampling import GREEDY
+from .generate import decode_step, prefill, stream
 from .loader import LoadedModel
 from .session import ChatSession, Message, render_ids
 
@@ -143,9 +148,45 @@ def _reply_text(loaded: LoadedModel, ids: list[int]) -> str:
     return loaded.tokenizer.decode(content, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def _cached_turn(session: ChatSession, text: str, max_new_tokens: int) -> TurnStats:
-    *_, stats = session.send(text, max_new_tokens=max_new_tokens, temperature=0.0)
-    return stats
+def cached_turn(session: ChatSession, messages: list[Message], max_new_tokens: int) -> tuple[list[int], TurnStats]:
+    """One greedy reply through the session (the app's path): the sampled ids, and the stats."""
+    ids, stats = [], None
+    for response in session.reply_to(messages, replace(GREEDY, max_new_tokens=max_new_tokens)):
+        if response.token is not None:
+            ids.append(response.token)
+        stats = response.stats or stats
+    return ids, stats
+
+
+def prompt_cache(loaded: LoadedModel, prompt: list[int]) -> DynamicCache:
+    """A cache holding all of prompt but its last token, which each decode run feeds again for its logits."""
+    cache = DynamicCache(config=loaded.model.config)
+    with torch.inference_mode():
+        prefill(loaded.model, cache, prompt[:-1])
+    return cache
+
+
+def app_decode(loaded: LoadedModel, prompt: list[int], cache, tokens: int) -> tuple[list[int], list[float]]:
+    """The app's decode loop (generate.stream), greedy, continuing from a copy of cache: exactly `tokens` ids
+    (stop tokens masked, as generate's min_new_tokens does), and when each was sampled."""
+    model, cache = loaded.model, copy.deepcopy(cache)
+    stop_ids = sorted(loaded.stop_token_ids)
+    ids, times = [], []
+
+    def sample(logits):
+        logits[:, stop_ids] = float("-inf")
+        return int(logits.argmax(dim=-1).item())
+
+    def stop(token):
+        ids.append(token)
+        times.append(time.perf_counter())
+        return "length" if len(ids) >= tokens else None
+
+    with torch.inference_mode():
+        logits = prefill(model, cache, prompt[-1:])
+        for _ in stream(logits, sample, lambda token: decode_step(model, cache, token), stop):
+            pass
+    return ids, times
 
 
 def run_bench(
@@ -168,10 +209,10 @@ def run_bench(
     cached, cached_ids, cached_wall = [], [], 0.0
     for turn, text in enumerate(script, 1):
         t = time.perf_counter()
-        stats = _cached_turn(session, text, max_new_tokens)
+        ids, stats = cached_turn(session, [*session.messages, Message("user", text)], max_new_tokens)
         cached_wall += time.perf_counter() - t
         cached.append({"turn": turn, **stats.as_dict()})
-        cached_ids.append(list(session.last_reply_ids))
+        cached_ids.append(ids)
         say(f"cached turn {turn}: prefilled {stats.prefilled_tokens}/{stats.prompt_tokens}, ttft {stats.ttft_s:.2f}s")
 
     messages: list[Message] = []
@@ -187,17 +228,15 @@ def run_bench(
         say(f"naive turn {turn}: prefilled {stats.prefilled_tokens}, ttft {stats.ttft_s:.2f}s")
 
     # Decode rates on the first prompt, over RATE_TOKENS tokens (stop tokens masked until then) so they are not
-    # measured on a handful of tokens. One prefill serves every run: the app regenerates from its cache, and
-    # generate() gets a copy of that cache holding all but the prompt's last token.
+    # measured on a handful of tokens. One prefill serves every run: each continues from a copy of a cache of
+    # the prompt but its last token, which it feeds again for its first logits.
     rate_tokens = max(max_new_tokens, RATE_TOKENS)
-    rate_session = ChatSession(loaded)
-    *_, first = rate_session.send(script[0], max_new_tokens=rate_tokens, min_new_tokens=rate_tokens)
     prompt = render_ids(loaded.tokenizer, [Message("user", script[0])])
-    app_rates, raw_rates = [first.decode_tokens_per_s], []
+    cache = prompt_cache(loaded, prompt)
+    app_rates, raw_rates = [], []
     for _ in range(repeats):
-        raw_rates.append(raw_decode_rate(loaded, prompt, rate_session.cache_copy(len(prompt) - 1), rate_tokens))
-        *_, again = rate_session.regenerate(max_new_tokens=rate_tokens, min_new_tokens=rate_tokens)
-        app_rates.append(again.decode_tokens_per_s)
+        app_rates.append(_rate(app_decode(loaded, prompt, cache, rate_tokens)[1]))
+        raw_rates.append(raw_decode_rate(loaded, prompt, copy.deepcopy(cache), rate_tokens))
     return {
         "model": loaded.source.label,
         "preset": loaded.preset,

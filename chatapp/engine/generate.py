@@ -1,8 +1,32 @@
-"""The pieces of one turn: a forward pass over new tokens, sampling, and streaming detokenization."""
+"""The pieces of one turn, gpt-fast style: `prefill`, `decode_step`, and `stream`, the decode loop.
+
+Also sampling, streaming detokenization, and GenerationResponse, the one type a streamed reply is made of.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
 import torch
+
+from ..planner import PREFILL_CHUNK
+from ..protocol import TurnStats
+from ..sampling import SamplingParams
+
+
+@dataclass
+class GenerationResponse:
+    """One item of a streamed reply, as mlx-lm's: the text it adds and the token sampled.
+
+    The last item of a reply has no token; it carries whatever text was still held back, the finish_reason
+    (stop, length, cancelled or overflow-trimmed) and the turn's stats.
+    """
+
+    text: str
+    token: int | None = None
+    finish_reason: str | None = None
+    stats: TurnStats | None = None
 
 
 def forward(model, cache, ids: list[int]) -> torch.Tensor:
@@ -15,21 +39,58 @@ def forward(model, cache, ids: list[int]) -> torch.Tensor:
     return out.logits[:, -1, :].float()
 
 
+def prefill(model, cache, ids: list[int]) -> torch.Tensor:
+    """Run a prompt's new ids into the cache, in chunks of PREFILL_CHUNK tokens; the logits after the last one.
+
+    Chunks bound activation memory (the planner counts on it). Except into an empty cache on a CPU: there
+    SDPA's causal kernel needs no mask and holds no scores, while a chunk on top of a cache takes the masked
+    math path, which was up to a third slower at 6k tokens.
+    """
+    size = PREFILL_CHUNK
+    if cache.get_seq_length() == 0 and model.device.type == "cpu":
+        size = max(len(ids), 1)
+    for start in range(0, len(ids), size):
+        logits = forward(model, cache, ids[start : start + size])
+    return logits
+
+
+def decode_step(model, cache, token: int) -> torch.Tensor:
+    """One sampled token into the cache; the logits for the next one."""
+    return forward(model, cache, [token])
+
+
+def stream(
+    logits: torch.Tensor,
+    sample: Callable[[torch.Tensor], int],
+    feed: Callable[[int], torch.Tensor],
+    stop: Callable[[int], str | None],
+) -> Iterator[tuple[int, str | None]]:
+    """The decode loop: sample a token, yield it with stop's reason to end (None: go on), feed it back.
+
+    The token that ends the loop is never fed, so the cache holds everything but the reply's last token.
+    """
+    while True:
+        token = sample(logits)
+        reason = stop(token)
+        yield token, reason
+        if reason is not None:
+            return
+        logits = feed(token)
+
+
 class Sampler:
     """Greedy when temperature <= 0, else temperature + nucleus (top_p) sampling, seeded when asked."""
 
-    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, device="cpu"):
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        self.temperature = temperature
-        self.top_p = top_p
+    def __init__(self, params: SamplingParams, device="cpu"):
+        self.temperature = params.temperature
+        self.top_p = params.top_p
         self.generator = None
-        if temperature > 0:
+        if not params.greedy:
             self.generator = torch.Generator(device=device)
-            if seed is None:
+            if params.seed is None:
                 self.generator.seed()
             else:
-                self.generator.manual_seed(seed)
+                self.generator.manual_seed(params.seed)
 
     def __call__(self, logits: torch.Tensor) -> int:
         if self.temperature <= 0:
@@ -50,7 +111,7 @@ class StreamDecoder:
 
     Decodes a short window that starts a few tokens back, so tokenizers that merge or strip spaces at
     token boundaries still give the right text; a delta ending in U+FFFD (half a UTF-8 character) waits
-    for the next token.
+    for the next token. `text` is what was emitted so far, kept rather than decoded again on every call.
     """
 
     def __init__(self, tokenizer):
@@ -58,7 +119,7 @@ class StreamDecoder:
         self.ids: list[int] = []
         self._prefix = 0
         self._read = 0
-        self.emitted = ""
+        self.text = ""
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -71,16 +132,54 @@ class StreamDecoder:
             return ""
         delta = after[len(before) :]
         self._prefix, self._read = self._read, len(self.ids)
-        self.emitted += delta
+        self.text += delta
         return delta
-
-    @property
-    def text(self) -> str:
-        return self._decode(self.ids)
 
     def finish(self) -> str:
-        """Whatever is still held back; afterwards emitted == text."""
-        full = self.text
-        delta = full[len(self.emitted) :] if full.startswith(self.emitted) else ""
-        self.emitted += delta
+        """Whatever is still held back; afterwards text is the whole reply."""
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        delta = after[len(before) :] if len(after) > len(before) else ""
+        self._prefix = self._read = len(self.ids)
+        self.text += delta
         return delta
+
+
+class ReplyText:
+    """A reply's text as it streams, cut at the first stop string.
+
+    Text that could be the start of a stop string is held back until the next delta shows it isn't, so the
+    streamed text and the stored reply are the same, and "\\nUser:" never leaks its newline.
+    """
+
+    def __init__(self, stop_strings: tuple[str, ...] = ()):
+        self.stop_strings = stop_strings
+        self.text = ""
+        self.stopped = False
+        self._shown = 0
+
+    def add(self, delta: str) -> None:
+        if self.stopped or not delta:
+            return
+        # Only the tail can hold a new match: the old text was searched already.
+        start = max(0, len(self.text) - max((len(s) for s in self.stop_strings), default=0) + 1)
+        self.text += delta
+        found = [i for i in (self.text.find(s, start) for s in self.stop_strings) if i >= 0]
+        if found:
+            self.text = self.text[: min(found)]
+            self.stopped = True
+
+    def _held(self) -> int:
+        """Length of the longest tail of text that begins some stop string."""
+        return max(
+            (k for s in self.stop_strings for k in range(min(len(s) - 1, len(self.text)), 0, -1)
+             if self.text.endswith(s[:k])),
+            default=0,
+        )
+
+    def take(self, final: bool = False) -> str:
+        """The text not handed out yet; final hands out the held-back tail too."""
+        end = len(self.text) if final or self.stopped else len(self.text) - self._held()
+        out = self.text[self._shown : end]
+        self._shown = max(self._shown, end)
+        return out

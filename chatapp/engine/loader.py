@@ -10,9 +10,9 @@ from typing import Any
 from .. import hub_download, planner
 from ..catalog import ModelSpec, load_catalog
 from ..config import Settings, load_settings
-from ..errors import ModelLoadError
+from ..errors import ChatappError, ModelLoadError, first_line
 from ..facts import facts_from_folder
-from ..hardware import GpuInfo, Hardware, detect, detect_cpu
+from ..hardware import GpuInfo, Hardware, detect, detect_cpu, flash_attn_installed
 from ..refs import ModelSource, parse_ref
 from .gguf import convert_gguf, is_converted
 
@@ -45,7 +45,10 @@ class LoadedModel:
     stop_token_ids: frozenset[int]
     stop_strings: tuple[str, ...] = ()
     template_fallback: bool = False
+    #: What the user should hear about this load (a fallback, a slow split, remote code, no template).
     notes: list[str] = field(default_factory=list)
+    #: The planner's reasoning, for the log and `chatapp plan`.
+    reasons: list[str] = field(default_factory=list)
 
     @property
     def spec(self) -> ModelSpec | None:
@@ -186,17 +189,13 @@ def _stop_tokens(tokenizer, model) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def load_model(
     ref: str | ModelSource,
     preset: str = "auto",
     *,
     settings: Settings | None = None,
     device: str | None = None,
+    context: int | None = None,
     attn_implementation: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool | None = None,
@@ -206,6 +205,8 @@ def load_model(
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if preset not in planner.PRESETS:
+        raise ModelLoadError(f"unknown preset '{preset}' (choose from {', '.join(planner.PRESETS)})")
     settings = settings or load_settings()
     source = ref if isinstance(ref, ModelSource) else parse_ref(ref, load_catalog(settings.config_dir / "models.toml"))
     notes: list[str] = []
@@ -229,33 +230,39 @@ def load_model(
     device = pick_device(device)
     device_type = device.split(":")[0]
     bf16_ok, capability = _device_facts(device)
-    device_map, max_memory, planned_context = device, None, None
+    reasons: list[str] = []
+    choice = None
+    if preset == "auto" or context is None or attn_implementation is None:
+        plan = _plan(folder, source.label, preset, device, context or settings.context_cap or None)
+        reasons.extend(plan.reasons if plan else ["no plan: the model's config lacks what the planner needs"])
+        choice = plan.choice if plan else None
     if preset == "auto":
-        plan = planner.choose(
-            detect_hardware(device),
-            facts_from_folder(folder, source.label),
-            context=settings.context_cap or None,
-            flash_attn_installed=_flash_attn_installed(),
-        )
-        notes.extend(f"auto: {reason}" for reason in plan.reasons)
-        if plan.choice is None:
-            raise ModelLoadError(f"'{source.label}' fits no preset on this machine: {plan.reasons[-1]}")
-        preset, planned_context = plan.choice.preset, plan.choice.context_tokens
-        if device_type == "cuda":
-            device_map, max_memory = plan.choice.device_map, plan.choice.max_memory
+        if choice is None:
+            raise ModelLoadError(f"'{source.label}' fits no preset on this machine: {reasons[-1]}")
+        preset = choice.preset
+        if preset not in planner.DTYPE_BYTES:  # int8 or nf4
+            notes.append(f"auto chose {preset}: the unquantized presets don't fit (`chatapp plan {source.label}`)")
+    if choice is not None and choice.slow:
+        notes.append(f"{preset} is split over the GPU and CPU RAM: it fits, but decoding is slow")
+    device_map, max_memory = device, None
+    if choice is not None and device_type == "cuda":
+        device_map, max_memory = choice.device_map, choice.max_memory
     compute_dtype = planner.compute_dtype_for(preset, device_type=device_type, bf16_supported=bf16_ok)
     kwargs = preset_load_kwargs(preset, compute_dtype)
     if max_memory:
         kwargs["max_memory"] = max_memory
-
+    if context is None and choice is not None:
+        context = choice.context_tokens
     if attn_implementation is None:
-        attention = planner.choose_attention(
-            device_type=device_type,
-            compute_dtype=compute_dtype,
-            compute_capability=capability,
-            flash_attn_installed=_flash_attn_installed(),
-        )
-        attn_implementation = attention.value
+        if choice is not None:
+            attn_implementation = choice.attn_implementation
+        else:
+            attn_implementation = planner.choose_attention(
+                device_type=device_type,
+                compute_dtype=compute_dtype,
+                compute_capability=capability,
+                flash_attn_installed=flash_attn_installed(),
+            ).value
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -268,9 +275,9 @@ def load_model(
             **kwargs,
         )
     except ImportError as exc:
-        raise ModelLoadError(f"can't load '{source.label}' with preset {preset}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"can't load '{source.label}' with preset {preset}: {first_line(exc)}") from None
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
-        raise ModelLoadError(f"can't load '{source.label}' ({preset}): {_first_line(exc)}") from None
+        raise ModelLoadError(f"can't load '{source.label}' ({preset}): {first_line(exc)}") from None
     model.eval()
 
     template_fallback = not tokenizer.chat_template
@@ -280,13 +287,13 @@ def load_model(
         stop_strings = FALLBACK_STOP_STRINGS
         notes.append(f"'{source.label}' has no chat template; using chatapp's plain 'Role: text' template")
 
-    context = int(getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 0) or 4096
+    limit = int(getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 0) or 4096
     if source.spec and source.spec.context_length:
-        context = min(context, source.spec.context_length)
+        limit = min(limit, source.spec.context_length)
     if settings.context_cap:
-        context = min(context, settings.context_cap)
-    if planned_context:
-        context = min(context, planned_context)
+        limit = min(limit, settings.context_cap)
+    if context:
+        limit = min(limit, context)
 
     loaded = LoadedModel(
         model=model,
@@ -298,11 +305,12 @@ def load_model(
         device=_devices(model),
         attn_implementation=model.config._attn_implementation,
         footprint_bytes=int(model.get_memory_footprint()),
-        context_length=context,
+        context_length=limit,
         stop_token_ids=_stop_tokens(tokenizer, model),
         stop_strings=stop_strings,
         template_fallback=template_fallback,
         notes=notes,
+        reasons=reasons,
     )
     return loaded
 
@@ -315,7 +323,15 @@ def _devices(model) -> str:
     return str(next(model.parameters()).device)
 
 
-def _flash_attn_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("flash_attn") is not None
+def _plan(folder: Path, label: str, preset: str, device: str, context: int | None) -> planner.Plan | None:
+    """The planner's choice for this preset here; None when the config lacks what it needs (a concrete preset
+    then loads as asked, with the model's own context)."""
+    try:
+        facts = facts_from_folder(folder, label)
+    except (ChatappError, KeyError, TypeError, ValueError):
+        if preset == "auto":
+            raise
+        return None
+    return planner.choose(
+        detect_hardware(device), facts, context=context, preset=preset, flash_attn_installed=flash_attn_installed()
+    )

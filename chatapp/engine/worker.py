@@ -32,6 +32,13 @@ def main(conn, settings, log_path: str | None = None) -> None:
 
 
 class Worker:
+    """Serves one UI: loads the model it asks for, answers Generate requests, one ChatSession per chat.
+
+    Requests run one at a time, in order, on the main thread. A reader thread takes them off the pipe and
+    sets the cancel event of the request a Cancel names, so a cancel acts mid-reply, and one that arrives
+    before its request has even started is not lost.
+    """
+
     def __init__(self, conn, settings):
         self.conn = conn
         self.settings = settings
@@ -39,7 +46,9 @@ class Worker:
         self.budget: int | None = None
         self.sessions: OrderedDict[int, object] = OrderedDict()  # conversation id -> ChatSession, LRU first
         self.requests: queue.Queue = queue.Queue()
-        self._current: tuple[int, object] | None = None  # (request id, session) being generated
+        self._cancels: dict[int, threading.Event] = {}  # request id -> its cancel, until the request ends
+        self._finished = 0  # the highest request id that has ended
+        self._closing = False
         self._lock = threading.Lock()
 
     def send(self, event) -> None:
@@ -61,18 +70,35 @@ class Worker:
             try:
                 request = self.conn.recv()
             except (EOFError, OSError):
-                self.requests.put(p.Shutdown())
-                return
-            if isinstance(request, (p.Cancel, p.Shutdown)):
+                request = p.Shutdown()
+            if isinstance(request, p.Cancel):
+                self._cancel(request.request_id)
+                continue
+            if isinstance(request, p.Shutdown):
                 # A shutdown also stops the reply in progress, so quitting never waits for a long reply.
                 with self._lock:
-                    if self._current and (isinstance(request, p.Shutdown) or self._current[0] == request.request_id):
-                        self._current[1].cancel()
-                if isinstance(request, p.Cancel):
-                    continue
+                    self._closing = True
+                    for event in self._cancels.values():
+                        event.set()
             self.requests.put(request)
+            if isinstance(request, p.Shutdown):
+                return
+
+    def _cancel(self, request_id: int) -> None:
+        with self._lock:
+            if request_id > self._finished:  # a cancel for a reply that ended already is moot
+                self._cancels.setdefault(request_id, threading.Event()).set()
+
+    def _cancel_event(self, request_id: int) -> threading.Event:
+        with self._lock:
+            event = self._cancels.setdefault(request_id, threading.Event())
+            if self._closing:
+                event.set()
+            return event
 
     def handle(self, request) -> None:
+        if self._closing:
+            return
         if isinstance(request, p.Load):
             self.load(request)
         elif isinstance(request, p.Generate):
@@ -81,9 +107,9 @@ class Worker:
             self.sessions.pop(request.conversation_id, None)
 
     def _error(self, request, exc: BaseException) -> None:
-        from ..errors import ChatappError
+        from ..errors import ChatappError, first_line
 
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         if not isinstance(exc, ChatappError):
             text = f"{type(exc).__name__}: {text}"
         self.send(p.Error(text, getattr(request, "request_id", None)))
@@ -105,6 +131,8 @@ class Worker:
                 request.model,
                 request.preset,
                 settings=self.settings,
+                context=request.context_tokens,
+                attn_implementation=request.attn_implementation,
                 on_status=lambda text: self.send(p.Status(text)),
                 on_progress=lambda pr: self.send(p.DownloadProgress(pr.done_bytes, pr.total_bytes, pr.bytes_per_s)),
             )
@@ -113,6 +141,7 @@ class Worker:
             return
         self.loaded = loaded
         self.budget = request.cache_budget_bytes or DEFAULT_BUDGET_CONTEXTS * _full_cache_bytes(loaded)
+        print(loaded.describe(), *(f"  {reason}" for reason in loaded.reasons), sep="\n", flush=True)
         self.send(
             p.Loaded(
                 model=loaded.source.label,
@@ -123,46 +152,42 @@ class Worker:
                 context_length=loaded.context_length,
                 footprint_bytes=loaded.footprint_bytes,
                 notes=list(loaded.notes),
+                reasons=list(loaded.reasons),
                 temperature=loaded.spec.temperature if loaded.spec else None,
                 top_p=loaded.spec.top_p if loaded.spec else None,
             )
         )
 
     def generate(self, request: p.Generate) -> None:
-        from ..protocol import TurnStats
         from .session import ChatSession, Message
 
-        if self.loaded is None:
-            self.send(p.Error("no model is loaded yet", request.request_id))
-            return
-        session = self.sessions.get(request.conversation_id)
-        if session is None:
-            session = self.sessions[request.conversation_id] = ChatSession(self.loaded)
-        self.sessions.move_to_end(request.conversation_id)
-        messages = [Message(role, content) for role, content in request.messages]
-        with self._lock:
-            self._current = (request.request_id, session)
+        rid = request.request_id
+        cancel = self._cancel_event(rid)
         try:
-            stream = session.reply_to(
-                messages,
-                max_new_tokens=request.max_new_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                seed=request.seed,
-            )
-            for item in stream:
-                if isinstance(item, TurnStats):
+            if self.loaded is None:
+                self.send(p.Error("no model is loaded yet", rid))
+                return
+            session = self.sessions.get(request.conversation_id)
+            if session is None:
+                session = self.sessions[request.conversation_id] = ChatSession(self.loaded)
+            self.sessions.move_to_end(request.conversation_id)
+            messages = [Message(role, content) for role, content in request.messages]
+            for response in session.reply_to(messages, request.params, cancel):
+                if response.stats is not None:
+                    if response.text:
+                        self.send(p.Delta(rid, response.text))
                     reply = session.messages[-1].content
-                    self.send(p.Finished(request.request_id, request.conversation_id, reply, item))
-                else:
-                    self.send(p.Delta(request.request_id, item))
+                    self.send(p.Finished(rid, request.conversation_id, reply, response.stats))
+                elif response.text:
+                    self.send(p.Delta(rid, response.text))
         except (BrokenPipeError, ConnectionError):
             raise
         except Exception as exc:
             self._error(request, exc)
         finally:
             with self._lock:
-                self._current = None
+                self._cancels.pop(rid, None)
+                self._finished = max(self._finished, rid)
         self._evict(keep=request.conversation_id)
 
     def _evict(self, keep: int) -> None:

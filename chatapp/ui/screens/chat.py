@@ -13,6 +13,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, ListItem, ListView
 
 from ... import protocol as p
+from ...sampling import resolve
 from ...store import default_title
 from ..widgets import MessageView, PromptInput, StatusBar, code_blocks, download_line, loaded_line, stats_line
 from .dialogs import ConfirmScreen, ConversationSettingsScreen, TextPromptScreen
@@ -162,21 +163,12 @@ class ChatScreen(Screen):
         history = [(m.role, m.content) for m in self.store.messages(conversation_id)]
         if conversation.settings.system_prompt:
             history.insert(0, ("system", conversation.settings.system_prompt))
-        s, defaults = conversation.settings, self.app.settings
         client = self.app.client
         turn = Turn(client.request_id(), conversation_id, None, self.loaded and self.loaded.model,
                     self.loaded and self.loaded.preset)
-        # The chat's own setting, else the model's catalog default, else the app's.
-        model_temperature = self.loaded.temperature if self.loaded else None
-        model_top_p = self.loaded.top_p if self.loaded else None
-        request = p.Generate(
-            turn.request_id,
-            conversation_id,
-            history,
-            max_new_tokens=s.max_new_tokens or defaults.max_new_tokens,
-            temperature=_first(s.temperature, model_temperature, defaults.temperature),
-            top_p=_first(s.top_p, model_top_p, defaults.top_p),
-        )
+        # The chat's own setting, else the model's catalog recommendation, else config.toml.
+        params = resolve(conversation.settings, self.loaded or {}, self.app.settings)
+        request = p.Generate(turn.request_id, conversation_id, history, params)
         if not client.send(request):
             self.notify("The worker is not running: press F5 to restart it.", severity="error")
             return
@@ -417,10 +409,6 @@ class ChatScreen(Screen):
             self.notify("The worker is running.", timeout=2)
             return
         self.app.start_worker()
-
-
-def _first(*values):
-    return next(v for v in values if v is not None)
 
 
 def _header(model: str | None, preset: str | None, stats: dict | None) -> str:

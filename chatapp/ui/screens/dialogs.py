@@ -8,6 +8,7 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, TextArea
 
+from ...sampling import check
 from ...store import ConvSettings
 
 
@@ -45,8 +46,8 @@ class TextPromptScreen(ModalScreen[str | None]):
         self.dismiss(event.value.strip() or None)
 
 
-def _number(text: str, kind: type, name: str, low: float, high: float | None) -> float | int | None:
-    """None for an empty field (use the app default); ValueError with a reason otherwise."""
+def _number(text: str, kind: type, name: str) -> float | int | None:
+    """None for an empty field (use the default); ValueError with a reason otherwise."""
     text = text.strip()
     if not text:
         return None
@@ -54,9 +55,7 @@ def _number(text: str, kind: type, name: str, low: float, high: float | None) ->
         value = kind(text)
     except ValueError:
         raise ValueError(f"{name} must be a{'n integer' if kind is int else ' number'}, not '{text}'") from None
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ValueError(f"{name} must be {bound}")
+    check(name, value)
     return value
 
 
@@ -111,9 +110,9 @@ class ConversationSettingsScreen(FormScreen):
         try:
             settings = ConvSettings(
                 system_prompt=self.query_one("#system-prompt", TextArea).text.strip(),
-                temperature=_number(value("#temperature"), float, "temperature", 0.0, 2.0),
-                top_p=_number(value("#top-p"), float, "top_p", 0.01, 1.0),
-                max_new_tokens=_number(value("#max-new-tokens"), int, "max new tokens", 1, None),
+                temperature=_number(value("#temperature"), float, "temperature"),
+                top_p=_number(value("#top-p"), float, "top_p"),
+                max_new_tokens=_number(value("#max-new-tokens"), int, "max_new_tokens"),
             )
         except ValueError as exc:
             self.show_error(str(exc))

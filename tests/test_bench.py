@@ -1,0 +1,66 @@
+"""`chatapp bench` and its pieces: the app's decode loop against model.generate, and the JSON contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from chatapp.engine.bench import app_decode, prompt_cache
+from chatapp.engine.session import Message, render_ids
+
+
+def chatapp(*args):
+    return subprocess.run([sys.executable, "-m", "chatapp.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_the_apps_decode_loop_continues_a_cache_like_generate(tiny_words_fp32):
+    loaded = tiny_words_fp32
+    prompt = render_ids(loaded.tokenizer, [Message("user", "Hello")])
+    cache = prompt_cache(loaded, prompt)
+    ids, times = app_decode(loaded, prompt, cache, 20)
+    assert len(ids) == len(times) == 20
+    assert not set(ids) & loaded.stop_token_ids
+    stop = sorted(loaded.stop_token_ids)
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            cache=cache,
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            eos_token_id=stop,
+            pad_token_id=stop[0],
+        )
+    assert out[0, len(prompt) :].tolist() == ids
+    assert app_decode(loaded, prompt, prompt_cache(loaded, prompt), 20)[0] == ids  # each run starts from a copy
+
+
+def test_bench_json_contract(tiny_folder):
+    out = chatapp("bench", "--model", str(tiny_folder), "--preset", "fp32", "--turns", "3",
+                  "--max-new-tokens", "6", "--user-tokens", "20", "--doc-tokens", "200", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    for key in ("model", "preset", "device", "cached", "naive", "identical_outputs", "raw_generate_tok_s", "app_tok_s"):
+        assert key in result
+    assert result["identical_outputs"] is True
+    fields = {"turn", "prompt_tokens", "prefilled_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s",
+              "cache_tokens", "finish_reason"}
+    assert all(fields <= set(turn) for turn in result["cached"] + result["naive"])
+    assert [t["turn"] for t in result["cached"]] == [1, 2, 3]
+    cached, naive = result["cached"], result["naive"]
+    assert cached[0]["prompt_tokens"] > 200
+    assert all(c["prefilled_tokens"] < 60 for c in cached[1:])
+    assert all(n["prefilled_tokens"] == n["prompt_tokens"] for n in naive)
+    assert [c["prompt_tokens"] for c in cached] == [n["prompt_tokens"] for n in naive]
+
+
+def test_bench_table(tiny_folder):
+    out = chatapp("bench", "--model", str(tiny_folder), "--preset", "fp32", "--turns", "2",
+                  "--max-new-tokens", "4", "--user-tokens", "10", "--doc-tokens", "0")
+    assert out.returncode == 0, out.stderr
+    assert "identical outputs: True" in out.stdout
+    assert "whole conversation: cached" in out.stdout
