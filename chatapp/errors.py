@@ -23,3 +23,9 @@ class ContextOverflow(ChatappError):
 
 class ConfigError(ChatappError):
     """A bad value in a config or catalog file."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__

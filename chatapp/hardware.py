@@ -101,6 +101,13 @@ def detect_gpus_nvml() -> tuple[GpuInfo, ...]:
         pynvml.nvmlShutdown()
 
 
+def flash_attn_installed() -> bool:
+    """Whether the flash-attn package can be imported (looked up, not imported: importing it loads CUDA)."""
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def detect_mps() -> bool:
     import platform
 
