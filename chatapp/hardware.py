@@ -17,6 +17,8 @@ class GpuInfo:
     total_bytes: int
     free_bytes: int
     compute_capability: tuple[int, int] | None = None
+    #: Peak memory bandwidth from NVML (bus width x memory clock); None when unknown, e.g. a GPU described by hand.
+    bandwidth_bytes_per_s: float | None = None
 
     @property
     def bf16_supported(self) -> bool:
@@ -94,11 +96,28 @@ def detect_gpus_nvml() -> tuple[GpuInfo, ...]:
                     total_bytes=int(memory.total),
                     free_bytes=int(memory.free),
                     compute_capability=capability,
+                    bandwidth_bytes_per_s=_nvml_bandwidth(pynvml, handle),
                 )
             )
         return tuple(gpus)
     finally:
         pynvml.nvmlShutdown()
+
+
+def _nvml_bandwidth(pynvml, handle) -> float | None:
+    """Peak bandwidth: bus width (bits) / 8 x the top memory clock x 2 (double data rate).
+
+    NVML reports the clock so that this holds for GDDR6/6X and HBM alike: a T4 (256 bit, 5001 MHz) gives 320 GB/s,
+    an A100 40GB (5120 bit, 1215 MHz) 1.56 TB/s, an RTX 3090 (384 bit, 9751 MHz) 936 GB/s, as their data sheets say.
+    """
+    try:
+        bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
+        clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
+    except Exception:  # old drivers and some virtual GPUs don't report these
+        return None
+    if not bus_bits or not clock_mhz:
+        return None
+    return bus_bits / 8 * clock_mhz * 1e6 * 2
 
 
 def flash_attn_installed() -> bool:
