@@ -30,6 +30,8 @@ class CpuInfo:
     ram_total_bytes: int
     ram_available_bytes: int
     flags: frozenset[str] = frozenset()
+    #: The cores this process may use; None when unknown (described by hand, or in tests).
+    cores: int | None = None
 
     @property
     def bf16_native(self) -> bool:
@@ -67,9 +69,16 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def _cores() -> int | None:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        return os.cpu_count()
+
+
 def detect_cpu() -> CpuInfo:
     total, available = _meminfo()
-    return CpuInfo(ram_total_bytes=total, ram_available_bytes=available, flags=_cpu_flags())
+    return CpuInfo(ram_total_bytes=total, ram_available_bytes=available, flags=_cpu_flags(), cores=_cores())
 
 
 def detect_gpus_nvml() -> tuple[GpuInfo, ...]:
@@ -179,7 +188,7 @@ def describe_by_hand(
     cpu = detected.cpu
     if ram:
         size = parse_size(ram)
-        cpu = CpuInfo(ram_total_bytes=size, ram_available_bytes=size, flags=cpu.flags)
+        cpu = CpuInfo(ram_total_bytes=size, ram_available_bytes=size, flags=cpu.flags, cores=cpu.cores)
     devices, mps = detected.gpus, detected.mps
     if no_gpu:
         devices, mps = (), False

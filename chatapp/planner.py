@@ -268,18 +268,29 @@ def longest_context(hardware: Hardware, facts: ModelFacts, preset: str) -> int |
 # sheet's peak), chosen on the low side: an estimate that says "slow" for a model that turns out fine is a small
 # disappointment; one that says "~20 tok/s" for a model that crawls is the false promise users complain about.
 
-#: CPU: on our 2-core boxes SmolLM2-135M fp32 (0.54 GB of weights) decodes at 12-17 tok/s, i.e. 7-9 GB/s effective,
-#: Python overhead included. Big models are purely bandwidth bound and a desktop with more cores and memory channels
-#: reaches 20-60 GB/s, so 8 GB/s errs on the slow side everywhere but the smallest box.
-CPU_BANDWIDTH = 8e9
+#: CPU, per core: on our 2-core boxes SmolLM2-135M fp32 (0.54 GB of weights) decodes at 12-17 tok/s (7-9 GB/s
+#: effective, helped by caches), while a matrix-vector product too big for any cache, which is what a big model's
+#: decode is, streams 6.6 GB/s on the same 2 cores (torch, fp32). 3 GB/s per core gives 6 GB/s there: a little
+#: under both, so big models are not promised more than they get.
+CPU_BANDWIDTH_PER_CORE = 3e9
+#: One socket's memory channels cap what more cores can pull: 40 GB/s is below dual-channel DDR5.
+CPU_BANDWIDTH_MAX = 40e9
+#: Cores assumed when the count is unknown (hardware described by hand): the smallest machine we run on.
+CPU_CORES_DEFAULT = 2
 #: Apple GPU: a base M1 has 68 GB/s peak (Pro/Max chips 200-400 GB/s); we assume the base chip, minus some.
 MPS_BANDWIDTH = 50e9
 #: A CUDA GPU whose bandwidth NVML didn't report (or one described by hand): below a T4's 320 GB/s peak.
 CUDA_BANDWIDTH = 200e9
 #: The share of a GPU's peak (NVML) bandwidth that decoding reaches in practice.
 BANDWIDTH_EFFICIENCY = 0.7
-#: Below this estimated rate a model fits but isn't really usable: a 200-token reply takes over a minute.
-USABLE_TOKENS_PER_S = 3.0
+#: Below this estimated rate a model fits but isn't really usable: a short 100-token reply takes most of a minute.
+USABLE_TOKENS_PER_S = 2.0
+
+
+def cpu_bandwidth_bytes_per_s(hardware: Hardware) -> float:
+    """Effective CPU RAM bandwidth for decoding: CPU_BANDWIDTH_PER_CORE per core, at most CPU_BANDWIDTH_MAX."""
+    cores = hardware.cpu.cores or CPU_CORES_DEFAULT
+    return min(cores * CPU_BANDWIDTH_PER_CORE, CPU_BANDWIDTH_MAX)
 
 
 def bandwidth_bytes_per_s(hardware: Hardware) -> float:
@@ -289,7 +300,7 @@ def bandwidth_bytes_per_s(hardware: Hardware) -> float:
     if device_type == "cuda":
         known = [g.bandwidth_bytes_per_s for g in hardware.gpus]
         return min(known) * BANDWIDTH_EFFICIENCY if all(known) else CUDA_BANDWIDTH
-    return MPS_BANDWIDTH if device_type == "mps" else CPU_BANDWIDTH
+    return MPS_BANDWIDTH if device_type == "mps" else cpu_bandwidth_bytes_per_s(hardware)
 
 
 def decode_tokens_per_s(
@@ -297,13 +308,13 @@ def decode_tokens_per_s(
 ) -> float:
     """Estimated decode rate with `context` tokens in the cache: bandwidth / (weights + KV cache) bytes.
 
-    `offloaded_bytes` of them live in CPU RAM (a GPU+CPU split) and are read at CPU_BANDWIDTH.
+    `offloaded_bytes` of them live in CPU RAM (a GPU+CPU split) and are read at the CPU's bandwidth.
     """
     device_type, bf16 = device_kind(hardware)
     compute = compute_dtype_for(preset, device_type=device_type, bf16_supported=bf16)
     read = weights_bytes(facts, preset, compute) + kv_cache_bytes(facts, context, compute)
     on_cpu = min(max(0, offloaded_bytes), read)
-    seconds = (read - on_cpu) / bandwidth_bytes_per_s(hardware) + on_cpu / CPU_BANDWIDTH
+    seconds = (read - on_cpu) / bandwidth_bytes_per_s(hardware) + on_cpu / cpu_bandwidth_bytes_per_s(hardware)
     return 1 / seconds
 
 
