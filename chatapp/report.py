@@ -154,12 +154,12 @@ def speed_line(plan: Plan) -> str:
     c = plan.choice
     if c is None or c.tokens_per_s is None:
         return "- (nothing fits)"
-    read = c.estimate.weights_bytes + c.estimate.kv_cache_bytes
+    read = f"{_gb(c.estimate.weights_bytes + c.estimate.kv_cache_bytes)} read per token"
     if c.slow:
-        how = f"{_gb(read)} read per token, part of it from CPU RAM at {_gb(planner.cpu_bandwidth_bytes_per_s(plan.hardware))}/s"
+        how = f"{read}, part of it from CPU RAM at {_gb(planner.cpu_bandwidth_bytes_per_s(plan.hardware))}/s"
     else:
-        how = f"{_gb(read)} read per token (weights + KV cache at {c.context_tokens:,} tokens) at " \
-              f"{_gb(planner.bandwidth_bytes_per_s(plan.hardware))}/s"
+        how = f"{_gb(planner.bandwidth_bytes_per_s(plan.hardware))}/s ÷ {read}, weights + KV cache at " \
+              f"{c.context_tokens:,} tokens"
     usable = "" if c.tokens_per_s >= planner.USABLE_TOKENS_PER_S else "; too slow to be usable"
     return f"{rate(c.tokens_per_s)} (estimate: {how}{usable})"
 

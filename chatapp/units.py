@@ -31,7 +31,7 @@ def eta_s(done: float, total: float, per_s: float) -> float | None:
 
 def duration(seconds: float) -> str:
     """'45s', '3m 20s', '2h 05m'."""
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
