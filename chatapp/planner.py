@@ -283,6 +283,11 @@ MPS_BANDWIDTH = 50e9
 CUDA_BANDWIDTH = 200e9
 #: The share of a GPU's peak (NVML) bandwidth that decoding reaches in practice.
 BANDWIDTH_EFFICIENCY = 0.7
+#: A GPU waits for Python: eager PyTorch launches a few dozen small kernels per layer per token. gpt-fast's eager
+#: baseline, Llama-2-7B fp16 on an A100, decodes 25.5 tok/s where bandwidth alone allows ~110, i.e. ~0.9 ms a layer
+#: of overhead; without it a 135M model would be promised hundreds of tokens a second. CPU: none here, because
+#: CPU_BANDWIDTH_PER_CORE was calibrated on a real decode, overhead included.
+LAYER_OVERHEAD_S = {"cuda": 0.8e-3, "mps": 0.8e-3, "cpu": 0.0}
 #: Below this estimated rate a model fits but isn't really usable: a short 100-token reply takes most of a minute.
 USABLE_TOKENS_PER_S = 2.0
 
@@ -306,7 +311,8 @@ def bandwidth_bytes_per_s(hardware: Hardware) -> float:
 def decode_tokens_per_s(
     hardware: Hardware, facts: ModelFacts, preset: str, context: int, *, offloaded_bytes: int = 0
 ) -> float:
-    """Estimated decode rate with `context` tokens in the cache: bandwidth / (weights + KV cache) bytes.
+    """Estimated decode rate with `context` tokens in the cache: bandwidth / (weights + KV cache) bytes, plus
+    LAYER_OVERHEAD_S per layer on a GPU.
 
     `offloaded_bytes` of them live in CPU RAM (a GPU+CPU split) and are read at the CPU's bandwidth.
     """
@@ -315,6 +321,7 @@ def decode_tokens_per_s(
     read = weights_bytes(facts, preset, compute) + kv_cache_bytes(facts, context, compute)
     on_cpu = min(max(0, offloaded_bytes), read)
     seconds = (read - on_cpu) / bandwidth_bytes_per_s(hardware) + on_cpu / cpu_bandwidth_bytes_per_s(hardware)
+    seconds += facts.layers * LAYER_OVERHEAD_S[device_type]
     return 1 / seconds
 
 

@@ -160,6 +160,9 @@ def speed_line(plan: Plan) -> str:
     else:
         how = f"{_gb(planner.bandwidth_bytes_per_s(plan.hardware))}/s ÷ {read}, weights + KV cache at " \
               f"{c.context_tokens:,} tokens"
+    overhead = plan.facts.layers * planner.LAYER_OVERHEAD_S[planner.device_kind(plan.hardware)[0]]
+    if overhead:
+        how += f", plus {overhead * 1e3:.0f} ms of per-layer launch overhead"
     usable = "" if c.tokens_per_s >= planner.USABLE_TOKENS_PER_S else "; too slow to be usable"
     return f"{rate(c.tokens_per_s)} (estimate: {how}{usable})"
 

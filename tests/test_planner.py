@@ -286,12 +286,15 @@ def test_the_choice_carries_its_speed_and_a_split_is_read_partly_from_cpu_ram():
     f = facts("llama-3.1-8b")
     plan = choose(machine(24), f, context=8192)
     assert plan.choice.tokens_per_s == pytest.approx(decode_tokens_per_s(machine(24), f, "bf16", 8192))
-    assert round(plan.choice.tokens_per_s) == 12  # 200 GB/s / (16.1 GB weights + 1.1 GB cache)
+    # 17.2 GB (16.1 GB of weights + 1.1 GB of cache) at 200 GB/s is 86 ms, plus 32 layers x 0.8 ms of launches.
+    assert plan.choice.tokens_per_s == pytest.approx(1 / (17.2e9 / 200e9 + 32 * 0.8e-3), rel=0.01)
+    assert round(plan.choice.tokens_per_s) == 9
     split = choose(machine(4), f, context=8192)
     assert split.choice.slow and split.choice.max_context_tokens is None
     on_gpu = decode_tokens_per_s(machine(4), f, "bf16", 8192)
     on_cpu = decode_tokens_per_s(machine(4), f, "bf16", 8192, offloaded_bytes=10**12)
-    assert on_cpu == pytest.approx(6e9 / (weights_bytes(f, "bf16", "bf16") + kv_cache_bytes(f, 8192, "bf16")))
+    read = weights_bytes(f, "bf16", "bf16") + kv_cache_bytes(f, 8192, "bf16")
+    assert on_cpu == pytest.approx(1 / (read / 6e9 + 32 * 0.8e-3))  # still launched from the GPU
     assert on_cpu < split.choice.tokens_per_s < on_cpu * 1.5 < on_gpu  # most of it is read at CPU speed
 
 
