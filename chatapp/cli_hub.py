@@ -7,7 +7,7 @@ import signal
 import threading
 
 from .errors import ChatappError
-from .units import gb
+from .units import gb, mb
 
 
 def _repo_of(ref: str, settings):
@@ -49,7 +49,7 @@ def cmd_rm(args, settings) -> int:
 
     source = _repo_of(args.model, settings)
     freed = hub.delete(source.repo_id)
-    print(f"deleted {source.repo_id}: {freed / 1e6:,.1f} MB freed")
+    print(f"deleted {source.repo_id}: {mb(freed)} freed")
     return 0
 
 

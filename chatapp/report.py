@@ -18,7 +18,7 @@ def describe_hardware(hw: Hardware) -> list[str]:
     lines = []
     for g in hw.gpus:
         cc = ".".join(map(str, g.compute_capability)) if g.compute_capability else "?"
-        bandwidth = f", {g.bandwidth_bytes_per_s / 1e9:,.0f} GB/s" if g.bandwidth_bytes_per_s else ""
+        bandwidth = f", {_gb(g.bandwidth_bytes_per_s, 0)}/s" if g.bandwidth_bytes_per_s else ""
         lines.append(
             f"GPU {g.index}: {g.name}, {_gib(g.total_bytes)} ({_gib(g.free_bytes)} free), compute {cc}{bandwidth}"
         )

@@ -8,6 +8,11 @@ def gb(n: float, digits: int = 1) -> str:
     return f"{n / 1e9:,.{digits}f} GB"
 
 
+def mb(n: float) -> str:
+    """Decimal megabytes: mb(1_234_567) == '1.2 MB'."""
+    return f"{n / 1e6:,.1f} MB"
+
+
 def gib(n: float) -> str:
     """Binary gibibytes, as RAM and GPU memory are sold: gib(16 * 1024**3) == '16.0 GiB'."""
     return f"{n / 1024**3:.1f} GiB"

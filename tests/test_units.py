@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chatapp.units import duration, eta_s, gb, gib, rate, size, tokens
+from chatapp.units import duration, eta_s, gb, gib, mb, rate, size, tokens
 
 
 def test_sizes():
@@ -10,6 +10,7 @@ def test_sizes():
     assert gb(16_060_522_496, 2) == "16.06 GB"
     assert gb(301.8e9) == "301.8 GB"
     assert gib(16 * 1024**3) == "16.0 GiB"
+    assert mb(1_234_567) == "1.2 MB" and mb(2_345_678_901) == "2,345.7 MB"
     assert [size(n) for n in (512, 1500, 12_345_678, 2.9e9, 3.5e12)] == [
         "512 B", "1.5 KB", "12.3 MB", "2.9 GB", "3,500.0 GB"
     ]
