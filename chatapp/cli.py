@@ -276,10 +276,8 @@ def cmd_plan(args, settings) -> int:
     except ValueError as exc:
         raise ChatappError(str(exc)) from None
     facts = facts_for(parse_ref(args.model, load_catalog(settings.config_dir / "models.toml")))
-    import importlib.util
-
     result = planner.choose(
-        hw, facts, args.context, args.preset, flash_attn_installed=importlib.util.find_spec("flash_attn") is not None
+        hw, facts, args.context, args.preset, flash_attn_installed=hardware.flash_attn_installed()
     )
     print(json.dumps(planner.plan_dict(result)) if args.json else format_plan(result))
     return 0

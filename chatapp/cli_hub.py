@@ -6,8 +6,8 @@ import json
 import signal
 import threading
 
-from . import planner
 from .errors import ChatappError
+from .units import gb, mb
 
 
 def _repo_of(ref: str, settings):
@@ -49,42 +49,41 @@ def cmd_rm(args, settings) -> int:
 
     source = _repo_of(args.model, settings)
     freed = hub.delete(source.repo_id)
-    print(f"deleted {source.repo_id}: {freed / 1e6:,.1f} MB freed")
+    print(f"deleted {source.repo_id}: {mb(freed)} freed")
     return 0
 
 
 def cmd_models(args, settings) -> int:
     from . import hub
     from .catalog import load_catalog
-
-    from .facts import facts_from_spec
+    from .choices import catalog_rows, local_rows
     from .hardware import detect
-    from .report import verdict
 
     hw = detect()
     local = {m.repo_id: m for m in hub.list_local()}
-    rows = []
-    if not args.local:
-        for spec in load_catalog(settings.config_dir / "models.toml").values():
-            found = local.get(spec.repo) if not spec.gguf_package else None
-            facts = facts_from_spec(spec)
-            rows.append({"key": spec.key, "repo": spec.repo, "name": spec.name, "gated": spec.gated,
-                         "downloaded": bool(found) or bool(spec.gguf_package),
-                         "size_bytes": found.size_bytes if found else None,
-                         "fit": verdict(planner.choose(hw, facts)) if facts else None})
-    known = {r["repo"] for r in rows}
-    for model in local.values():
-        if args.local or model.repo_id not in known:
-            rows.append({"key": None, "repo": model.repo_id, "name": model.repo_id, "gated": None,
-                         "downloaded": True, "size_bytes": model.size_bytes, "revisions": list(model.revisions),
-                         "fit": None})
-    if args.json:
-        print(json.dumps(rows))
-        return 0
+    cap = settings.context_cap or None
+    rows = [] if args.local else catalog_rows(load_catalog(settings.config_dir / "models.toml"), hw, local, cap)
+    known = {r.repo for r in rows if r.size_on_disk}
+    rows += local_rows({k: m for k, m in local.items() if args.local or k not in known}, hw, cap)
+    listed = []
     for r in rows:
-        size = f"{r['size_bytes'] / 1e9:.2f} GB" if r["size_bytes"] else ("bundled" if r["downloaded"] else "-")
-        fit = f"  [{r['fit']}]" if r["fit"] else ""
-        print(f"{(r['key'] or r['repo']):<24} {size:>10}  {'gated ' if r['gated'] else ''}{r['name']}{fit}")
+        choice = r.plan.choice if r.fits else None
+        entry = {"key": None if r.ref == r.repo else r.ref, "repo": r.repo, "name": r.name,
+                 "gated": r.gated if r.ref != r.repo else None, "downloaded": r.ready,
+                 "size_bytes": r.size_on_disk, "fit": r.verdict if r.plan else None,
+                 "context_tokens": choice.context_tokens if choice else None,
+                 "max_context_tokens": choice.max_context_tokens if choice else None,
+                 "decode_tokens_per_s": r.tokens_per_s}
+        if r.repo in local and r.ref == r.repo:
+            entry["revisions"] = list(local[r.repo].revisions)
+        listed.append(entry)
+    if args.json:
+        print(json.dumps(listed))
+        return 0
+    for r, e in zip(rows, listed):
+        size = gb(r.size_on_disk, 2) if r.size_on_disk else ("bundled" if r.ready else "-")
+        fit = f"  [{r.verdict} · {r.speed}]" if r.fits else (f"  [{r.verdict}]" if r.plan else "")
+        print(f"{(e['key'] or r.repo):<24} {size:>10}  {'gated ' if r.gated else ''}{r.name}{fit}")
     return 0
 
 

@@ -26,6 +26,6 @@ class ConfigError(ChatappError):
 
 
 def first_line(exc: BaseException) -> str:
-    """An exception's message cut to its first line, or its type's name when it has none."""
+    """The first non-empty line of an exception's message, or its type's name when it has none."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return text.splitlines()[0].strip() if text else type(exc).__name__

@@ -17,6 +17,8 @@ class GpuInfo:
     total_bytes: int
     free_bytes: int
     compute_capability: tuple[int, int] | None = None
+    #: Peak memory bandwidth from NVML (bus width x memory clock); None when unknown, e.g. a GPU described by hand.
+    bandwidth_bytes_per_s: float | None = None
 
     @property
     def bf16_supported(self) -> bool:
@@ -28,6 +30,8 @@ class CpuInfo:
     ram_total_bytes: int
     ram_available_bytes: int
     flags: frozenset[str] = frozenset()
+    #: The cores this process may use; None when unknown (described by hand, or in tests).
+    cores: int | None = None
 
     @property
     def bf16_native(self) -> bool:
@@ -65,9 +69,16 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def _cores() -> int | None:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        return os.cpu_count()
+
+
 def detect_cpu() -> CpuInfo:
     total, available = _meminfo()
-    return CpuInfo(ram_total_bytes=total, ram_available_bytes=available, flags=_cpu_flags())
+    return CpuInfo(ram_total_bytes=total, ram_available_bytes=available, flags=_cpu_flags(), cores=_cores())
 
 
 def detect_gpus_nvml() -> tuple[GpuInfo, ...]:
@@ -94,11 +105,35 @@ def detect_gpus_nvml() -> tuple[GpuInfo, ...]:
                     total_bytes=int(memory.total),
                     free_bytes=int(memory.free),
                     compute_capability=capability,
+                    bandwidth_bytes_per_s=_nvml_bandwidth(pynvml, handle),
                 )
             )
         return tuple(gpus)
     finally:
         pynvml.nvmlShutdown()
+
+
+def _nvml_bandwidth(pynvml, handle) -> float | None:
+    """Peak bandwidth: bus width (bits) / 8 x the top memory clock x 2 (double data rate).
+
+    NVML reports the clock so that this holds for GDDR6/6X and HBM alike: a T4 (256 bit, 5001 MHz) gives 320 GB/s,
+    an A100 40GB (5120 bit, 1215 MHz) 1.56 TB/s, an RTX 3090 (384 bit, 9751 MHz) 936 GB/s, as their data sheets say.
+    """
+    try:
+        bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
+        clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
+    except Exception:  # old drivers and some virtual GPUs don't report these
+        return None
+    if not bus_bits or not clock_mhz:
+        return None
+    return bus_bits / 8 * clock_mhz * 1e6 * 2
+
+
+def flash_attn_installed() -> bool:
+    """Whether the flash-attn package can be imported (looked up, not imported: importing it loads CUDA)."""
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def detect_mps() -> bool:
@@ -153,17 +188,10 @@ def describe_by_hand(
     cpu = detected.cpu
     if ram:
         size = parse_size(ram)
-        cpu = CpuInfo(ram_total_bytes=size, ram_available_bytes=size, flags=cpu.flags)
+        cpu = CpuInfo(ram_total_bytes=size, ram_available_bytes=size, flags=cpu.flags, cores=cpu.cores)
     devices, mps = detected.gpus, detected.mps
     if no_gpu:
         devices, mps = (), False
     elif gpus:
         devices, mps = tuple(parse_gpu(text, i) for i, text in enumerate(gpus)), False
     return Hardware(cpu=cpu, gpus=devices, mps=mps)
-
-
-def flash_attn_installed() -> bool:
-    """Whether the flash-attn package is importable, found without importing it (it imports torch)."""
-    import importlib.util
-
-    return importlib.util.find_spec("flash_attn") is not None

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ChatappError, HubError, ModelNotFound
+from .errors import ChatappError, HubError, ModelNotFound, first_line
 
 
 #: Only what loading needs: no duplicate .bin/.gguf/onnx weights.
@@ -89,9 +89,9 @@ def hub_errors(repo_id: str, revision: str | None = None):
                 f"the Hub refused access to '{repo_id}' (HTTP {status}): if it is gated, accept its license at "
                 f"https://huggingface.co/{repo_id}; log in with `hf auth login` or set HF_TOKEN"
             ) from None
-        raise HubError(f"talking to the Hub about '{repo_id}' failed: {str(exc).strip().splitlines()[0]}") from None
+        raise HubError(f"talking to the Hub about '{repo_id}' failed: {first_line(exc)}") from None
     except OSError as exc:
-        raise HubError(f"talking to the Hub about '{repo_id}' failed: {str(exc).splitlines()[0]}") from None
+        raise HubError(f"talking to the Hub about '{repo_id}' failed: {first_line(exc)}") from None
     except Exception as exc:
         if is_network_error(exc):
             from huggingface_hub import constants

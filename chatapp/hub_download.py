@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ChatappError, HubError
+from .units import gb, mb
 from .hub import allow_patterns, hub_errors, is_network_error, matching, offline_error
 
 
@@ -32,12 +33,6 @@ class Progress:
     done_bytes: int
     total_bytes: int
     bytes_per_s: float
-
-    @property
-    def eta_s(self) -> float | None:
-        if self.bytes_per_s <= 0:
-            return None
-        return max(0.0, (self.total_bytes - self.done_bytes) / self.bytes_per_s)
 
 
 @dataclass(frozen=True)
@@ -56,8 +51,8 @@ def check_disk(needed: int, where: Path, free_bytes: Callable[[Path], int] | Non
     free = free_bytes(probe) if free_bytes else shutil.disk_usage(probe).free
     if needed > free:
         raise HubError(
-            f"not enough disk space in {where}: the download needs {needed / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB is free ({(needed - free) / 1e9:.2f} GB missing)"
+            f"not enough disk space in {where}: the download needs {gb(needed, 2)}, "
+            f"{gb(free, 2)} is free ({gb(needed - free, 2)} missing)"
         )
 
 
@@ -163,7 +158,7 @@ def _fetch_blob(repo_id: str, remote: RemoteFile, blobs: Path, meter: _Meter) ->
                 handle.flush()
                 raise HubError(
                     f"the connection to the Hub broke while downloading {remote.name} "
-                    f"({_size(partial) / 1e6:,.1f} of {remote.size / 1e6:,.1f} MB kept, {type(exc).__name__}); "
+                    f"({mb(_size(partial))} of {mb(remote.size)} kept, {type(exc).__name__}); "
                     "run the pull again to continue"
                 ) from None
         if remote.sha256 and _sha256(partial) != remote.sha256:

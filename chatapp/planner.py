@@ -7,9 +7,15 @@ tested against machines we don't have.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .units import gb as _gb
+
+if TYPE_CHECKING:
+    from .facts import ModelFacts
+    from .hardware import Hardware
 
 PRESETS = ("auto", "bf16", "fp16", "fp32", "int8", "nf4")
-QUANTIZED_PRESETS = ("int8", "nf4")
 #: Flash Attention 2 needs Ampere (compute capability 8.0) or newer.
 FLASH_MIN_CAPABILITY = (8, 0)
 
@@ -56,7 +62,6 @@ def compute_dtype_for(preset: str, *, device_type: str, bf16_supported: bool) ->
 
 # -- memory -----------------------------------------------------------------------------------
 
-GIB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 #: nf4: 4-bit codes, one 8-bit absmax per 64-weight block, and (double quant) one fp32 per 256 absmaxes.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -69,6 +74,9 @@ CPU_OVERHEAD_BYTES = 400 * 1024**2
 #: Plans keep this share of a device's free memory in reserve.
 SAFETY_MARGIN = 0.05
 CONTEXT_FLOOR = 8192
+#: The context a verdict is given at when the user set no context_cap: a long chat, not the model's 128k maximum
+#: that almost nobody fills (and that the KV cache only reaches if the chat does).
+PRACTICAL_CONTEXT = 8192
 WEIGHT_PRESETS = ("bf16", "fp16", "fp32", "int8", "nf4")
 
 
@@ -136,10 +144,6 @@ def estimate(facts, preset: str, context_tokens: int, *, device_type: str = "cud
     )
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
-
-
 def usable_bytes(free: int) -> int:
     return int(free * (1 - SAFETY_MARGIN))
 
@@ -157,13 +161,24 @@ class Choice:
     estimate: Estimate
     max_memory: dict | None = None
     slow: bool = False
+    #: Estimated decode rate at context_tokens (see decode_tokens_per_s).
+    tokens_per_s: float | None = None
+    #: The longest context at which this preset fits here (see longest_context); None for a GPU+CPU split.
+    max_context_tokens: int | None = None
 
 
 @dataclass(frozen=True)
 class Plan:
-    facts: object
-    hardware: object
-    presets: tuple[tuple[Estimate, str | None], ...]  # each preset's estimate, and where it fits (None: nowhere)
+    """What `choose` decided for one model on one machine, and why.
+
+    `presets` holds every weight preset's estimate at the plan's context (the chosen one, or the floor when nothing
+    fits) with where it fits (a device label, or None: nowhere). `choice` is None when nothing fits. `reasons` are
+    the steps in order, each with its numbers, ending with the attention implementation or the refusal.
+    """
+
+    facts: ModelFacts
+    hardware: Hardware
+    presets: tuple[tuple[Estimate, str | None], ...]
     choice: Choice | None
     reasons: tuple[str, ...]
 
@@ -212,6 +227,104 @@ def _fit_context(facts, preset, want, floor, target, bf16) -> int | None:
     return low
 
 
+def device_kind(hardware: Hardware) -> tuple[str, bool]:
+    """("cuda", "mps" or "cpu", and whether it computes bf16 natively): what the plan runs on."""
+    if hardware.gpus:
+        return "cuda", all(g.bf16_supported for g in hardware.gpus)
+    if hardware.mps:
+        return "mps", True
+    return "cpu", hardware.cpu.bf16_native
+
+
+def auto_ladder(hardware: Hardware) -> tuple[str, ...]:
+    """The presets `auto` tries on this hardware, in order. The one home of this rule: verdicts use it too.
+
+    A GPU: bf16, or fp16 where bf16 isn't supported (pre-Ampere, e.g. a T4). A CPU: bf16 where it computes bf16
+    natively, else fp32 (emulated bf16 is several times slower). Then nf4 when memory is short.
+    """
+    device_type, bf16 = device_kind(hardware)
+    if device_type == "cpu":
+        return ("bf16" if bf16 else "fp32", "nf4")
+    return ("bf16" if bf16 else "fp16", "nf4")
+
+
+def practical_context(facts: ModelFacts, context_cap: int | None = None) -> int:
+    """The context a user will get: their context_cap when set, else PRACTICAL_CONTEXT; at most the model's own."""
+    return min(context_cap or PRACTICAL_CONTEXT, facts.max_context)
+
+
+def longest_context(hardware: Hardware, facts: ModelFacts, preset: str) -> int | None:
+    """The longest context (to 1,024 tokens, at most the model's maximum) at which preset fits on one of hardware's
+    devices (or its GPUs together); None when it doesn't fit even at 1,024 tokens."""
+    _, bf16 = device_kind(hardware)
+    floor = min(1024, facts.max_context)
+    fits = [_fit_context(facts, preset, facts.max_context, floor, t, bf16) for t in _targets(hardware)]
+    return max((ctx for ctx in fits if ctx is not None), default=None)
+
+
+# -- decode speed -------------------------------------------------------------------------------
+# At batch size 1 every new token reads all the weights and the whole KV cache once, so decoding runs at about
+# memory bandwidth / bytes read per token. The defaults below are effective rates (what decoding gets, not a data
+# sheet's peak), chosen on the low side: an estimate that says "slow" for a model that turns out fine is a small
+# disappointment; one that says "~20 tok/s" for a model that crawls is the false promise users complain about.
+
+#: CPU, per core: on our 2-core boxes SmolLM2-135M fp32 (0.54 GB of weights) decodes at 12-17 tok/s (7-9 GB/s
+#: effective, helped by caches), while a matrix-vector product too big for any cache, which is what a big model's
+#: decode is, streams 6.6 GB/s on the same 2 cores (torch, fp32). 3 GB/s per core gives 6 GB/s there: a little
+#: under both, so big models are not promised more than they get.
+CPU_BANDWIDTH_PER_CORE = 3e9
+#: One socket's memory channels cap what more cores can pull: 40 GB/s is below dual-channel DDR5.
+CPU_BANDWIDTH_MAX = 40e9
+#: Cores assumed when the count is unknown (hardware described by hand): the smallest machine we run on.
+CPU_CORES_DEFAULT = 2
+#: Apple GPU: a base M1 has 68 GB/s peak (Pro/Max chips 200-400 GB/s); we assume the base chip, minus some.
+MPS_BANDWIDTH = 50e9
+#: A CUDA GPU whose bandwidth NVML didn't report (or one described by hand): below a T4's 320 GB/s peak.
+CUDA_BANDWIDTH = 200e9
+#: The share of a GPU's peak (NVML) bandwidth that decoding reaches in practice.
+BANDWIDTH_EFFICIENCY = 0.7
+#: A GPU waits for Python: eager PyTorch launches a few dozen small kernels per layer per token. gpt-fast's eager
+#: baseline, Llama-2-7B fp16 on an A100, decodes 25.5 tok/s where bandwidth alone allows ~110, i.e. ~0.9 ms a layer
+#: of overhead; without it a 135M model would be promised hundreds of tokens a second. CPU: none here, because
+#: CPU_BANDWIDTH_PER_CORE was calibrated on a real decode, overhead included.
+LAYER_OVERHEAD_S = {"cuda": 0.8e-3, "mps": 0.8e-3, "cpu": 0.0}
+#: Below this estimated rate a model fits but isn't really usable: a short 100-token reply takes most of a minute.
+USABLE_TOKENS_PER_S = 2.0
+
+
+def cpu_bandwidth_bytes_per_s(hardware: Hardware) -> float:
+    """Effective CPU RAM bandwidth for decoding: CPU_BANDWIDTH_PER_CORE per core, at most CPU_BANDWIDTH_MAX."""
+    cores = hardware.cpu.cores or CPU_CORES_DEFAULT
+    return min(cores * CPU_BANDWIDTH_PER_CORE, CPU_BANDWIDTH_MAX)
+
+
+def bandwidth_bytes_per_s(hardware: Hardware) -> float:
+    """Effective memory bandwidth of the device a plan runs on: NVML's peak x BANDWIDTH_EFFICIENCY for GPUs
+    (the slowest one, when layers are spread over several), else the conservative default of the device type."""
+    device_type, _ = device_kind(hardware)
+    if device_type == "cuda":
+        known = [g.bandwidth_bytes_per_s for g in hardware.gpus]
+        return min(known) * BANDWIDTH_EFFICIENCY if all(known) else CUDA_BANDWIDTH
+    return MPS_BANDWIDTH if device_type == "mps" else cpu_bandwidth_bytes_per_s(hardware)
+
+
+def decode_tokens_per_s(
+    hardware: Hardware, facts: ModelFacts, preset: str, context: int, *, offloaded_bytes: int = 0
+) -> float:
+    """Estimated decode rate with `context` tokens in the cache: bandwidth / (weights + KV cache) bytes, plus
+    LAYER_OVERHEAD_S per layer on a GPU.
+
+    `offloaded_bytes` of them live in CPU RAM (a GPU+CPU split) and are read at the CPU's bandwidth.
+    """
+    device_type, bf16 = device_kind(hardware)
+    compute = compute_dtype_for(preset, device_type=device_type, bf16_supported=bf16)
+    read = weights_bytes(facts, preset, compute) + kv_cache_bytes(facts, context, compute)
+    on_cpu = min(max(0, offloaded_bytes), read)
+    seconds = (read - on_cpu) / bandwidth_bytes_per_s(hardware) + on_cpu / cpu_bandwidth_bytes_per_s(hardware)
+    seconds += facts.layers * LAYER_OVERHEAD_S[device_type]
+    return 1 / seconds
+
+
 def _max_memory(hardware, cpu_bytes: int | None = None) -> dict:
     memory: dict = {g.index: usable_bytes(g.free_bytes) - CUDA_OVERHEAD_BYTES for g in hardware.gpus}
     if cpu_bytes is not None:
@@ -219,25 +332,26 @@ def _max_memory(hardware, cpu_bytes: int | None = None) -> dict:
     return memory
 
 
-def choose(hardware, facts, context: int | None = None, preset: str = "auto", flash_attn_installed: bool = False) -> Plan:
+def choose(
+    hardware: Hardware,
+    facts: ModelFacts,
+    context: int | None = None,
+    preset: str = "auto",
+    flash_attn_installed: bool = False,
+) -> Plan:
     """The best preset and context that fit, with the reasons; or no choice, saying what was needed and what there is."""
     reasons: list[str] = []
     targets = _targets(hardware)
     on_gpu = bool(hardware.gpus)
-    if on_gpu:
-        bf16, device_type = all(g.bf16_supported for g in hardware.gpus), "cuda"
-    elif hardware.mps:
-        bf16, device_type = True, "mps"
-    else:
-        bf16, device_type = hardware.cpu.bf16_native, "cpu"
+    device_type, bf16 = device_kind(hardware)
     want = min(context or facts.max_context, facts.max_context)
     if context and context > facts.max_context:
         reasons.append(f"{facts.name} handles at most {facts.max_context:,} tokens; context capped there")
     floor = want if context else min(CONTEXT_FLOOR, facts.max_context)
 
     if preset == "auto":
-        fast = ("bf16" if bf16 else "fp16") if device_type != "cpu" else ("bf16" if bf16 else "fp32")
-        ladder = [fast, "nf4"]
+        ladder = list(auto_ladder(hardware))
+        fast = ladder[0]
         reasons.append(
             f"{_DEVICE_NAMES[device_type]} {'runs' if bf16 else 'has no native'} bf16: trying {fast}, then nf4"
         )
@@ -272,7 +386,7 @@ def choose(hardware, facts, context: int | None = None, preset: str = "auto", fl
         smallest = estimate(facts, candidate, floor, device_type=device_type, bf16_supported=bf16)
         reasons.append(
             f"{candidate} needs {_gb(smallest.total_bytes)} even at {floor:,} tokens, more than "
-            f"{max(t.budget for t in targets) / 1e9:.1f} GB usable on {max(targets, key=lambda t: t.budget).label}"
+            f"{_gb(max(t.budget for t in targets))} usable on {max(targets, key=lambda t: t.budget).label}"
         )
 
     if choice is None and on_gpu and preset in ("auto", "bf16", "fp16"):
@@ -285,7 +399,8 @@ def choose(hardware, facts, context: int | None = None, preset: str = "auto", fl
                 f"splitting {half} weights over the GPU ({_gb(gpu)}) and CPU RAM ({_gb(cpu)}) with "
                 "device_map=auto: it fits, but layers on the CPU make it slow"
             )
-            choice = Choice(half, floor, "auto", "", est, _max_memory(hardware, cpu), slow=True)
+            speed = decode_tokens_per_s(hardware, facts, half, floor, offloaded_bytes=est.total_bytes - gpu)
+            choice = Choice(half, floor, "auto", "", est, _max_memory(hardware, cpu), slow=True, tokens_per_s=speed)
 
     if choice is not None:
         compute = compute_dtype_for(choice.preset, device_type=device_type, bf16_supported=bf16)
@@ -296,7 +411,11 @@ def choose(hardware, facts, context: int | None = None, preset: str = "auto", fl
             compute_capability=best.compute_capability if best else None,
             flash_attn_installed=flash_attn_installed,
         )
-        choice = Choice(**{**choice.__dict__, "attn_implementation": attention.value})
+        extra: dict = {"attn_implementation": attention.value}
+        if not choice.slow:
+            extra["tokens_per_s"] = decode_tokens_per_s(hardware, facts, choice.preset, choice.context_tokens)
+            extra["max_context_tokens"] = longest_context(hardware, facts, choice.preset)
+        choice = Choice(**{**choice.__dict__, **extra})
         reasons.append(f"attention: {attention.value} ({attention.reasons[0]})")
     else:
         smallest = min(
@@ -332,6 +451,7 @@ def plan_dict(plan: Plan) -> dict:
                     "free_bytes": g.free_bytes,
                     "compute_capability": list(g.compute_capability) if g.compute_capability else None,
                     "bf16": g.bf16_supported,
+                    "bandwidth_bytes_per_s": g.bandwidth_bytes_per_s,
                 }
                 for g in hw.gpus
             ],
@@ -363,6 +483,8 @@ def plan_dict(plan: Plan) -> dict:
             "max_memory": {str(k): v for k, v in plan.choice.max_memory.items()} if plan.choice.max_memory else None,
             "slow": plan.choice.slow,
             "total_bytes": plan.choice.estimate.total_bytes,
+            "max_context_tokens": plan.choice.max_context_tokens,
+            "decode_tokens_per_s": plan.choice.tokens_per_s,
         },
         "reasons": list(plan.reasons),
     }

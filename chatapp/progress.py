@@ -5,13 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
+from .units import eta_s, size
 
 
 class ProgressBar:
@@ -29,10 +23,11 @@ class ProgressBar:
         self._last = now
         share = p.done_bytes / p.total_bytes if p.total_bytes else 1.0
         filled = int(share * 24)
-        eta = "" if p.eta_s is None else f", {p.eta_s:,.0f}s left"
+        left = eta_s(p.done_bytes, p.total_bytes, p.bytes_per_s)
+        eta = "" if left is None else f", {left:,.0f}s left"
         line = (
             f"\r{self.label} [{'#' * filled}{'.' * (24 - filled)}] {share:6.1%} "
-            f"{_size(p.done_bytes)} / {_size(p.total_bytes)}, {_size(p.bytes_per_s)}/s{eta}"
+            f"{size(p.done_bytes)} / {size(p.total_bytes)}, {size(p.bytes_per_s)}/s{eta}"
         )
         self.stream.write(line)
         self.stream.flush()

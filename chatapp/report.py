@@ -6,29 +6,31 @@ import importlib.metadata
 import importlib.util
 from pathlib import Path
 
+from . import planner
 from .hardware import Hardware
 from .planner import Plan
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB"
-
-
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.1f} GiB"
+from .units import gb as _gb
+from .units import gib as _gib
+from .units import rate, tokens
 
 
 def describe_hardware(hw: Hardware) -> list[str]:
     lines = []
     for g in hw.gpus:
         cc = ".".join(map(str, g.compute_capability)) if g.compute_capability else "?"
-        lines.append(f"GPU {g.index}: {g.name}, {_gib(g.total_bytes)} ({_gib(g.free_bytes)} free), compute {cc}")
+        bandwidth = f", {_gb(g.bandwidth_bytes_per_s, 0)}/s" if g.bandwidth_bytes_per_s else ""
+        lines.append(
+            f"GPU {g.index}: {g.name}, {_gib(g.total_bytes)} ({_gib(g.free_bytes)} free), compute {cc}{bandwidth}"
+        )
     if hw.mps:
         lines.append(f"Apple GPU (MPS), sharing {_gib(hw.cpu.ram_total_bytes)} of unified memory")
     if not hw.gpus:
         lines.append("no CUDA GPU")
     bf16 = "native bf16" if hw.cpu.bf16_native else "no native bf16"
-    lines.append(f"CPU: {_gib(hw.cpu.ram_total_bytes)} RAM ({_gib(hw.cpu.ram_available_bytes)} available), {bf16}")
+    cores = f"{hw.cpu.cores} cores, " if hw.cpu.cores else ""
+    lines.append(
+        f"CPU: {cores}{_gib(hw.cpu.ram_total_bytes)} RAM ({_gib(hw.cpu.ram_available_bytes)} available), {bf16}"
+    )
     return lines
 
 
@@ -57,6 +59,9 @@ def format_plan(plan: Plan) -> str:
         lines.append(
             f"choice: {c.preset} at {c.context_tokens:,} tokens on {c.device_map}, attention {c.attn_implementation}{slow}"
         )
+        if c.max_context_tokens:
+            lines.append(f"longest context that fits ({c.preset}): {c.max_context_tokens:,} tokens")
+        lines.append(f"decode speed: {speed_line(plan)}")
     lines += ["reasons:", *(f"  - {r}" for r in plan.reasons)]
     return "\n".join(lines)
 
@@ -125,21 +130,50 @@ def _writable(path: Path) -> bool:
 
 
 def verdict(plan: Plan) -> str:
-    """One line per model: the presets `auto` would try, with ✓/✗ and their totals, e.g. 'bf16 ✗ 17.9 GB · nf4 ✓ 7.5 GB'."""
+    """One line per model: the presets `auto` tries here (planner.auto_ladder), each with ✓/✗ and its need at the
+    plan's context, then the longest context the chosen one fits: 'bf16 ✗ 17.9 GB · nf4 ✓ 7.5 GB · up to 45k'."""
     rows = {est.preset: (est, where) for est, where in plan.presets}
-    on_cpu = not plan.hardware.gpus
-    fast = "fp32" if on_cpu and not plan.hardware.cpu.bf16_native else "bf16"
-    return " · ".join(
-        f"{p} {'✓' if rows[p][1] else '✗'} {_gb(rows[p][0].total_bytes)}" for p in (fast, "nf4")
-    )
+    parts = [
+        f"{p} {'✓' if rows[p][1] else '✗'} {_gb(rows[p][0].total_bytes)}" for p in planner.auto_ladder(plan.hardware)
+    ]
+    c = plan.choice
+    if c is not None and c.slow:
+        parts.append("GPU+CPU split, slow")
+    elif c is not None and c.max_context_tokens:
+        parts.append(f"up to {tokens(c.max_context_tokens)}")
+    return " · ".join(parts)
+
+
+def speed(plan: Plan) -> str:
+    """The chosen preset's estimated decode rate, '~25 tok/s'; '-' when nothing fits."""
+    return rate(plan.choice.tokens_per_s if plan.choice else None)
+
+
+def speed_line(plan: Plan) -> str:
+    """The estimate with how it was made, for the details pane and `chatapp plan`."""
+    c = plan.choice
+    if c is None or c.tokens_per_s is None:
+        return "- (nothing fits)"
+    read = f"{_gb(c.estimate.weights_bytes + c.estimate.kv_cache_bytes)} read per token"
+    if c.slow:
+        how = f"{read}, part of it from CPU RAM at {_gb(planner.cpu_bandwidth_bytes_per_s(plan.hardware))}/s"
+    else:
+        how = f"{_gb(planner.bandwidth_bytes_per_s(plan.hardware))}/s ÷ {read}, weights + KV cache at " \
+              f"{c.context_tokens:,} tokens"
+    overhead = plan.facts.layers * planner.LAYER_OVERHEAD_S[planner.device_kind(plan.hardware)[0]]
+    if overhead:
+        how += f", plus {overhead * 1e3:.0f} ms of per-layer launch overhead"
+    usable = "" if c.tokens_per_s >= planner.USABLE_TOKENS_PER_S else "; too slow to be usable"
+    return f"{rate(c.tokens_per_s)} (estimate: {how}{usable})"
 
 
 def weights_verdict(hw: Hardware, params: int | None) -> str:
     """For Hub search results, where only the parameter count is known: do the weights alone fit?"""
-    from .planner import NF4_BYTES_PER_PARAM, usable_bytes
+    from .planner import DTYPE_BYTES, NF4_BYTES_PER_PARAM, auto_ladder, usable_bytes
 
     if not params:
         return "size unknown"
     budget = max([usable_bytes(g.free_bytes) for g in hw.gpus] or [usable_bytes(hw.cpu.ram_available_bytes)])
-    sizes = {"bf16": params * 2, "nf4": int(params * NF4_BYTES_PER_PARAM)}
+    per_param = {**DTYPE_BYTES, "nf4": NF4_BYTES_PER_PARAM}
+    sizes = {p: int(params * per_param[p]) for p in auto_ladder(hw)}
     return " · ".join(f"{p} {'✓' if n <= budget else '✗'} {_gb(n)}" for p, n in sizes.items()) + " (weights)"

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
 
 _DONE_MARKER = ".chatapp-complete"
 
@@ -47,7 +47,7 @@ def convert_gguf(gguf: Path, root: Path) -> Path:
         (staging / _DONE_MARKER).write_text(str(gguf.resolve()))
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise ModelLoadError(f"could not convert '{gguf}': {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"could not convert '{gguf}': {first_line(exc)}") from None
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     return target

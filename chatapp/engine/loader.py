@@ -14,6 +14,7 @@ from ..errors import ChatappError, ModelLoadError, first_line
 from ..facts import facts_from_folder
 from ..hardware import GpuInfo, Hardware, detect, detect_cpu, flash_attn_installed
 from ..refs import ModelSource, parse_ref
+from ..units import mb
 from .gguf import convert_gguf, is_converted
 
 #: Used when a model ships no chat template. Plain "Role: text" blocks; documented in the README.
@@ -57,7 +58,7 @@ class LoadedModel:
     def describe(self) -> str:
         return (
             f"{self.source.label}: preset {self.preset} ({self.dtype}) on {self.device}, "
-            f"attention {self.attn_implementation}, weights {self.footprint_bytes / 1e6:,.0f} MB, "
+            f"attention {self.attn_implementation}, weights {mb(self.footprint_bytes)}, "
             f"context {self.context_length}"
         )
 

@@ -12,6 +12,8 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Label, Markdown, ProgressBar, Sparkline, Static, TextArea
 
+from ..units import duration, eta_s, mb, size
+
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 
 
@@ -112,10 +114,6 @@ class PromptInput(TextArea):
         await super()._on_key(event)
 
 
-def _size(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
-
-
 class StatusBar(Vertical):
     """Two lines: the model (or what the worker is doing) and any warning; then context, cache and speed."""
 
@@ -162,7 +160,7 @@ class StatusBar(Vertical):
 
 def loaded_line(loaded) -> str:
     preset = loaded.preset if loaded.preset == loaded.dtype else f"{loaded.preset} ({loaded.dtype})"
-    return f"{loaded.model} · {preset} · {loaded.device} · {loaded.attn_implementation} · {_size(loaded.footprint_bytes)}"
+    return f"{loaded.model} · {preset} · {loaded.device} · {loaded.attn_implementation} · {size(loaded.footprint_bytes)}"
 
 
 def stats_line(stats: dict, context_length: int | None) -> str:
@@ -182,5 +180,6 @@ def hardware_line(hardware) -> str:
 
 def download_line(done: int, total: int, bytes_per_s: float) -> str:
     """Bytes so far, total, speed and time left, as both the status bar and the picker show a download."""
-    eta = f" · {max(0, total - done) / bytes_per_s:,.0f}s left" if bytes_per_s > 0 else ""
-    return f"{done / 1e6:,.1f} / {total / 1e6:,.1f} MB · {bytes_per_s / 1e6:,.1f} MB/s{eta}"
+    left = eta_s(done, total, bytes_per_s)
+    eta = "" if left is None else f" · {duration(left)} left"
+    return f"{mb(done)} / {mb(total)} · {mb(bytes_per_s)}/s{eta}"

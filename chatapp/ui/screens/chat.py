@@ -15,6 +15,7 @@ from textual.widgets import Footer, Input, Label, ListItem, ListView
 from ... import protocol as p
 from ...sampling import resolve
 from ...store import default_title
+from ...units import mb
 from ..widgets import MessageView, PromptInput, StatusBar, code_blocks, download_line, loaded_line, stats_line
 from .dialogs import ConfirmScreen, ConversationSettingsScreen, TextPromptScreen
 
@@ -215,7 +216,7 @@ class ChatScreen(Screen):
             await self._next_queued()
         elif isinstance(event, p.Evicted):
             self.notify(
-                f"{len(event.conversation_ids)} other chat(s) left the KV cache to free {event.freed_bytes / 1e6:,.1f} MB; "
+                f"{len(event.conversation_ids)} other chat(s) left the KV cache to free {mb(event.freed_bytes)}; "
                 "their next reply re-reads their history once.",
                 timeout=6,
             )

@@ -27,7 +27,7 @@ from ..widgets import download_line, hardware_line
 from .dialogs import ConfirmScreen
 
 TABS = ("recommended", "catalog", "downloaded", "search")
-COLUMNS = ("model", "fit on this machine", "params", "download", "license", "context")
+COLUMNS = ("model", "speed", "fit on this machine", "params", "download", "license", "context")
 
 
 def _gb(n: int | None) -> str:
@@ -100,7 +100,7 @@ class ModelPickerScreen(Screen):
             license_text = ("gated · " if row.gated else "") + (row.license or "")
             context = f"{row.context:,}" if row.context else "-"
             params = f"{row.params / 1e9:.2f}B" if row.params else "?"
-            table.add_row(row.name, row.verdict, params, size, license_text or "-", context, key=row.ref)
+            table.add_row(row.name, row.speed, row.verdict, params, size, license_text or "-", context, key=row.ref)
         if tab == self._active_tab():
             self._show_details()
 

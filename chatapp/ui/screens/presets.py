@@ -9,14 +9,19 @@ from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList
 from textual.widgets.option_list import Option
 
+from ...planner import auto_ladder
+from ...units import gb
+
 
 def option_text(preset: str, plan, current: str) -> str:
     if plan.choice is None:
-        need = min(est.total_bytes for est, _ in plan.presets)
-        fit = f"✗ needs {need / 1e9:.1f} GB: won't fit"
+        # This preset's own need (for auto: the least of the presets it tries), not the smallest of all presets.
+        tried = auto_ladder(plan.hardware) if preset == "auto" else (preset,)
+        need = min((est for est, _ in plan.presets if est.preset in tried), key=lambda est: est.total_bytes)
+        fit = f"✗ needs {gb(need.total_bytes)} at {need.context_tokens:,} tokens: won't fit"
     else:
         where = "GPU+CPU, slow" if plan.choice.slow else plan.choice.device_map
-        fit = f"✓ {plan.choice.estimate.total_bytes / 1e9:.1f} GB on {where}"
+        fit = f"✓ {gb(plan.choice.estimate.total_bytes)} on {where}"
         if preset == "auto":
             fit = f"→ {plan.choice.preset}, {fit}"
     mark = " (loaded)" if preset == current else ""

@@ -1,0 +1,71 @@
+"""Text for `chatapp plan` and the picker: verdicts, the plan table, the hardware lines (simulated machines)."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatapp.catalog import load_catalog
+from chatapp.facts import facts_from_spec
+from chatapp.hardware import CpuInfo, GpuInfo, Hardware, describe_by_hand
+from chatapp.planner import choose
+from chatapp.report import describe_hardware, format_plan, speed, verdict, weights_verdict
+
+GIB = 1024**3
+CPU32 = CpuInfo(32 * GIB, 32 * GIB, frozenset({"avx2"}), cores=2)
+T4 = describe_by_hand(Hardware(CPU32), gpus=["T4:16GiB:7.5"])
+APPLE = Hardware(CPU32, mps=True)
+LLAMA_8B = facts_from_spec(load_catalog()["llama-3.1-8b"])
+PARAMS_8B = 8_030_261_248
+
+
+@pytest.mark.parametrize(
+    "hardware, expected",
+    [
+        # A T4 has no bf16: auto tries fp16, and so does the verdict (it used to show bf16).
+        (T4, "fp16 ✗ 17.9 GB · nf4 ✓ 7.5 GB · up to 74k"),
+        # MPS runs bf16 whatever the CPU's flags say: auto tries bf16 (the verdict used to show fp32).
+        (APPLE, "bf16 ✓ 17.8 GB · nf4 ✓ 7.4 GB · up to 120k"),
+        (Hardware(CPU32), "fp32 ✗ 37.3 GB · nf4 ✓ 12.9 GB · up to 45k"),  # no native bf16: fp32
+    ],
+    ids=["T4", "MPS", "cpu"],
+)
+def test_the_verdict_shows_the_presets_auto_tries(hardware, expected):
+    plan = choose(hardware, LLAMA_8B, context=8192)
+    assert verdict(plan) == expected
+    assert verdict(plan).startswith(plan.choice.preset) or verdict(plan).split(" · ")[1].startswith(plan.choice.preset)
+
+
+def test_weights_verdict_follows_the_same_ladder():
+    assert weights_verdict(T4, PARAMS_8B) == "fp16 ✓ 16.1 GB · nf4 ✓ 4.1 GB (weights)"
+    assert weights_verdict(APPLE, PARAMS_8B) == "bf16 ✓ 16.1 GB · nf4 ✓ 4.1 GB (weights)"
+    assert weights_verdict(Hardware(CPU32), PARAMS_8B) == "fp32 ✓ 32.1 GB · nf4 ✓ 4.1 GB (weights)"
+    assert weights_verdict(T4, None) == "size unknown"
+
+
+def test_a_split_and_a_refusal_read_as_such():
+    split = choose(describe_by_hand(Hardware(CPU32), gpus=["4GiB"]), LLAMA_8B, context=8192)
+    assert verdict(split) == "bf16 ✗ 17.9 GB · nf4 ✗ 7.5 GB · GPU+CPU split, slow"
+    assert speed(split) == "~0.4 tok/s"
+    assert "decode speed: ~0.4 tok/s (estimate: 17.1 GB read per token, part of it from CPU RAM at 6.0 GB/s, " \
+           "plus 26 ms of per-layer launch overhead; too slow to be usable)" in format_plan(split)
+    refused = choose(Hardware(CpuInfo(4 * GIB, 4 * GIB)), LLAMA_8B, context=8192)
+    assert verdict(refused) == "fp32 ✗ 37.3 GB · nf4 ✗ 12.9 GB"
+    assert speed(refused) == "-"
+    assert "choice: none; nothing fits" in format_plan(refused) and "decode speed" not in format_plan(refused)
+
+
+def test_format_plan_gives_the_longest_context_and_the_speed_estimate():
+    text = format_plan(choose(T4, LLAMA_8B, context=8192))
+    assert "choice: nf4 at 8,192 tokens on cuda:0, attention sdpa" in text
+    assert "longest context that fits (nf4): 74,752 tokens" in text
+    assert "decode speed: ~17 tok/s (estimate: 200.0 GB/s ÷ 6.8 GB read per token, weights + KV cache at " \
+           "8,192 tokens, plus 26 ms of per-layer launch overhead)" in text
+
+
+def test_describe_hardware():
+    h100 = Hardware(CPU32, (GpuInfo(0, "H100", 80 * GIB, 79 * GIB, (9, 0), bandwidth_bytes_per_s=3.35e12),))
+    assert describe_hardware(h100) == [
+        "GPU 0: H100, 80.0 GiB (79.0 GiB free), compute 9.0, 3,350 GB/s",
+        "CPU: 2 cores, 32.0 GiB RAM (32.0 GiB available), no native bf16",
+    ]
+    assert describe_hardware(APPLE)[0] == "Apple GPU (MPS), sharing 32.0 GiB of unified memory"
