@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from chatapp.config import load_settings_checked
 from chatapp.store import ConvSettings, Store
-from chatapp.ui.app import WorkerEvent
+from chatapp.ui.backend import WorkerEvent
 from chatapp.ui.widgets import MessageView
 from uihelpers import loaded_event, make_app, make_settings, run
 
@@ -26,7 +26,7 @@ def seeded_store(settings) -> Store:
 
 
 def notifications(app) -> list[str]:
-    return [n.message for n in app._notifications]
+    return [n for n in app.notices]
 
 
 def test_an_invalid_theme_file_is_reported_and_the_default_theme_used(settings, tmp_path):
@@ -187,11 +187,11 @@ def test_status_bar_shows_the_loaded_model(settings, tmp_path):
 def test_the_app_opens_on_the_last_used_model_else_the_default(settings, tmp_path):
     s = make_settings(settings, tmp_path)
     store = Store.open(s.data_dir)
-    assert make_app(s, store=store, start_worker=False).model_ref == s.default_model
+    assert make_app(s, store=store, start_worker=False).backend.model == s.default_model
     store.set_state("last_model", "TestOrg/tiny-llama")
     store.set_state("last_preset", "nf4")
     app = make_app(s, store=store, start_worker=False)
-    assert (app.model_ref, app.preset) == ("TestOrg/tiny-llama", "nf4")
+    assert (app.backend.model, app.backend.preset) == ("TestOrg/tiny-llama", "nf4")
 
 
 def test_ctrl_j_and_shift_enter_add_lines_and_enter_sends(settings, tmp_path):

@@ -161,7 +161,7 @@ def test_a_killed_worker_leaves_the_app_up_keeps_the_partial_reply_and_restarts(
     async def scenario(pilot):
         await loaded(pilot)
         await start_long_reply(pilot, "Keep talking", min_chars=20)
-        app.client.kill()
+        app.backend.client.kill()
         await until(pilot, lambda: app.chat.turn is None, what="the UI to notice")
         status = app.chat.query_one("StatusBar")
         assert "the worker stopped (killed): press F5 to restart it" in status.model_line
@@ -188,7 +188,7 @@ def test_context_trimming_is_shown_and_an_evicted_chat_is_announced(settings, ti
         assert "no longer fit the context" in status.notice
         await pilot.press("ctrl+n")
         await say(pilot, "A new chat that pushes the old one out of the cache")
-        await until(pilot, lambda: any("left the KV cache" in n.message for n in app._notifications),
+        await until(pilot, lambda: any("left the KV cache" in n for n in app.notices),
                     what="the eviction notice")
 
     run(app, scenario)

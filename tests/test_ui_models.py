@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from chatapp.hardware import CpuInfo, Hardware, describe_by_hand
+from chatapp.ui.backend import Target
 from uihelpers import last_stats, loaded, make_app, make_settings, run, say, until
 
 GIB = 1024**3
@@ -93,7 +95,7 @@ def test_switching_presets_keeps_the_conversation_and_prefills_it_once(settings,
         assert app.chat.loaded.preset == "nf4"
         await say(pilot, "Hello in nf4")
         await say(pilot, "Still nf4")
-        app.switch_model(str(tiny_words_folder), "bf16")
+        app.backend.switch(Target(str(tiny_words_folder), "bf16"))
         await until(pilot, lambda: app.chat.loaded is not None and app.chat.loaded.preset == "bf16", what="bf16")
         await say(pilot, "Now in bf16")
         once = last_stats(app)
@@ -115,16 +117,29 @@ def test_switching_models_mid_conversation_and_a_failed_load_goes_back(settings,
     async def scenario_(pilot):
         await loaded(pilot)
         await say(pilot, "First model")
-        app.switch_model(str(tiny_folder), "fp32")
+        app.backend.switch(Target(str(tiny_folder), "fp32"))
         await until(pilot, lambda: app.chat.loaded is not None and app.chat.loaded.model == str(tiny_folder),
                     what="the other model")
         await say(pilot, "Second model")
         models = [m.model for m in app.store.messages(app.chat.conversation_id) if m.role == "assistant"]
         assert models == [str(tiny_words_folder), str(tiny_folder)]
-        app.switch_model("no-such-model-anywhere", "fp32")
+        # A model the worker fails to load: the previous model and preset come back.
+        broken = tmp_path / "broken"
+        shutil.copytree(tiny_folder, broken)
+        (broken / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+        app.backend.switch(Target(str(broken), "fp32"))
+        await until(pilot, lambda: any("Going back to" in n for n in app.notices), what="the fallback")
         await until(pilot, lambda: app.chat.loaded is not None and app.chat.loaded.model == str(tiny_folder),
                     what="the previous model to come back")
-        assert any("Going back to" in n.message for n in app._notifications)
+        assert (app.backend.model, app.backend.preset) == (str(tiny_folder), "fp32")
+        # A model that names nothing fails before the worker is asked: what is loaded never leaves.
+        app.backend.switch(Target("no-such-model-anywhere", "fp32"))
+        await until(pilot, lambda: any("unknown model 'no-such-model-anywhere'" in n for n in app.notices),
+                    what="the error")
+        assert app.chat.loaded is not None and app.chat.loaded.model == str(tiny_folder)
+        assert (app.backend.model, app.backend.preset) == (str(tiny_folder), "fp32")
+        await say(pilot, "Still here?")
+        assert app.store.messages(app.chat.conversation_id)[-1].model == str(tiny_folder)
 
     run(app, scenario_)
 
@@ -156,7 +171,7 @@ def test_the_preset_picker_shows_fits_and_asks_before_one_that_wont(settings, ti
         assert "fp32 won't fit on this machine" in str(app.screen.query_one("Label").content)
         await pilot.click("#no")
         await pilot.pause()
-        assert app.preset == "nf4" and app.fallback is None  # nothing was reloaded
+        assert app.backend.preset == "nf4" and app.backend.fallback is None  # nothing was reloaded
 
     run(app, check)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatapp.ui.app import WorkerEvent
+from chatapp.ui.backend import WorkerEvent
 from test_ui_basics import seeded_store
 from uihelpers import loaded_event, make_app, make_settings
 

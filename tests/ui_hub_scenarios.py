@@ -12,8 +12,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from textual.widget import Widget  # noqa: E402
+
 from chatapp.config import load_settings  # noqa: E402
+from chatapp.ui.backend import DownloadUpdate  # noqa: E402
 from uihelpers import loaded, make_app, make_settings, say, until  # noqa: E402
+
+
+class Recorder(Widget):
+    """Hears what the backend tells its listeners: the bytes of each download update."""
+
+    def __init__(self):
+        super().__init__()
+        self.done: list[int] = []
+
+    def on_download_update(self, event: DownloadUpdate) -> None:
+        self.done.append(event.done)
 
 
 async def open_search(pilot, text: str) -> object:
@@ -34,14 +48,14 @@ async def download_and_chat(pilot):
     picker = await open_search(pilot, "tiny")
     row = picker.rows["search"][0]
     assert row.ref == "TestOrg/tiny-llama" and "(weights)" in row.verdict
-    seen = []
-    original = picker._progress
-    picker._progress = lambda r, p: (seen.append(p.done_bytes), original(r, p))
+    recorder = Recorder()
+    await app.chat.mount(recorder)
+    app.backend.listen(recorder)
     await pilot.press("enter")
     await until(pilot, lambda: app.screen is app.chat, what="the chat to open")
     await loaded(pilot)
     assert app.chat.loaded.model == "TestOrg/tiny-llama"
-    assert seen and max(seen) > 0
+    assert recorder.done and max(recorder.done) > 0
     await say(pilot, "Hello from the Hub")
     reply = app.store.messages(app.chat.conversation_id)[-1]
     assert reply.content and reply.model == "TestOrg/tiny-llama"
@@ -64,7 +78,7 @@ async def download_and_chat(pilot):
     await pilot.click("#yes")
     await until(pilot, lambda: not any(r.ref == "TestOrg/tiny-llama" for r in picker.rows["downloaded"]),
                 what="the delete")
-    assert any("Deleted TestOrg/tiny-llama" in n.message and "GB freed" in n.message for n in app._notifications)
+    assert any("Deleted TestOrg/tiny-llama" in n and "GB freed" in n for n in app.notices)
     print("OK")
 
 
@@ -76,7 +90,7 @@ async def cancel_download(pilot):
     await until(pilot, lambda: " MB · " in str(label.content), what="download progress")
     assert picker.query_one("#download-box").display
     await pilot.press("escape")
-    await until(pilot, lambda: picker.cancel is None, what="the cancel")
+    await until(pilot, lambda: picker.downloading is None, what="the cancel")
     error = str(picker.query_one("#picker-error").content)
     assert "download stopped" in error, error
     assert app.screen is picker

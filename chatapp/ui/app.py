@@ -6,29 +6,30 @@ first paint comes before any model code has been imported.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 
+from textual import work
 from textual.app import App, SystemCommand
-from textual.message import Message
 from textual.screen import Screen
 
 from ..config import Settings, save_setting
+from ..hardware import Hardware
 from ..store import Store
 from ..worker_client import WorkerClient
+from .backend import Backend, Target, WorkerEvent
 from .screens.chat import ChatScreen
 from .themes import register_themes, resolve_theme
 
 
-class WorkerEvent(Message):
-    """A protocol event from the worker, delivered on the UI's own thread."""
-
-    def __init__(self, event: object):
-        super().__init__()
-        self.event = event
-
-
 class ChatApp(App):
+    """The chat app: themes, the store, the backend that owns the model, and the chat screen.
+
+    `client_factory` makes the backend's worker client (WorkerClient, or a scripted one in tests);
+    `hardware` replaces what the planner would detect, so tests can plan for machines we don't have.
+    """
+
     CSS_PATH = "chatapp.tcss"
     TITLE = "chatapp"
     BINDINGS = [
@@ -47,26 +48,28 @@ class ChatApp(App):
         settings_errors: Iterable[str] = (),
         start_worker: bool = True,
         cache_budget_bytes: int | None = None,
-        hardware=None,
+        hardware: Hardware | None = None,
         first_run: bool | None = None,
+        client_factory=WorkerClient,
     ):
         super().__init__()
         self.settings = settings
         self.store = store
         #: No model was ever loaded here: the picker opens (the starter loads meanwhile).
         self.first_run = (model is None and store.get_state("last_model") is None) if first_run is None else first_run
-        self.model_ref = model or store.get_state("last_model") or settings.default_model
-        self.preset = preset or (store.get_state("last_preset") if not model else None) or settings.default_preset
-        #: What to load again if loading a newly chosen model or preset fails.
-        self.fallback: tuple[str, str] | None = None
+        self.backend = Backend(
+            self,
+            client_factory,
+            model=model or store.get_state("last_model") or settings.default_model,
+            preset=preset or (store.get_state("last_preset") if not model else None) or settings.default_preset,
+            cache_budget_bytes=cache_budget_bytes,
+        )
         self._hardware = hardware
         self.startup_errors = list(settings_errors)
         self.should_start_worker = start_worker
-        self.cache_budget_bytes = cache_budget_bytes
-        self.client = WorkerClient(
-            settings, lambda event: self.post_message(WorkerEvent(event)), log_path=settings.data_dir / "worker.log"
-        )
         self.chat = ChatScreen()
+        #: The notifications shown so far (the last 100), which toasts hide again after a few seconds.
+        self.notices: deque[str] = deque(maxlen=100)
 
     def on_mount(self) -> None:
         errors = self.startup_errors + register_themes(self, self.settings.themes_dir)
@@ -78,7 +81,7 @@ class ChatApp(App):
         self.push_screen(self.chat)
         if self.should_start_worker:
             # After the first paint: the screen is up before the worker process even starts.
-            self.call_after_refresh(self.start_worker)
+            self.call_after_refresh(self.backend.restart)
         if self.first_run:
             self.call_after_refresh(self.action_models)
 
@@ -86,10 +89,18 @@ class ChatApp(App):
         # Our messages quote model names, paths and pip extras like 'chatapp[flash]', and widgets pass
         # markup=True by default: nothing shown here is Rich markup.
         super().notify(message, markup=False, **kwargs)
+        self.notices.append(message)
+
+    def action_notices(self) -> None:
+        from .screens.dialogs import TextScreen
+
+        self.push_screen(TextScreen("Recent notices, newest last", "\n".join(self.notices) or "none yet"))
 
     @property
-    def hardware(self):
-        """What the planner plans for: detected once (NVML and /proc, no torch), or given by a test."""
+    def hardware(self) -> Hardware:
+        """What the planner plans for: detected once (NVML and /proc, no torch), or given by a test.
+
+        Detection talks to the GPU driver: call it from a thread worker, not the event loop."""
         if self._hardware is None:
             from ..hardware import detect
 
@@ -108,21 +119,6 @@ class ChatApp(App):
 
         return parse_ref(ref, self.catalog())
 
-    def switch_model(self, model: str, preset: str) -> None:
-        """Load another model or preset; the chats continue, and each one's cache is rebuilt once."""
-        from .. import protocol as p
-
-        if self.chat.loaded is not None and (model, preset) == (self.model_ref, self.preset):
-            return  # already what is loaded
-        if self.chat.loaded is not None:
-            self.fallback = (self.model_ref, self.preset)
-        self.model_ref, self.preset = model, preset
-        self.chat.query_one("StatusBar").busy(f"loading {model} ({preset})…")
-        self.chat.loaded = None
-        if not self.client.alive:
-            self.client.start()
-        self.client.send(p.Load(model, preset, cache_budget_bytes=self.cache_budget_bytes))
-
     def action_models(self) -> None:
         from .screens.models import ModelPickerScreen
 
@@ -130,33 +126,42 @@ class ChatApp(App):
             self.push_screen(ModelPickerScreen())
 
     def action_presets(self) -> None:
+        self._plan_presets(self.backend.model, self.backend.preset)
+
+    @work(thread=True, exclusive=True, group="presets")
+    def _plan_presets(self, model: str, current: str) -> None:
+        """Facts can come from the Hub and hardware from the driver: plan each preset off the event loop."""
         from ..choices import preset_options
         from ..errors import ChatappError
         from ..facts import facts_for
+
+        try:
+            facts = facts_for(self.source(model))
+        except ChatappError as exc:
+            self.call_from_thread(self.notify, f"can't plan presets for {model}: {exc}", severity="error")
+            return
+        options = dict(preset_options(facts, self.hardware, self.settings.context_cap))
+        self.call_from_thread(self._choose_preset, model, current, options)
+
+    def _choose_preset(self, model: str, current: str, options: dict) -> None:
         from .screens.dialogs import ConfirmScreen
         from .screens.presets import PresetScreen
 
-        try:
-            facts = facts_for(self.source(self.model_ref))
-        except ChatappError as exc:
-            self.notify(f"can't plan presets for {self.model_ref}: {exc}", severity="error")
-            return
-        options = dict(preset_options(facts, self.hardware))
-
         def chosen(preset: str | None) -> None:
-            if preset is None or preset == self.preset:
+            if preset is None or preset == current:
+                return
+            choice = options[preset].choice
+            if choice is not None:
+                self.backend.switch(Target(model, preset, choice.context_tokens, choice.attn_implementation))
                 return
             plan = options[preset]
-            if plan.choice is not None:
-                self.switch_model(self.model_ref, preset)
-                return
             why = plan.reasons[-1] if plan.reasons else "the planner found no room for it"
             self.push_screen(
                 ConfirmScreen(f"{preset} won't fit on this machine: {why}. Load it anyway?", yes="Load anyway"),
-                lambda yes: yes and self.switch_model(self.model_ref, preset),
+                lambda yes: yes and self.backend.switch(Target(model, preset)),
             )
 
-        self.push_screen(PresetScreen(self.model_ref, list(options.items()), self.preset), chosen)
+        self.push_screen(PresetScreen(model, list(options.items()), current), chosen)
 
     def action_settings(self) -> None:
         from .screens.settings import SettingsScreen
@@ -169,15 +174,8 @@ class ChatApp(App):
                 self.notify("Settings saved.", timeout=3)
 
         self.push_screen(SettingsScreen(self.settings), saved)
-    def start_worker(self) -> None:
-        from .. import protocol as p
-
-        self.chat.query_one("StatusBar").busy(f"loading {self.model_ref} ({self.preset})…")
-        self.client.start()
-        self.client.send(p.Load(self.model_ref, self.preset, cache_budget_bytes=self.cache_budget_bytes))
-
-    async def on_worker_event(self, message: WorkerEvent) -> None:
-        await self.chat.handle_event(message.event)
+    def on_worker_event(self, message: WorkerEvent) -> None:
+        self.backend.handle(message.event)
 
     def _theme_changed(self, theme) -> None:
         if theme.name != self.settings.theme:
@@ -193,12 +191,13 @@ class ChatApp(App):
         yield SystemCommand("Models", "Pick, download or delete a model (F3)", self.action_models)
         yield SystemCommand("Preset", "Switch bf16 / fp16 / fp32 / int8 / nf4 / auto (F4)", self.action_presets)
         yield SystemCommand("Settings", "Edit config.toml in a form (F9)", self.action_settings)
+        yield SystemCommand("Notices", "The notifications shown so far", self.action_notices)
         for binding in self.chat.BINDINGS:
             action = getattr(self.chat, f"action_{binding.action}")
             yield SystemCommand(binding.description, f"{binding.description} ({binding.key})", action)
 
     def on_unmount(self) -> None:
-        self.client.stop()
+        self.backend.stop()
 
 
 def run(settings: Settings, settings_errors: list[str], model: str | None, preset: str | None) -> int:

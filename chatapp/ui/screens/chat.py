@@ -16,6 +16,17 @@ from ... import protocol as p
 from ...sampling import resolve
 from ...store import default_title
 from ...units import mb
+from ..backend import (
+    CachesEvicted,
+    DownloadUpdate,
+    ModelLoaded,
+    ModelLoadFailed,
+    ModelLoading,
+    ReplyDelta,
+    ReplyFailed,
+    ReplyFinished,
+    WorkerStopped,
+)
 from ..widgets import MessageView, PromptInput, StatusBar, code_blocks, download_line, loaded_line, stats_line
 from .dialogs import ConfirmScreen, ConversationSettingsScreen, TextPromptScreen
 
@@ -55,12 +66,16 @@ class ChatScreen(Screen):
         self.turn: Turn | None = None
         self.queued: list[tuple[int, str]] = []
         self.editing: int | None = None  # position of the user message being edited
-        self.loaded: p.Loaded | None = None
         self.rates: list[float] = []
 
     @property
     def store(self):
         return self.app.store
+
+    @property
+    def loaded(self) -> p.Loaded | None:
+        """What the worker has loaded (None while loading, or when it failed): the backend's to change."""
+        return self.app.backend.loaded
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="body"):
@@ -75,6 +90,7 @@ class ChatScreen(Screen):
         yield Footer()
 
     async def on_mount(self) -> None:
+        self.app.backend.listen(self)
         self.query_one("#edit-banner").display = False
         chats = self.store.conversations()
         last = self.store.get_state("last_conversation")
@@ -164,15 +180,14 @@ class ChatScreen(Screen):
         history = [(m.role, m.content) for m in self.store.messages(conversation_id)]
         if conversation.settings.system_prompt:
             history.insert(0, ("system", conversation.settings.system_prompt))
-        client = self.app.client
-        turn = Turn(client.request_id(), conversation_id, None, self.loaded and self.loaded.model,
-                    self.loaded and self.loaded.preset)
+        loaded = self.loaded
         # The chat's own setting, else the model's catalog recommendation, else config.toml.
-        params = resolve(conversation.settings, self.loaded or {}, self.app.settings)
-        request = p.Generate(turn.request_id, conversation_id, history, params)
-        if not client.send(request):
+        params = resolve(conversation.settings, loaded or {}, self.app.settings)
+        request_id = self.app.backend.generate(conversation_id, history, params)
+        if request_id is None:
             self.notify("The worker is not running: press F5 to restart it.", severity="error")
             return
+        turn = Turn(request_id, conversation_id, None, loaded and loaded.model, loaded and loaded.preset)
         self.turn = turn
         if conversation_id == self.conversation_id:
             turn.view = MessageView("assistant", header="…")
@@ -187,61 +202,80 @@ class ChatScreen(Screen):
 
     # -- worker events -----------------------------------------------------------------------
 
-    async def handle_event(self, event) -> None:
+    @on(ModelLoading)
+    def _loading(self, event: ModelLoading) -> None:
+        self.query_one(StatusBar).busy(event.text, event.done, event.total)
+
+    @on(DownloadUpdate)
+    def _downloading(self, event: DownloadUpdate) -> None:
+        line = download_line(event.done, event.total, event.bytes_per_s)
+        self.query_one(StatusBar).busy(f"downloading {event.ref}: {line}", event.done, event.total)
+
+    @on(ModelLoaded)
+    async def _loaded(self, event: ModelLoaded) -> None:
         status = self.query_one(StatusBar)
+        status.idle()
+        status.model_line = loaded_line(event.info)
+        if self.conversation_id is not None:
+            self._show_stats(self._latest_stats(self.store.messages(self.conversation_id)))
+        self.store.set_state("last_model", self.app.backend.model)
+        self.store.set_state("last_preset", self.app.backend.preset)
+        for note in event.info.notes:
+            self.notify(note, timeout=8)
+        await self._next_queued()
+
+    @on(ModelLoadFailed)
+    def _load_failed(self, event: ModelLoadFailed) -> None:
+        status = self.query_one(StatusBar)
+        self.notify(event.error, severity="error", timeout=10)
+        status.idle()
+        if event.still_loaded is not None:
+            status.model_line = loaded_line(event.still_loaded)
+            return
+        status.model_line = f"no model loaded: {event.error}"
+        if event.going_back:
+            model, preset = event.going_back
+            self.notify(f"Going back to {model} ({preset}).", timeout=6)
+
+    @on(ReplyDelta)
+    async def _delta(self, event: ReplyDelta) -> None:
         turn = self.turn
-        if isinstance(event, p.Delta) and turn and event.request_id == turn.request_id:
-            turn.text += event.text
-            if turn.view is not None:
-                await turn.view.append(event.text)
-                self.query_one("#messages", VerticalScroll).scroll_end(animate=False)
-        elif isinstance(event, p.Finished) and turn and event.request_id == turn.request_id:
+        if turn is None or event.request_id != turn.request_id:
+            return
+        turn.text += event.text
+        if turn.view is not None:
+            await turn.view.append(event.text)
+            self.query_one("#messages", VerticalScroll).scroll_end(animate=False)
+
+    @on(ReplyFinished)
+    async def _finished(self, event: ReplyFinished) -> None:
+        if self.turn is not None and event.request_id == self.turn.request_id:
             await self._finish(event.text, event.stats.as_dict())
-        elif isinstance(event, p.Status):
-            status.busy(event.text)
-        elif isinstance(event, p.DownloadProgress):
-            status.busy(f"downloading: {download_line(event.done_bytes, event.total_bytes, event.bytes_per_s)}",
-                        event.done_bytes, event.total_bytes)
-        elif isinstance(event, p.Loaded):
-            self.loaded = event
-            self.app.fallback = None
-            status.idle()
-            status.model_line = loaded_line(event)
-            if self.conversation_id is not None:
-                self._show_stats(self._latest_stats(self.store.messages(self.conversation_id)))
-            self.store.set_state("last_model", self.app.model_ref)
-            self.store.set_state("last_preset", self.app.preset)
-            for note in event.notes:
-                self.notify(note, timeout=8)
-            await self._next_queued()
-        elif isinstance(event, p.Evicted):
-            self.notify(
-                f"{len(event.conversation_ids)} other chat(s) left the KV cache to free {mb(event.freed_bytes)}; "
-                "their next reply re-reads their history once.",
-                timeout=6,
-            )
-        elif isinstance(event, p.Error):
-            self.notify(event.message, severity="error", timeout=10)
-            if event.request_id is None:
-                status.idle()
-                status.model_line = f"no model loaded: {event.message}"
-                if self.app.fallback:
-                    model, preset = self.app.fallback
-                    self.app.fallback = None
-                    self.notify(f"Going back to {model} ({preset}).", timeout=6)
-                    self.app.switch_model(model, preset)
-            elif turn and event.request_id == turn.request_id:
-                await self._finish(turn.text, None, failed=True)
-        elif isinstance(event, p.WorkerDied):
-            self.loaded = None
-            status.idle()
-            why = "killed" if event.exitcode == -9 else f"exit code {event.exitcode}"
-            status.model_line = f"the worker stopped ({why}): press F5 to restart it"
-            # A killed process wrote nothing about it; a crash's last line says what went wrong.
-            detail = f": {event.last_log_line}" if event.last_log_line and event.exitcode != -9 else ""
-            self.notify(f"The model worker stopped ({why}){detail}. Your chats are safe.", severity="error", timeout=15)
-            if turn:
-                await self._finish(turn.text, None, failed=True)
+
+    @on(ReplyFailed)
+    async def _failed(self, event: ReplyFailed) -> None:
+        self.notify(event.error, severity="error", timeout=10)
+        if self.turn is not None and event.request_id == self.turn.request_id:
+            await self._finish(self.turn.text, None, failed=True)
+
+    @on(CachesEvicted)
+    def _evicted(self, event: CachesEvicted) -> None:
+        self.notify(
+            f"{len(event.conversation_ids)} other chat(s) left the KV cache to free {mb(event.freed_bytes)}; "
+            "their next reply re-reads their history once.",
+            timeout=6,
+        )
+
+    @on(WorkerStopped)
+    async def _worker_stopped(self, event: WorkerStopped) -> None:
+        status = self.query_one(StatusBar)
+        status.idle()
+        status.model_line = f"the worker stopped ({event.why}): press F5 to restart it"
+        detail = f": {event.detail}" if event.detail else ""
+        self.notify(f"The model worker stopped ({event.why}){detail}. Your chats are safe.", severity="error",
+                    timeout=15)
+        if self.turn is not None:
+            await self._finish(self.turn.text, None, failed=True)
 
     async def _finish(self, text: str, stats: dict | None, failed: bool = False) -> None:
         """Store the reply (a stopped or failed one too, when anything arrived) and update the screen."""
@@ -284,7 +318,7 @@ class ChatScreen(Screen):
 
     def action_stop(self) -> None:
         if self.turn is not None:
-            self.app.client.send(p.Cancel(self.turn.request_id))
+            self.app.backend.cancel(self.turn.request_id)
         elif self.editing is not None:
             self._cancel_edit()
 
@@ -376,9 +410,9 @@ class ChatScreen(Screen):
             if not yes:
                 return
             if self.turn and self.turn.conversation_id == conversation.id:
-                self.app.client.send(p.Cancel(self.turn.request_id))
+                self.app.backend.cancel(self.turn.request_id)
             self.store.delete(conversation.id)
-            self.app.client.send(p.Reset(conversation.id))
+            self.app.backend.forget(conversation.id)
             rest = self.store.conversations()
             await self.open_conversation(rest[0].id if rest else self.store.new_conversation().id)
             self.notify(f"Deleted “{conversation.title}”.", timeout=3)
@@ -406,10 +440,10 @@ class ChatScreen(Screen):
         self.notify(f"Exported to {path}", timeout=8)
 
     def action_restart_worker(self) -> None:
-        if self.app.client.alive:
+        if self.app.backend.client.alive:
             self.notify("The worker is running.", timeout=2)
             return
-        self.app.start_worker()
+        self.app.backend.restart()
 
 
 def _header(model: str | None, preset: str | None, stats: dict | None) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -23,15 +21,13 @@ from textual.widgets import (
 
 from ... import choices
 from ...errors import ChatappError
+from ...units import gb
+from ..backend import DownloadEnded, DownloadUpdate, Target
 from ..widgets import download_line, hardware_line
 from .dialogs import ConfirmScreen
 
 TABS = ("recommended", "catalog", "downloaded", "search")
 COLUMNS = ("model", "speed", "fit on this machine", "params", "download", "license", "context")
-
-
-def _gb(n: int | None) -> str:
-    return f"{n / 1e9:.1f} GB" if n else "-"
 
 
 class ModelPickerScreen(Screen):
@@ -45,7 +41,8 @@ class ModelPickerScreen(Screen):
     def __init__(self):
         super().__init__()
         self.rows: dict[str, list[choices.ModelRow]] = {tab: [] for tab in TABS}
-        self.cancel: threading.Event | None = None
+        #: The name of the model being downloaded from here, if any.
+        self.downloading: str | None = None
 
     def compose(self) -> ComposeResult:
         yield Label("Choose a model", id="picker-title", markup=False)
@@ -69,34 +66,46 @@ class ModelPickerScreen(Screen):
     def on_mount(self) -> None:
         self.query_one("#download-box").display = False
         self.query_one("#picker-error").display = False
-        hw = self.app.hardware
-        self.query_one("#picker-title", Label).update(f"Choose a model · this machine: {hardware_line(hw)}")
         for tab in TABS:
             self.query_one(f"#table-{tab}", DataTable).add_columns(*COLUMNS)
+        self.app.backend.listen(self)
         self.refresh_rows()
 
+    def on_unmount(self) -> None:
+        self.app.backend.unlisten(self)
+
+    @work(thread=True, exclusive=True, group="rows")
     def refresh_rows(self) -> None:
-        """Plan every catalog and downloaded model for this machine (pure arithmetic, no downloads)."""
+        """Plan every catalog and downloaded model for this machine, in a thread: the HF cache scan, the
+        safetensors headers and the GPU driver all take time."""
         from ... import hub
 
         local = {m.repo_id: m for m in hub.list_local()}
         catalog = self.app.catalog()
         hw = self.app.hardware
-        self.rows["catalog"] = choices.catalog_rows(catalog, hw, local)
-        self.rows["recommended"] = choices.recommended(self.rows["catalog"])
+        cap = self.app.settings.context_cap
+        rows = {"catalog": choices.catalog_rows(catalog, hw, local, cap)}
+        rows["recommended"] = choices.recommended(rows["catalog"])
         known = {spec.repo for spec in catalog.values()}
-        downloaded = [r for r in self.rows["catalog"] if r.size_on_disk]
-        downloaded += choices.local_rows({k: v for k, v in local.items() if k not in known}, hw)
-        self.rows["downloaded"] = downloaded
-        for tab in ("recommended", "catalog", "downloaded"):
+        downloaded = [r for r in rows["catalog"] if r.size_on_disk]
+        downloaded += choices.local_rows({k: v for k, v in local.items() if k not in known}, hw, cap)
+        rows["downloaded"] = downloaded
+        self.app.call_from_thread(self._show_rows, rows, hardware_line(hw))
+
+    def _show_rows(self, rows: dict[str, list[choices.ModelRow]], machine: str) -> None:
+        self.query_one("#picker-title", Label).update(f"Choose a model · this machine: {machine}")
+        self.rows.update(rows)
+        for tab in rows:
             self._fill(tab)
 
     def _fill(self, tab: str) -> None:
         table = self.query_one(f"#table-{tab}", DataTable)
         table.clear()
         for row in self.rows[tab]:
-            ready = "ready" if row.ready and not row.size_on_disk else _gb(row.size_on_disk)
-            size = ready if row.ready else f"≈{_gb(row.download_bytes)}"
+            if row.ready:
+                size = gb(row.size_on_disk) if row.size_on_disk else "ready"
+            else:
+                size = f"≈{gb(row.download_bytes)}" if row.download_bytes else "-"
             license_text = ("gated · " if row.gated else "") + (row.license or "")
             context = f"{row.context:,}" if row.context else "-"
             params = f"{row.params / 1e9:.2f}B" if row.params else "?"
@@ -164,64 +173,57 @@ class ModelPickerScreen(Screen):
         else:
             self.query_one("#table-search", DataTable).focus()
 
-    def show_error(self, text: str) -> None:
+    def show_error(self, text: str, notify: bool = True) -> None:
         label = self.query_one("#picker-error", Label)
         label.update(text)
         label.display = True
-        self.notify(text, severity="error", timeout=10)
+        if notify:
+            self.notify(text, severity="error", timeout=10)
 
     # -- choose, download, delete ------------------------------------------------------------
 
     def action_choose(self) -> None:
         row = self.selected()
-        if row is None or self.cancel is not None:
+        if row is None or self.downloading is not None:
             return
+        choice = row.plan.choice if row.fits else None
+        target = Target(row.ref, row.preset, choice.max_context_tokens if choice else None,
+                        choice.attn_implementation if choice else None)
         if row.ready:
-            self.app.switch_model(row.ref, row.preset)
+            self.app.backend.switch(target)
             self.dismiss_to_chat()
             return
-        self._download(row)
+        # The backend downloads it, then loads it with this plan; the box below shows the progress.
+        self.downloading = row.name
+        self.query_one("#picker-error").display = False
+        self.query_one("#download-box").display = True
+        self.query_one("#download-label", Label).update(f"downloading {row.name}…")
+        self.query_one("#download-bar", ProgressBar).update(total=None, progress=0)
+        self.app.backend.switch(target)
 
     def dismiss_to_chat(self) -> None:
         if self.app.screen is self:
             self.app.pop_screen()
 
-    def _download(self, row: choices.ModelRow) -> None:
-        self.cancel = threading.Event()
-        self.query_one("#picker-error").display = False
-        self.query_one("#download-box").display = True
-        self.query_one("#download-label", Label).update(f"downloading {row.name}…")
-        self.query_one("#download-bar", ProgressBar).update(total=None, progress=0)
-        self._fetch(row, self.cancel)
-
-    @work(thread=True, exclusive=True, group="download")
-    def _fetch(self, row: choices.ModelRow, cancel: threading.Event) -> None:
-        from ...hub_download import download
-
-        try:
-            source = self.app.source(row.ref)
-            download(source.repo_id, source.revision,
-                     progress=lambda p: self.app.call_from_thread(self._progress, row, p), cancel=cancel)
-        except ChatappError as exc:
-            self.app.call_from_thread(self._download_ended, row, str(exc))
+    @on(DownloadUpdate)
+    def _progress(self, event: DownloadUpdate) -> None:
+        if self.downloading is None:
             return
-        self.app.call_from_thread(self._download_ended, row, None)
-
-    def _progress(self, row: choices.ModelRow, p) -> None:
         self.query_one("#download-label", Label).update(
-            f"{row.name}: {download_line(p.done_bytes, p.total_bytes, p.bytes_per_s)}"
+            f"{self.downloading}: {download_line(event.done, event.total, event.bytes_per_s)}"
         )
-        self.query_one("#download-bar", ProgressBar).update(total=p.total_bytes or None, progress=p.done_bytes)
+        self.query_one("#download-bar", ProgressBar).update(total=event.total or None, progress=event.done)
 
-    def _download_ended(self, row: choices.ModelRow, error: str | None) -> None:
-        self.cancel = None
+    @on(DownloadEnded)
+    def _download_ended(self, event: DownloadEnded) -> None:
+        name, self.downloading = self.downloading, None
         self.query_one("#download-box").display = False
-        if error:
-            self.show_error(error)
+        if name is None:
             return
-        self.notify(f"Downloaded {row.name}.", timeout=4)
-        self.refresh_rows()
-        self.app.switch_model(row.ref, "auto")
+        if event.error:
+            self.show_error(event.error, notify=False)  # the chat screen tells the user once
+            return
+        self.notify(f"Downloaded {name}.", timeout=4)
         self.dismiss_to_chat()
 
     @on(Button.Pressed, "#download-cancel")
@@ -229,8 +231,8 @@ class ModelPickerScreen(Screen):
         self.action_back()
 
     def action_back(self) -> None:
-        if self.cancel is not None:
-            self.cancel.set()  # the download stops at its next block; what arrived is kept for next time
+        if self.downloading is not None:
+            self.app.backend.cancel_download()  # it stops at its next block; what arrived is kept for next time
             return
         self.dismiss_to_chat()
 
@@ -245,17 +247,18 @@ class ModelPickerScreen(Screen):
                 self._delete(row)
 
         self.app.push_screen(
-            ConfirmScreen(f"Delete the download of {row.name} ({_gb(row.size_on_disk)})?"), confirmed
+            ConfirmScreen(f"Delete the download of {row.name} ({gb(row.size_on_disk)})?"), confirmed
         )
 
+    @work(thread=True, exclusive=True, group="delete")
     def _delete(self, row: choices.ModelRow) -> None:
+        """Deleting gigabytes takes a while: in a thread, then the rows are planned again."""
         from ... import hub
 
         try:
-            source = self.app.source(row.ref)
-            freed = hub.delete(source.repo_id)
+            freed = hub.delete(self.app.source(row.ref).repo_id)
         except ChatappError as exc:
-            self.show_error(str(exc))
+            self.app.call_from_thread(self.show_error, str(exc))
             return
-        self.notify(f"Deleted {row.name}: {freed / 1e9:.2f} GB freed.", timeout=6)
+        self.app.call_from_thread(self.notify, f"Deleted {row.name}: {gb(freed, 2)} freed.", timeout=6)
         self.refresh_rows()

@@ -1,0 +1,283 @@
+"""The one owner of the model's lifecycle in the UI: the worker process, what is loaded, and downloads.
+
+Protocol events arrive on the client's reader thread and reach the UI thread as one WorkerEvent; `handle`
+turns each into a typed Textual message and posts it to the screens that listen. Screens handle only the
+messages they care about, with @on, and never change the model's state themselves: they ask the backend.
+Downloads happen here, in a thread, and nowhere else; the worker only ever loads what is on disk.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from textual.message import Message
+from textual.message_pump import MessagePump
+
+from .. import protocol as p
+from ..errors import ChatappError
+from ..sampling import SamplingParams
+
+# -- the messages screens handle ---------------------------------------------------------------
+
+
+class WorkerEvent(Message):
+    """A protocol event from the worker, delivered on the UI's own thread (the backend's input)."""
+
+    def __init__(self, event: object):
+        super().__init__()
+        self.event = event
+
+
+class ModelLoading(Message):
+    """A model is being prepared: a line about it, and bytes when it is a download."""
+
+    def __init__(self, text: str, done: int | None = None, total: int | None = None):
+        super().__init__()
+        self.text, self.done, self.total = text, done, total
+
+
+class ModelLoaded(Message):
+    def __init__(self, info: p.Loaded):
+        super().__init__()
+        self.info = info
+
+
+class ModelLoadFailed(Message):
+    """Loading failed. going_back names the model and preset loaded again instead; still_loaded is set when the
+    failure came before the worker was asked (a download), so the model loaded before is still there."""
+
+    def __init__(self, error: str, going_back: tuple[str, str] | None = None, still_loaded: p.Loaded | None = None):
+        super().__init__()
+        self.error, self.going_back, self.still_loaded = error, going_back, still_loaded
+
+
+class ReplyDelta(Message):
+    def __init__(self, request_id: int, text: str):
+        super().__init__()
+        self.request_id, self.text = request_id, text
+
+
+class ReplyFinished(Message):
+    def __init__(self, request_id: int, conversation_id: int, text: str, stats: p.TurnStats):
+        super().__init__()
+        self.request_id, self.conversation_id, self.text, self.stats = request_id, conversation_id, text, stats
+
+
+class ReplyFailed(Message):
+    def __init__(self, request_id: int, error: str):
+        super().__init__()
+        self.request_id, self.error = request_id, error
+
+
+class CachesEvicted(Message):
+    def __init__(self, conversation_ids: list[int], freed_bytes: int):
+        super().__init__()
+        self.conversation_ids, self.freed_bytes = conversation_ids, freed_bytes
+
+
+class WorkerStopped(Message):
+    """The worker process ended without being asked (killed, crashed); `why` is one line."""
+
+    def __init__(self, why: str, detail: str):
+        super().__init__()
+        self.why, self.detail = why, detail
+
+
+class DownloadUpdate(Message):
+    def __init__(self, ref: str, done: int, total: int, bytes_per_s: float):
+        super().__init__()
+        self.ref, self.done, self.total, self.bytes_per_s = ref, done, total, bytes_per_s
+
+
+class DownloadEnded(Message):
+    """A download finished (error None) or stopped; a finished one is loaded next."""
+
+    def __init__(self, ref: str, error: str | None):
+        super().__init__()
+        self.ref, self.error = ref, error
+
+
+# -- the backend -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to load: a model reference and a preset, with the planner's context and attention when known."""
+
+    model: str
+    preset: str
+    context_tokens: int | None = None
+    attn_implementation: str | None = None
+
+
+class Backend:
+    """The local worker, seen from the UI. One instance per app; see the module doc."""
+
+    def __init__(self, app, client_factory, *, model: str, preset: str, cache_budget_bytes: int | None = None):
+        self.app = app
+        self.client = client_factory(
+            app.settings, lambda event: app.post_message(WorkerEvent(event)), log_path=app.settings.data_dir / "worker.log"
+        )
+        #: What is loaded, or being loaded.
+        self.model, self.preset = model, preset
+        self.loaded: p.Loaded | None = None
+        #: What to load again if loading the newly chosen model fails.
+        self.fallback: Target | None = None
+        self.cache_budget_bytes = cache_budget_bytes
+        #: Set while a download runs: setting it stops the download (what arrived is kept).
+        self.download_cancel: threading.Event | None = None
+        self._pending: Target | None = None
+        self._listeners: list[MessagePump] = []
+
+    # -- who hears about it ---------------------------------------------------------------------
+
+    def listen(self, node: MessagePump) -> None:
+        if node not in self._listeners:
+            self._listeners.append(node)
+
+    def unlisten(self, node: MessagePump) -> None:
+        if node in self._listeners:
+            self._listeners.remove(node)
+
+    def _post(self, message_type, *args) -> None:
+        # post_message is thread-safe, so download threads post too; the list only changes on the UI thread.
+        for node in list(self._listeners):
+            node.post_message(message_type(*args))
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    def load(self, target: Target) -> None:
+        """The one sequence for starting, restarting and switching: start the worker if it isn't running,
+        download the model if it isn't here, then ask the worker to load it. What is loaded stays usable
+        until the worker is asked."""
+        self.model, self.preset = target.model, target.preset
+        self._pending = target
+        self._post(ModelLoading, f"loading {target.model} ({target.preset})…")
+        self.app.run_worker(lambda: self._prepare(target), thread=True, group="load", exclusive=True)
+
+    def switch(self, target: Target) -> None:
+        """Load another model or preset; if that fails, what is loaded now comes back."""
+        if self.loaded is not None and (target.model, target.preset) == (self.model, self.preset):
+            return
+        if self.loaded is not None:
+            self.fallback = Target(self.model, self.preset)
+        self.load(target)
+
+    def restart(self) -> None:
+        self.load(Target(self.model, self.preset))
+
+    def _prepare(self, target: Target) -> None:
+        """In a thread: what the reference names, and a download when it is a Hub model not yet here."""
+        from ..refs import parse_ref
+
+        try:
+            source = parse_ref(target.model, self.app.catalog())
+            if source.kind == "hub":
+                self._download(source)
+        except ChatappError as exc:
+            self.app.call_from_thread(self._not_prepared, target, str(exc))
+            return
+        self.app.call_from_thread(self._send_load, target)
+
+    def _not_prepared(self, target: Target, error: str) -> None:
+        if target is not self._pending:
+            return  # another choice came since
+        self._pending = None
+        if self.loaded is None:
+            self.handle(p.Error(error))
+            return
+        # The worker was never asked, so what it has loaded is still there.
+        back, self.fallback = self.fallback, None
+        if back is not None:
+            self.model, self.preset = back.model, back.preset
+        self._post(ModelLoadFailed, error, None, self.loaded)
+
+    def _send_load(self, target: Target) -> None:
+        if target is not self._pending:
+            return  # another choice came since
+        self._pending = None
+        self.loaded = None
+        if not self.client.alive:
+            self.client.start()
+        self.client.send(
+            p.Load(target.model, target.preset, context_tokens=target.context_tokens,
+                   attn_implementation=target.attn_implementation, cache_budget_bytes=self.cache_budget_bytes)
+        )
+
+    def _download(self, source) -> None:
+        from ..hub_download import download
+
+        cancel = self.download_cancel = threading.Event()
+        ref = source.label
+
+        def progress(pr) -> None:
+            self._post(DownloadUpdate, ref, pr.done_bytes, pr.total_bytes, pr.bytes_per_s)
+
+        try:
+            download(source.repo_id, source.revision, progress=progress, cancel=cancel)
+        except ChatappError as exc:
+            self._post(DownloadEnded, ref, str(exc))
+            raise
+        finally:
+            self.download_cancel = None
+        self._post(DownloadEnded, ref, None)
+
+    def cancel_download(self) -> bool:
+        """Stop the download in progress, if any; True when there was one."""
+        cancel = self.download_cancel
+        if cancel is not None:
+            cancel.set()
+        return cancel is not None
+
+    # -- replies ----------------------------------------------------------------------------------
+
+    def generate(self, conversation_id: int, messages: list[tuple[str, str]], params: SamplingParams) -> int | None:
+        """Ask for a reply; its request id, or None when the worker is not running."""
+        request_id = self.client.request_id()
+        if not self.client.send(p.Generate(request_id, conversation_id, messages, params)):
+            return None
+        return request_id
+
+    def cancel(self, request_id: int) -> None:
+        self.client.send(p.Cancel(request_id))
+
+    def forget(self, conversation_id: int) -> None:
+        """Drop a conversation's cache (it was deleted)."""
+        self.client.send(p.Reset(conversation_id))
+
+    def stop(self) -> None:
+        self.cancel_download()
+        self.client.stop()
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def handle(self, event) -> None:
+        """One protocol event, on the UI thread: update the state, then tell the listeners."""
+        if isinstance(event, p.Delta):
+            self._post(ReplyDelta, event.request_id, event.text)
+        elif isinstance(event, p.Finished):
+            self._post(ReplyFinished, event.request_id, event.conversation_id, event.text, event.stats)
+        elif isinstance(event, p.Status):
+            self._post(ModelLoading, event.text)
+        elif isinstance(event, p.DownloadProgress):
+            self._post(DownloadUpdate, self.model, event.done_bytes, event.total_bytes, event.bytes_per_s)
+        elif isinstance(event, p.Loaded):
+            self.loaded, self.fallback = event, None
+            self._post(ModelLoaded, event)
+        elif isinstance(event, p.Evicted):
+            self._post(CachesEvicted, event.conversation_ids, event.freed_bytes)
+        elif isinstance(event, p.Error) and event.request_id is not None:
+            self._post(ReplyFailed, event.request_id, event.message)
+        elif isinstance(event, p.Error):
+            self.loaded = None
+            back, self.fallback = self.fallback, None
+            self._post(ModelLoadFailed, event.message, (back.model, back.preset) if back else None)
+            if back is not None:
+                self.load(back)
+        elif isinstance(event, p.WorkerDied):
+            self.loaded = None
+            why = "killed" if event.exitcode == -9 else f"exit code {event.exitcode}"
+            # A killed process wrote nothing about it; a crash's last line says what went wrong.
+            detail = event.last_log_line if event.last_log_line and event.exitcode != -9 else ""
+            self._post(WorkerStopped, why, detail)
