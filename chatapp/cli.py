@@ -278,7 +278,7 @@ def cmd_plan(args, settings) -> int:
 
 def cmd_doctor(args, settings) -> int:
     from .hardware import detect
-    from .report import doctor
+    from .doctor import doctor
 
     info, problems = doctor(settings, detect())
     for line in info:
