@@ -277,8 +277,8 @@ def cmd_plan(args, settings) -> int:
 
 
 def cmd_doctor(args, settings) -> int:
-    from .hardware import detect
     from .doctor import doctor
+    from .hardware import detect
 
     info, problems = doctor(settings, detect())
     for line in info:

@@ -39,6 +39,8 @@ for line in dist.requires or []:
         print(f"unmet: {req} (installed: {version})")
 """
 
+_PURELIB = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+
 _LOAD_THEMES = """
 import chatapp, chatapp.catalog
 from chatapp.ui.themes import SHIPPED_THEMES_DIR, load_themes
@@ -68,18 +70,20 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     source = tmp / "src"
     shutil.copytree(ROOT, source, symlinks=True, ignore=_NOT_SOURCE)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"),
-          str(source)], cwd=tmp, env=env)
+    pip = [sys.executable, "-m", "pip"]
+    _run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"), str(source)],
+        cwd=tmp,
+        env=env,
+    )
     (wheel,) = (tmp / "dist").glob("chatapp-*.whl")
 
     venv = tmp / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp, env=env)
     python = venv / "bin" / "python"
     # --no-deps: the dependencies (a multi-GB torch among them) come from this venv, through the .pth below.
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
-         cwd=tmp, env=env)
-    purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                   cwd=tmp, env=env).stdout.strip()
+    _run([*pip, "--python", str(python), "install", "--no-deps", "-q", str(wheel)], cwd=tmp, env=env)
+    purelib = _run([str(python), "-c", _PURELIB], cwd=tmp, env=env).stdout.strip()
     # A directory named in a .pth is appended to sys.path without running the .pth files inside it, so this
     # venv's editable-install finder stays inert and the wheel's chatapp (earlier on sys.path) is the one imported.
     outer = [p for p in site.getsitepackages() if Path(p).is_dir()]
@@ -106,11 +110,13 @@ def test_wheel_installs_with_its_data_and_dependencies(installed, tmp_path):
 
 def test_wheel_lists_and_runs_the_starter_model(installed, starter_folder, tmp_path):
     bin_dir, env = installed
-    env = {**env, "CHATAPP_DATA_DIR": str(TEST_DATA), "CHATAPP_CONFIG_DIR": str(tmp_path / "config"),
-           "HF_HUB_OFFLINE": "1"}
-    out = _run([str(bin_dir / "chatapp"), "models", "--json"], cwd=tmp_path, env=env)
+    # The test suite's data dir, so the starter model converted for the other tests is reused.
+    env = {**env, "CHATAPP_DATA_DIR": str(TEST_DATA), "CHATAPP_CONFIG_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    chatapp = str(bin_dir / "chatapp")
+    out = _run([chatapp, "models", "--json"], cwd=tmp_path, env=env)
     assert "smollm2-135m-local" in {row["key"] for row in json.loads(out.stdout)}
 
-    out = _run([str(bin_dir / "chatapp"), "ask", "What is the capital of France?", "--model", "smollm2-135m-local",
-                "--temperature", "0", "--max-new-tokens", "30"], cwd=tmp_path, env=env)
+    question = "What is the capital of France?"
+    greedy = ["--temperature", "0", "--max-new-tokens", "30"]
+    out = _run([chatapp, "ask", question, "--model", "smollm2-135m-local", *greedy], cwd=tmp_path, env=env)
     assert "Paris" in out.stdout, out.stdout + out.stderr
