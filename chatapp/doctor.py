@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from .hardware import Hardware
+from .logs import log_path
 from .report import describe_hardware
 
 
@@ -60,6 +61,7 @@ def doctor(settings, hw: Hardware) -> tuple[list[str], list[str]]:
 
     info.append(f"config: {settings.config_file}")
     info.append(f"data: {settings.data_dir}")
+    info.append(f"log: {log_path(settings.data_dir)} (what libraries log and warn)")
     info.append(f"Hub cache: {constants.HF_HUB_CACHE}")
     for path in (settings.data_dir,):
         existing = next((p for p in [Path(path), *Path(path).parents] if p.exists()), None)
