@@ -22,4 +22,7 @@ run: setup
 	$(BIN)/chatapp
 
 test: setup
+	# The layers stay apart (pyproject.toml [tool.importlinter]): UI without torch, engine without textual.
+	$(BIN)/lint-imports
+	# `ruff check .` and `ruff format --check .` join here once the whole tree has been formatted.
 	$(BIN)/python -m pytest -q

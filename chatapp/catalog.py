@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, fields
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from .errors import ConfigError
 
-SHIPPED_CATALOG = Path(__file__).resolve().parent.parent / "models.toml"
+#: Shipped inside the package (chatapp/data/models.toml), so a wheel installed anywhere has it.
+SHIPPED_CATALOG: Traversable = files("chatapp") / "data" / "models.toml"
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ _FIELD_TYPES = {
 assert set(_FIELD_TYPES) == {f.name for f in fields(ModelSpec)} - {"key"}
 
 
-def _spec_from_table(key: str, table: dict, source: Path) -> ModelSpec:
+def _spec_from_table(key: str, table: dict, source: Path | Traversable) -> ModelSpec:
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: entry '{key}' must be a table")
     values: dict[str, object] = {"key": key}
@@ -91,7 +94,7 @@ def _spec_from_table(key: str, table: dict, source: Path) -> ModelSpec:
     return ModelSpec(**values)
 
 
-def _check_architecture(key: str, table: dict, source: Path) -> None:
+def _check_architecture(key: str, table: dict, source: Path | Traversable) -> None:
     for name, value in table.items():
         if name not in ARCHITECTURE_FIELDS:
             raise ConfigError(f"{source}: entry '{key}' field 'architecture.{name}' is unknown")
@@ -105,7 +108,7 @@ def _check_architecture(key: str, table: dict, source: Path) -> None:
         raise ConfigError(f"{source}: entry '{key}' field 'architecture' is missing {', '.join(missing)}")
 
 
-def read_catalog_file(path: Path) -> dict[str, dict]:
+def read_catalog_file(path: Path | Traversable) -> dict[str, dict]:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -116,9 +119,12 @@ def read_catalog_file(path: Path) -> dict[str, dict]:
     return models
 
 
-def load_catalog(user_file: Path | None = None, shipped: Path = SHIPPED_CATALOG) -> dict[str, ModelSpec]:
+def load_catalog(user_file: Path | None = None, shipped: Path | Traversable = SHIPPED_CATALOG) -> dict[str, ModelSpec]:
     """The shipped entries, with the user's file adding entries or overriding fields of existing ones."""
-    tables = {key: dict(table) for key, table in read_catalog_file(shipped).items()} if shipped.is_file() else {}
+    if not shipped.is_file():
+        # Without it not even the default model resolves: a broken install, to be named, not papered over.
+        raise ConfigError(f"{shipped}: the shipped model catalog is missing; reinstall chatapp")
+    tables = {key: dict(table) for key, table in read_catalog_file(shipped).items()}
     sources = {key: shipped for key in tables}
     if user_file is not None and user_file.is_file():
         for key, table in read_catalog_file(user_file).items():

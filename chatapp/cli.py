@@ -13,19 +13,18 @@ from contextlib import contextmanager
 from . import planner
 from .cli_hub import cmd_models, cmd_pull, cmd_rm, cmd_search
 from .errors import ChatappError
+from .logs import route_library_logs
 
 
 def _quiet_libraries() -> None:
-    # Library progress bars and advice would bury our one-line messages.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Library progress bars and advice would bury our one-line messages: no bars, and advice goes to the log.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
     from transformers.utils import logging as hf_logging
 
+    from .logs import adopt_transformers_logging
+
     hf_logging.disable_progress_bar()
+    adopt_transformers_logging()
 
 
 def _note(text: str) -> None:
@@ -284,8 +283,8 @@ def cmd_plan(args, settings) -> int:
 
 
 def cmd_doctor(args, settings) -> int:
+    from .doctor import doctor
     from .hardware import detect
-    from .report import doctor
 
     info, problems = doctor(settings, detect())
     for line in info:
@@ -322,6 +321,7 @@ def _tui(args) -> int:
 
     settings, errors = load_settings_checked()
     _use_hub_cache(settings)
+    route_library_logs(settings.data_dir)  # a library's stray line on stderr would tear the screen
     from .ui.app import run
 
     return run(settings, errors, args.model, args.preset)
@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
 
         settings = load_settings()
         _use_hub_cache(settings)
+        route_library_logs(settings.data_dir)
         if args.command in ("ask", "repl", "bench"):
             _quiet_libraries()
         return COMMANDS[args.command](args, settings)

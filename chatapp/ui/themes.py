@@ -1,4 +1,4 @@
-"""UI themes: TOML files, one per textual Theme, shipped in themes/ plus the user's themes_dir."""
+"""UI themes: TOML files, one per textual Theme, shipped in chatapp/data/themes/ plus the user's themes_dir."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import dataclasses
 import re
 import tomllib
 from collections.abc import Iterable
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from textual.color import Color, ColorParseError
@@ -14,7 +16,8 @@ from textual.theme import BUILTIN_THEMES, Theme
 
 from ..errors import ConfigError
 
-SHIPPED_THEMES_DIR = Path(__file__).resolve().parent.parent.parent / "themes"
+#: Package data, read through importlib.resources so an installed wheel finds it.
+SHIPPED_THEMES_DIR: Traversable = files("chatapp") / "data" / "themes"
 DEFAULT_THEME = "chatapp-dark"
 # Textual's fallback when even our default is missing (a broken install); it is always registered.
 _LAST_RESORT = "textual-dark"
@@ -28,10 +31,10 @@ _KNOWN = [f.name for f in dataclasses.fields(Theme)]
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 
-def load_theme_file(path: Path) -> Theme:
+def load_theme_file(path: Path | Traversable) -> Theme:
     """One theme file as a Theme; ConfigError names the file and what is wrong with it."""
     try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        raw = tomllib.loads((Path(path) if isinstance(path, str) else path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: can't be read ({exc.strerror or exc})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -104,7 +107,7 @@ def _check_variable(path: Path, key: str, value: str) -> None:
                           "(use '#rrggbb', optionally followed by an opacity like '35%')") from None
 
 
-def load_themes(*dirs: Path | None) -> tuple[list[Theme], list[str]]:
+def load_themes(*dirs: Path | Traversable | None) -> tuple[list[Theme], list[str]]:
     """Every *.toml theme in each folder, in order (a later theme of the same name wins), and one line per bad file.
 
     A folder that doesn't exist holds no themes (the user's is optional); None is skipped likewise.
@@ -112,14 +115,17 @@ def load_themes(*dirs: Path | None) -> tuple[list[Theme], list[str]]:
     themes: dict[str, Theme] = {}
     errors: list[str] = []
     for folder in dirs:
-        if folder is None or not Path(folder).exists():
+        if isinstance(folder, str):
+            folder = Path(folder)
+        # A Traversable (the shipped folder) has is_dir/is_file/iterdir but no exists or glob.
+        if folder is None or not (folder.is_dir() or folder.is_file()):
             continue
-        folder = Path(folder)
         if not folder.is_dir():
             errors.append(f"{folder}: not a folder of theme files")
             continue
-        defined_here: dict[str, Path] = {}
-        for path in sorted(p for p in folder.glob("*.toml") if p.is_file()):
+        defined_here: dict[str, Path | Traversable] = {}
+        tomls = [p for p in folder.iterdir() if p.name.endswith(".toml") and p.is_file()]
+        for path in sorted(tomls, key=lambda p: p.name):
             try:
                 theme = load_theme_file(path)
             except ConfigError as exc:
