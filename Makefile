@@ -24,5 +24,6 @@ run: setup
 test: setup
 	# The layers stay apart (pyproject.toml [tool.importlinter]): UI without torch, engine without textual.
 	$(BIN)/lint-imports
-	# `ruff check .` and `ruff format --check .` join here once the whole tree has been formatted.
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q

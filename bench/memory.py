@@ -1,7 +1,8 @@
 """Planner estimates against what loading really costs, for the starter model in every preset on this machine.
 
 Each preset runs in a fresh process: RSS after importing torch + transformers (the planner's CPU overhead),
-then after loading (weights), then after two long messages (KV cache + activations of a whole first prefill and of masked chunks).
+then after loading (weights), then after two long messages (KV cache + activations of a whole first prefill
+and of masked chunks).
 
     python bench/memory.py [--tokens 4096] [--json]
 """
@@ -56,7 +57,10 @@ def main() -> None:
     for preset in ("fp32", "bf16", "fp16", "int8", "nf4"):
         out = subprocess.run(
             [sys.executable, "-c", CHILD, preset, str(args.tokens)],
-            capture_output=True, text=True, check=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "MALLOC_ARENA_MAX": "2"},
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "MALLOC_ARENA_MAX": "2"},
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     if args.json:

@@ -49,10 +49,7 @@ class ModelRow:
     @property
     def usable(self) -> bool:
         """Fits without a GPU+CPU split, and decodes fast enough to chat with (planner.USABLE_TOKENS_PER_S)."""
-        return (
-            self.fits and not self.plan.choice.slow
-            and (self.tokens_per_s or 0) >= planner.USABLE_TOKENS_PER_S
-        )
+        return self.fits and not self.plan.choice.slow and (self.tokens_per_s or 0) >= planner.USABLE_TOKENS_PER_S
 
     @property
     def speed(self) -> str:
@@ -63,9 +60,11 @@ class ModelRow:
         head = [self.name, self.description] if self.description else [self.name]
         facts = [
             f"parameters: {self.params / 1e9:.2f}B" if self.params else "parameters: unknown",
-            f"license: {self.license or 'unknown'}{' (gated: accept it on the Hub, then log in)' if self.gated else ''}",
-            f"on disk: {gb(self.size_on_disk, 2)}" if self.size_on_disk else
-            ("ready (bundled)" if self.ready else f"download: about {gb(self.download_bytes or 0)}"),
+            f"license: {self.license or 'unknown'}"
+            + (" (gated: accept it on the Hub, then log in)" if self.gated else ""),
+            f"on disk: {gb(self.size_on_disk, 2)}"
+            if self.size_on_disk
+            else ("ready (bundled)" if self.ready else f"download: about {gb(self.download_bytes or 0)}"),
         ]
         body = format_plan(self.plan) if self.plan else f"fit: {self.verdict}"
         return "\n".join([*head, "", *facts, "", body])
@@ -139,9 +138,18 @@ def local_rows(local: dict, hardware, context_cap: int | None = None) -> list[Mo
                 plan = None
         rows.append(
             ModelRow(
-                ref=model.repo_id, repo=model.repo_id, name=model.repo_id, params=plan.facts.params if plan else None,
-                download_bytes=None, license="", gated=False, context=plan.facts.max_context if plan else None,
-                verdict=verdict(plan) if plan else "unknown", ready=True, size_on_disk=model.size_bytes, plan=plan,
+                ref=model.repo_id,
+                repo=model.repo_id,
+                name=model.repo_id,
+                params=plan.facts.params if plan else None,
+                download_bytes=None,
+                license="",
+                gated=False,
+                context=plan.facts.max_context if plan else None,
+                verdict=verdict(plan) if plan else "unknown",
+                ready=True,
+                size_on_disk=model.size_bytes,
+                plan=plan,
             )
         )
     return rows
@@ -151,9 +159,16 @@ def search_rows(results, hardware, local: dict) -> list[ModelRow]:
     """Hub search results: only the parameter count is known before a download, so the verdict is the weights'."""
     return [
         ModelRow(
-            ref=r.repo_id, repo=r.repo_id, name=r.repo_id, params=r.params, download_bytes=_approx_download(r.params),
-            license="gated" if r.gated else "", gated=r.gated, context=None,
-            verdict=weights_verdict(hardware, r.params), ready=r.repo_id in local,
+            ref=r.repo_id,
+            repo=r.repo_id,
+            name=r.repo_id,
+            params=r.params,
+            download_bytes=_approx_download(r.params),
+            license="gated" if r.gated else "",
+            gated=r.gated,
+            context=None,
+            verdict=weights_verdict(hardware, r.params),
+            ready=r.repo_id in local,
             size_on_disk=local[r.repo_id].size_bytes if r.repo_id in local else None,
             description=f"{r.downloads:,} downloads · updated {r.last_modified}",
         )

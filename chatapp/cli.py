@@ -275,9 +275,7 @@ def cmd_plan(args, settings) -> int:
     except ValueError as exc:
         raise ChatappError(str(exc)) from None
     facts = facts_for(parse_ref(args.model, load_catalog(settings.config_dir / "models.toml")))
-    result = planner.choose(
-        hw, facts, args.context, args.preset, flash_attn_installed=hardware.flash_attn_installed()
-    )
+    result = planner.choose(hw, facts, args.context, args.preset, flash_attn_installed=hardware.flash_attn_installed())
     print(json.dumps(planner.plan_dict(result)) if args.json else format_plan(result))
     return 0
 

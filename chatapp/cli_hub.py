@@ -68,19 +68,25 @@ def cmd_models(args, settings) -> int:
     listed = []
     for r in rows:
         choice = r.plan.choice if r.fits else None
-        entry = {"key": None if r.ref == r.repo else r.ref, "repo": r.repo, "name": r.name,
-                 "gated": r.gated if r.ref != r.repo else None, "downloaded": r.ready,
-                 "size_bytes": r.size_on_disk, "fit": r.verdict if r.plan else None,
-                 "context_tokens": choice.context_tokens if choice else None,
-                 "max_context_tokens": choice.max_context_tokens if choice else None,
-                 "decode_tokens_per_s": r.tokens_per_s}
+        entry = {
+            "key": None if r.ref == r.repo else r.ref,
+            "repo": r.repo,
+            "name": r.name,
+            "gated": r.gated if r.ref != r.repo else None,
+            "downloaded": r.ready,
+            "size_bytes": r.size_on_disk,
+            "fit": r.verdict if r.plan else None,
+            "context_tokens": choice.context_tokens if choice else None,
+            "max_context_tokens": choice.max_context_tokens if choice else None,
+            "decode_tokens_per_s": r.tokens_per_s,
+        }
         if r.repo in local and r.ref == r.repo:
             entry["revisions"] = list(local[r.repo].revisions)
         listed.append(entry)
     if args.json:
         print(json.dumps(listed))
         return 0
-    for r, e in zip(rows, listed):
+    for r, e in zip(rows, listed, strict=True):
         size = gb(r.size_on_disk, 2) if r.size_on_disk else ("bundled" if r.ready else "-")
         fit = f"  [{r.verdict} · {r.speed}]" if r.fits else (f"  [{r.verdict}]" if r.plan else "")
         print(f"{(e['key'] or r.repo):<24} {size:>10}  {'gated ' if r.gated else ''}{r.name}{fit}")
@@ -89,7 +95,6 @@ def cmd_models(args, settings) -> int:
 
 def cmd_search(args, settings) -> int:
     from . import hub
-
     from .hardware import detect
     from .report import weights_verdict
 

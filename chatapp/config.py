@@ -247,9 +247,7 @@ def save_setting(config_file: Path, key: str, value: str | int | float) -> None:
     lines = text.splitlines()
     # Only the lines before the first [table] are top level; a key after it would belong to that table.
     first_table = next((i for i, line in enumerate(lines) if line.lstrip().startswith("[")), len(lines))
-    assignment = re.compile(
-        rf"""^(\s*){re.escape(key)}(\s*=\s*)("(?:[^"\\]|\\.)*"|'[^']*'|[^\s#]*)(\s*(?:#.*)?)$"""
-    )
+    assignment = re.compile(rf"""^(\s*){re.escape(key)}(\s*=\s*)("(?:[^"\\]|\\.)*"|'[^']*'|[^\s#]*)(\s*(?:#.*)?)$""")
     for i in range(first_table):
         match = assignment.match(lines[i])
         if match:

@@ -73,8 +73,16 @@ def params_from_architecture(
     return layers * per_layer + embeddings + hidden_size
 
 
-_SHAPE = ("layers", "hidden_size", "intermediate_size", "attention_heads", "kv_heads", "head_dim", "vocab_size",
-          "tied_embeddings")
+_SHAPE = (
+    "layers",
+    "hidden_size",
+    "intermediate_size",
+    "attention_heads",
+    "kv_heads",
+    "head_dim",
+    "vocab_size",
+    "tied_embeddings",
+)
 
 
 def facts_from_spec(spec: ModelSpec) -> ModelFacts | None:
@@ -104,7 +112,9 @@ def facts_from_config(name: str, config: dict, params: int) -> ModelFacts:
     layers = config["num_hidden_layers"]
     window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
     layer_types = config.get("layer_types") or []
-    sliding_layers = sum(1 for t in layer_types if t == "sliding_attention") if layer_types else (layers if window else 0)
+    sliding_layers = (
+        sum(1 for t in layer_types if t == "sliding_attention") if layer_types else (layers if window else 0)
+    )
     return ModelFacts(
         name=name,
         params=params,

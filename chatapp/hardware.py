@@ -48,9 +48,7 @@ class Hardware:
 
 def _meminfo() -> tuple[int, int]:
     try:
-        fields = dict(
-            line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line
-        )
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
         total = int(fields["MemTotal"].split()[0]) * 1024
         available = int(fields.get("MemAvailable", fields["MemFree"]).split()[0]) * 1024
         return total, available
@@ -148,8 +146,18 @@ def detect() -> Hardware:
 
 # -- "what if" descriptions: --gpu 24GiB, --gpu "RTX 3060:12GiB", --gpu "T4:16GiB:7.5", --no-gpu, --ram 32GiB
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:

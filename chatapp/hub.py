@@ -11,7 +11,6 @@ from pathlib import Path
 
 from .errors import ChatappError, HubError, ModelNotFound, first_line
 
-
 #: Only what loading needs: no duplicate .bin/.gguf/onnx weights.
 ALLOW_PATTERNS = (
     "*.json",
@@ -164,7 +163,10 @@ def search(text: str, limit: int = 20) -> list[SearchResult]:
     with hub_errors(text):
         models = list(
             HfApi().list_models(
-                search=text, pipeline_tag="text-generation", sort="downloads", limit=limit,
+                search=text,
+                pipeline_tag="text-generation",
+                sort="downloads",
+                limit=limit,
                 expand=["safetensors", "gated", "downloads", "lastModified"],
             )
         )

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ChatappError, HubError
-from .units import gb, mb
 from .hub import allow_patterns, hub_errors, is_network_error, matching, offline_error
+from .units import gb, mb
 
 
 class DownloadCancelled(ChatappError):
@@ -100,7 +100,9 @@ def download(
         _fetch_blob(repo_id, remote, blobs, meter)
     with hub_errors(repo_id, revision):
         # Every blob is in place, so this only writes the snapshot links and refs/<revision>.
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, tqdm_class=_silent_class()))
+        folder = Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=patterns, tqdm_class=_silent_class())
+        )
     meter.finish()
     return folder
 
@@ -126,7 +128,9 @@ def _remote_files(repo_id: str, revision: str | None, patterns: list[str]) -> li
             if meta.etag is None or meta.size is None:
                 raise HubError(f"the Hub gave no ETag or size for {repo_id}/{sibling.rfilename}; can't download it")
             lfs = getattr(sibling, "lfs", None)
-            files.append(RemoteFile(sibling.rfilename, meta.size, meta.etag, meta.location, lfs.sha256 if lfs else None))
+            files.append(
+                RemoteFile(sibling.rfilename, meta.size, meta.etag, meta.location, lfs.sha256 if lfs else None)
+            )
     return files
 
 
@@ -150,8 +154,15 @@ def _fetch_blob(repo_id: str, remote: RemoteFile, blobs: Path, meter: _Meter) ->
         with partial.open("r+b") as handle:
             resumed = handle.seek(0, os.SEEK_END)
             try:
-                http_get(remote.url, handle, resume_size=resumed, headers=build_hf_headers(),
-                         expected_size=remote.size, displayed_filename=remote.name, tqdm_class=lambda **_: meter)
+                http_get(
+                    remote.url,
+                    handle,
+                    resume_size=resumed,
+                    headers=build_hf_headers(),
+                    expected_size=remote.size,
+                    displayed_filename=remote.name,
+                    tqdm_class=lambda **_: meter,
+                )
             except Exception as exc:
                 if not is_network_error(exc):
                     raise

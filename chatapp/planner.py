@@ -132,7 +132,9 @@ def activation_bytes(facts, context_tokens: int, dtype: str, device_type: str = 
     return max(whole, chunk * per_token + scores) + logits
 
 
-def estimate(facts, preset: str, context_tokens: int, *, device_type: str = "cuda", bf16_supported: bool = True) -> Estimate:
+def estimate(
+    facts, preset: str, context_tokens: int, *, device_type: str = "cuda", bf16_supported: bool = True
+) -> Estimate:
     compute = compute_dtype_for(preset, device_type=device_type, bf16_supported=bf16_supported)
     return Estimate(
         preset=preset,
@@ -201,7 +203,9 @@ def _targets(hardware) -> list[_Target]:
     if not hardware.gpus:
         return [_Target("CPU RAM", "cpu", usable_bytes(hardware.cpu.ram_available_bytes), "cpu")]
     best = max(hardware.gpus, key=lambda g: g.free_bytes)
-    targets = [_Target(f"GPU {best.index} ({best.name})", f"cuda:{best.index}", usable_bytes(best.free_bytes), "cuda", 1)]
+    targets = [
+        _Target(f"GPU {best.index} ({best.name})", f"cuda:{best.index}", usable_bytes(best.free_bytes), "cuda", 1)
+    ]
     if len(hardware.gpus) > 1:
         pool = sum(usable_bytes(g.free_bytes) for g in hardware.gpus) - (len(hardware.gpus) - 1) * CUDA_OVERHEAD_BYTES
         targets.append(_Target(f"{len(hardware.gpus)} GPUs", "auto", pool, "cuda", len(hardware.gpus)))
@@ -210,6 +214,7 @@ def _targets(hardware) -> list[_Target]:
 
 def _fit_context(facts, preset, want, floor, target, bf16) -> int | None:
     """The largest context in [floor, want] at which preset fits target, or None."""
+
     def fits(ctx):
         est = estimate(facts, preset, ctx, device_type=target.device_type, bf16_supported=bf16)
         return est.total_bytes <= target.budget
@@ -339,7 +344,7 @@ def choose(
     preset: str = "auto",
     flash_attn_installed: bool = False,
 ) -> Plan:
-    """The best preset and context that fit, with the reasons; or no choice, saying what was needed and what there is."""
+    """The best preset and context that fit, with the reasons; or no choice, saying what was needed and what is here."""
     reasons: list[str] = []
     targets = _targets(hardware)
     on_gpu = bool(hardware.gpus)
@@ -366,12 +371,15 @@ def choose(
                 continue
             est = estimate(facts, candidate, ctx, device_type=target.device_type, bf16_supported=bf16)
             if ctx < want:
+                full = estimate(facts, candidate, want, device_type=device_type, bf16_supported=bf16)
                 reasons.append(
-                    f"{candidate} at the full {want:,}-token context needs "
-                    f"{_gb(estimate(facts, candidate, want, device_type=device_type, bf16_supported=bf16).total_bytes)}; "
+                    f"{candidate} at the full {want:,}-token context needs {_gb(full.total_bytes)}; "
                     f"context lowered to {ctx:,} so {candidate} fits"
                 )
-            reasons.append(f"{candidate} needs {_gb(est.total_bytes)} at {ctx:,} tokens; {target.label} has {_gb(target.budget)} usable")
+            reasons.append(
+                f"{candidate} needs {_gb(est.total_bytes)} at {ctx:,} tokens; "
+                f"{target.label} has {_gb(target.budget)} usable"
+            )
             choice = Choice(
                 preset=candidate,
                 context_tokens=ctx,

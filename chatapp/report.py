@@ -53,7 +53,8 @@ def format_plan(plan: Plan) -> str:
     else:
         slow = " (slow: part of the model runs on the CPU)" if c.slow else ""
         lines.append(
-            f"choice: {c.preset} at {c.context_tokens:,} tokens on {c.device_map}, attention {c.attn_implementation}{slow}"
+            f"choice: {c.preset} at {c.context_tokens:,} tokens on {c.device_map}, "
+            f"attention {c.attn_implementation}{slow}"
         )
         if c.max_context_tokens:
             lines.append(f"longest context that fits ({c.preset}): {c.max_context_tokens:,} tokens")
@@ -91,8 +92,10 @@ def speed_line(plan: Plan) -> str:
     if c.slow:
         how = f"{read}, part of it from CPU RAM at {_gb(planner.cpu_bandwidth_bytes_per_s(plan.hardware))}/s"
     else:
-        how = f"{_gb(planner.bandwidth_bytes_per_s(plan.hardware))}/s ÷ {read}, weights + KV cache at " \
-              f"{c.context_tokens:,} tokens"
+        how = (
+            f"{_gb(planner.bandwidth_bytes_per_s(plan.hardware))}/s ÷ {read}, weights + KV cache at "
+            f"{c.context_tokens:,} tokens"
+        )
     overhead = plan.facts.layers * planner.LAYER_OVERHEAD_S[planner.device_kind(plan.hardware)[0]]
     if overhead:
         how += f", plus {overhead * 1e3:.0f} ms of per-layer launch overhead"

@@ -65,6 +65,7 @@ class SamplingParams:
         return self.temperature <= 0
 
 
+DEFAULTS = SamplingParams()
 GREEDY = SamplingParams(temperature=0.0)
 
 

@@ -254,9 +254,11 @@ class Store:
 
     def conversation(self, conversation_id: int) -> Conversation:
         with self._lock:
-            row = self._conn().execute(
-                f"SELECT {self._CONV_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)
-            ).fetchone()
+            row = (
+                self._conn()
+                .execute(f"SELECT {self._CONV_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,))
+                .fetchone()
+            )
         if row is None:
             raise StoreError(f"no conversation with id {conversation_id}")
         return self._conversation(row)
@@ -287,13 +289,19 @@ class Store:
 
     def messages(self, conversation_id: int) -> list[StoredMessage]:
         with self._lock:
-            rows = self._conn().execute(
-                "SELECT id, conversation_id, position, role, content, model, preset, stats, cut, created"
-                " FROM messages WHERE conversation_id = ? ORDER BY position",
-                (conversation_id,),
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT id, conversation_id, position, role, content, model, preset, stats, cut, created"
+                    " FROM messages WHERE conversation_id = ? ORDER BY position",
+                    (conversation_id,),
+                )
+                .fetchall()
+            )
         return [
-            StoredMessage(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]) if r[7] else None, bool(r[8]), r[9])
+            StoredMessage(
+                r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]) if r[7] else None, bool(r[8]), r[9]
+            )
             for r in rows
         ]
 
@@ -326,8 +334,16 @@ class Store:
                 (conversation_id, position, role, content, model, preset, stats_json, int(cut), now),
             )
         return StoredMessage(
-            cur.lastrowid, conversation_id, position, role, content, model, preset,
-            json.loads(stats_json) if stats_json else None, bool(cut), now,
+            cur.lastrowid,
+            conversation_id,
+            position,
+            role,
+            content,
+            model,
+            preset,
+            json.loads(stats_json) if stats_json else None,
+            bool(cut),
+            now,
         )
 
     def delete_from(self, conversation_id: int, position: int) -> None:
@@ -353,7 +369,8 @@ class Store:
                 db.execute("DELETE FROM state WHERE key = ?", (key,))
             else:
                 db.execute(
-                    "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    "INSERT INTO state (key, value) VALUES (?, ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                     (key, value),
                 )
 

@@ -62,8 +62,7 @@ class WorkerClient:
         theirs.close()
         self._conn = ours
         self._stopping = False
-        self._reader = threading.Thread(target=self._read, args=(ours, self.process), daemon=True,
-                                        name="worker-events")
+        self._reader = threading.Thread(target=self._read, args=(ours, self.process), daemon=True, name="worker-events")
         self._reader.start()
 
     def request_id(self) -> int:

@@ -184,8 +184,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _tree(self, repo: Repo) -> None:
         entries = []
         for p in repo.files:
-            entry = {"type": "file", "path": str(p.relative_to(repo.folder)), "size": p.stat().st_size,
-                     "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
+            entry = {
+                "type": "file",
+                "path": str(p.relative_to(repo.folder)),
+                "size": p.stat().st_size,
+                "oid": hashlib.sha1(p.read_bytes()).hexdigest(),
+            }
             if p.suffix == ".safetensors":
                 entry["lfs"] = {"oid": _etag(p), "size": p.stat().st_size, "pointerSize": 134}
             entries.append(entry)
@@ -195,10 +199,17 @@ class _Handler(BaseHTTPRequestHandler):
         text = (query.get("search") or [""])[0].lower()
         limit = int((query.get("limit") or ["20"])[0])
         found = [
-            {"id": repo_id, "modelId": repo_id, "downloads": repo.downloads, "likes": 0,
-             "gated": "auto" if repo.gated else False, "pipeline_tag": "text-generation",
-             "lastModified": "2026-11-01T00:00:00.000Z", "private": False,
-             "safetensors": {"parameters": {"BF16": _param_count(repo.folder)}, "total": _param_count(repo.folder)}}
+            {
+                "id": repo_id,
+                "modelId": repo_id,
+                "downloads": repo.downloads,
+                "likes": 0,
+                "gated": "auto" if repo.gated else False,
+                "pipeline_tag": "text-generation",
+                "lastModified": "2026-11-01T00:00:00.000Z",
+                "private": False,
+                "safetensors": {"parameters": {"BF16": _param_count(repo.folder)}, "total": _param_count(repo.folder)},
+            }
             for repo_id, repo in self.server_state.repos.items()
             if text in repo_id.lower()
         ]

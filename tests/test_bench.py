@@ -40,15 +40,37 @@ def test_the_apps_decode_loop_continues_a_cache_like_generate(tiny_words_fp32):
 
 
 def test_bench_json_contract(tiny_folder):
-    out = chatapp("bench", "--model", str(tiny_folder), "--preset", "fp32", "--turns", "3",
-                  "--max-new-tokens", "6", "--user-tokens", "20", "--doc-tokens", "200", "--json")
+    out = chatapp(
+        "bench",
+        "--model",
+        str(tiny_folder),
+        "--preset",
+        "fp32",
+        "--turns",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--user-tokens",
+        "20",
+        "--doc-tokens",
+        "200",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     for key in ("model", "preset", "device", "cached", "naive", "identical_outputs", "raw_generate_tok_s", "app_tok_s"):
         assert key in result
     assert result["identical_outputs"] is True
-    fields = {"turn", "prompt_tokens", "prefilled_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s",
-              "cache_tokens", "finish_reason"}
+    fields = {
+        "turn",
+        "prompt_tokens",
+        "prefilled_tokens",
+        "generated_tokens",
+        "ttft_s",
+        "decode_tokens_per_s",
+        "cache_tokens",
+        "finish_reason",
+    }
     assert all(fields <= set(turn) for turn in result["cached"] + result["naive"])
     assert [t["turn"] for t in result["cached"]] == [1, 2, 3]
     cached, naive = result["cached"], result["naive"]
@@ -59,8 +81,21 @@ def test_bench_json_contract(tiny_folder):
 
 
 def test_bench_table(tiny_folder):
-    out = chatapp("bench", "--model", str(tiny_folder), "--preset", "fp32", "--turns", "2",
-                  "--max-new-tokens", "4", "--user-tokens", "10", "--doc-tokens", "0")
+    out = chatapp(
+        "bench",
+        "--model",
+        str(tiny_folder),
+        "--preset",
+        "fp32",
+        "--turns",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--user-tokens",
+        "10",
+        "--doc-tokens",
+        "0",
+    )
     assert out.returncode == 0, out.stderr
     assert "identical outputs: True" in out.stdout
     assert "whole conversation: cached" in out.stdout

@@ -82,7 +82,7 @@ def test_a_cpu_only_box_recommends_what_it_can_run_at_a_usable_speed():
     assert usable == ["smollm2-135m-local", "qwen2.5-0.5b", "smollm2-360m", "smollm2-135m"]
     assert refs[: len(usable)] == usable  # usable first: ready, then the biggest
     assert refs.index("gemma-3-27b") > refs.index("llama-3.2-1b")  # then the rest, fastest first
-    speeds = [r.tokens_per_s for r in best[len(usable):]]
+    speeds = [r.tokens_per_s for r in best[len(usable) :]]
     assert speeds == sorted(speeds, reverse=True)
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-
 
 
 def chatapp(*args: str, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -21,8 +19,9 @@ def chatapp(*args: str, stdin: str | None = None, timeout: int = 600) -> subproc
 
 
 def test_ask_reads_stdin_and_streams_a_reply(tiny_folder):
-    out = chatapp("ask", "--model", str(tiny_folder), "--preset", "fp32", "--max-new-tokens", "5", "--stats",
-                  stdin="Hello?\n")
+    out = chatapp(
+        "ask", "--model", str(tiny_folder), "--preset", "fp32", "--max-new-tokens", "5", "--stats", stdin="Hello?\n"
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
     assert "prefilled" in out.stderr and "generated" in out.stderr
@@ -43,8 +42,9 @@ def test_ask_without_prompt_on_empty_stdin():
 
 def test_repl_commands(tiny_folder):
     script = "Hello\n/regen\n/reset\nAgain\n/exit\n"
-    out = chatapp("repl", "--model", str(tiny_folder), "--preset", "fp32", "--max-new-tokens", "4", "--stats",
-                  stdin=script)
+    out = chatapp(
+        "repl", "--model", str(tiny_folder), "--preset", "fp32", "--max-new-tokens", "4", "--stats", stdin=script
+    )
     assert out.returncode == 0, out.stderr
     stats = [line for line in out.stderr.splitlines() if "prefilled" in line]
     assert len(stats) == 3

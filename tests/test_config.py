@@ -73,8 +73,12 @@ def test_themes_dir_follows_a_config_dir_set_in_the_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "line, key, reason, default",
     [
-        ('default_preset = "fp8"', "default_preset", "must be one of auto, bf16, fp16, fp32, int8, nf4, got 'fp8'",
-         '"auto"'),
+        (
+            'default_preset = "fp8"',
+            "default_preset",
+            "must be one of auto, bf16, fp16, fp32, int8, nf4, got 'fp8'",
+            '"auto"',
+        ),
         ("temperature = -0.5", "temperature", "must be >= 0 and <= 2, got -0.5", "0.7"),
         ("temperature = 3", "temperature", "must be >= 0 and <= 2, got 3", "0.7"),
         ("top_p = 0", "top_p", "must be > 0 and <= 1, got 0", "0.9"),
@@ -146,7 +150,7 @@ def test_save_setting_keeps_comments_and_other_keys(tmp_path):
     )
     save_setting(path, "default_model", 'odd "name" \\ here')
     text = path.read_text()
-    assert text.startswith('# my settings\ntemperature = 0.3  # cooler\n')
+    assert text.startswith("# my settings\ntemperature = 0.3  # cooler\n")
     assert tomllib.loads(text) == {"temperature": 0.3, "theme": "chatapp-dusk", "default_model": 'odd "name" \\ here'}
 
 
@@ -167,8 +171,9 @@ def test_save_setting_creates_a_missing_file(tmp_path):
 def chatapp(*args: str, config_dir: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CHATAPP_") or k == "CHATAPP_DATA_DIR"}
     environ.update(CHATAPP_CONFIG_DIR=str(config_dir), **env)
-    return subprocess.run([sys.executable, "-m", "chatapp.cli", *args], capture_output=True, text=True,
-                          timeout=120, env=environ)
+    return subprocess.run(
+        [sys.executable, "-m", "chatapp.cli", *args], capture_output=True, text=True, timeout=120, env=environ
+    )
 
 
 def test_config_path(tmp_path):
@@ -182,8 +187,7 @@ def test_config_show(tmp_path):
     out = chatapp("config", "show", config_dir=tmp_path, CHATAPP_MAX_NEW_TOKENS="99")
     assert out.returncode == 0, out.stderr
     assert out.stderr == (
-        f"chatapp: warning: {tmp_path / 'config.toml'}: 'top_p' must be > 0 and <= 1, got 7; "
-        "using the default (0.9)\n"
+        f"chatapp: warning: {tmp_path / 'config.toml'}: 'top_p' must be > 0 and <= 1, got 7; using the default (0.9)\n"
     )
     lines = {line.split(" = ")[0]: line for line in out.stdout.splitlines() if " = " in line}
     assert out.stdout.splitlines()[0] == f"# {tmp_path / 'config.toml'}"

@@ -19,7 +19,15 @@ def test_folder_facts_from_config_and_safetensors_headers(starter_folder):
     f = facts_from_folder(starter_folder)
     spec = facts_from_spec(load_catalog()["smollm2-135m-local"])
     assert f.params == spec.params == 134_515_008
-    for field in ("layers", "hidden_size", "intermediate_size", "kv_heads", "head_dim", "vocab_size", "tied_embeddings"):
+    for field in (
+        "layers",
+        "hidden_size",
+        "intermediate_size",
+        "kv_heads",
+        "head_dim",
+        "vocab_size",
+        "tied_embeddings",
+    ):
         assert getattr(f, field) == getattr(spec, field), field
 
 

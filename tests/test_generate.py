@@ -88,6 +88,9 @@ def test_stream_feeds_every_token_but_the_last():
     import torch
 
     fed, reasons = [], iter([None, None, "length"])
-    items = list(stream(torch.zeros(1, 3), lambda logits: 7, lambda t: fed.append(t) or torch.zeros(1, 3),
-                        lambda t: next(reasons)))
+    items = list(
+        stream(
+            torch.zeros(1, 3), lambda logits: 7, lambda t: fed.append(t) or torch.zeros(1, 3), lambda t: next(reasons)
+        )
+    )
     assert items == [(7, None), (7, None), (7, "length")] and fed == [7, 7]

@@ -27,8 +27,19 @@ def test_plan_reads_hub_facts_from_headers_only(hub_server, hub_env):
 
 
 def test_ask_pulls_a_hub_model_then_answers(hub_env):
-    out = chatapp(hub_env, "ask", "What is the capital of France?", "--model", "TestOrg/SmolLM2-135M-Instruct",
-                  "--preset", "fp32", "--max-new-tokens", "20", "--temperature", "0")
+    out = chatapp(
+        hub_env,
+        "ask",
+        "What is the capital of France?",
+        "--model",
+        "TestOrg/SmolLM2-135M-Instruct",
+        "--preset",
+        "fp32",
+        "--max-new-tokens",
+        "20",
+        "--temperature",
+        "0",
+    )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert "chatapp: downloading TestOrg/SmolLM2-135M-Instruct [" in out.stderr and "100.0%" in out.stderr

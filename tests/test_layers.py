@@ -21,7 +21,8 @@ def test_engine_does_not_import_textual():
 def test_light_modules_do_not_import_torch():
     modules = imported_after(
         "import chatapp.cli, chatapp.config, chatapp.catalog, chatapp.refs, chatapp.planner, "
-        "chatapp.hardware, chatapp.hub, chatapp.protocol, chatapp.facts, chatapp.report, chatapp.progress, chatapp.cli_hub, "
+        "chatapp.hardware, chatapp.hub, chatapp.protocol, chatapp.facts, chatapp.report, chatapp.progress, "
+        "chatapp.cli_hub, chatapp.sampling, chatapp.units, "
         "chatapp.hub_download, chatapp.store, chatapp.worker_client, chatapp.choices, chatapp.engine.worker"
     )
     assert "torch" not in modules

@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 import torch
+from chathelpers import Chat
 
 from chatapp.catalog import load_catalog
 from chatapp.engine import load_model
 from chatapp.engine.session import render_ids
 from chatapp.errors import ChatappError, ConfigError, HubError, ModelLoadError, ModelNotFound
 from chatapp.refs import find_packaged_gguf, parse_ref
-from chathelpers import Chat
 
 
 def reply(loaded, text="Hello", n=4):

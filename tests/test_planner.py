@@ -209,7 +209,9 @@ def test_explicit_preset_that_does_not_fit_has_no_choice():
 def test_plan_json_contract():
     d = plan_dict(choose(machine(24), facts("llama-3.1-8b"), context=8192))
     assert set(d) >= {"model", "hardware", "presets", "choice", "reasons"}
-    assert {"preset", "weights_bytes", "kv_cache_bytes", "overhead_bytes", "total_bytes", "fits"} <= set(d["presets"][0])
+    assert {"preset", "weights_bytes", "kv_cache_bytes", "overhead_bytes", "total_bytes", "fits"} <= set(
+        d["presets"][0]
+    )
     assert {"preset", "context_tokens", "device_map", "attn_implementation"} <= set(d["choice"])
     # Added later: never renamed, only added.
     assert d["choice"]["max_context_tokens"] == longest_context(machine(24), facts("llama-3.1-8b"), "bf16")

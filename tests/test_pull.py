@@ -18,13 +18,15 @@ REPO = "TestOrg/SmolLM2-135M-Instruct"
 
 
 def chatapp(env, *args):
-    return subprocess.run([sys.executable, "-m", "chatapp.cli", *args], capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "chatapp.cli", *args], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def python(env, code: str):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def sha256(path: Path) -> str:
@@ -103,8 +105,12 @@ def test_a_pull_killed_with_sigkill_resumes_on_the_next_pull(hub_server, hub_env
     hf_home = Path(hub_env["HF_HOME"])
     server.block_delay_s = 0.01
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "chatapp.cli", "pull", REPO], env=hub_env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chatapp.cli", "pull", REPO],
+            env=hub_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 300
         while partial_bytes(hf_home) < 2_000_000 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
@@ -139,7 +145,9 @@ def test_cancel_stops_promptly_and_leaves_nothing_taken_for_complete(hub_server,
     server, _url = hub_server
     server.block_delay_s = 0.005
     try:
-        out = python(hub_env, f"""
+        out = python(
+            hub_env,
+            f"""
             import threading, json
             from chatapp import hub, hub_download
             cancel = threading.Event()
@@ -154,7 +162,8 @@ def test_cancel_stops_promptly_and_leaves_nothing_taken_for_complete(hub_server,
             except hub_download.DownloadCancelled as exc:
                 print("cancelled:", exc)
             print(json.dumps({{"max_seen": max(seen), "local": [m.repo_id for m in hub.list_local()]}}))
-            """)
+            """,
+        )
     finally:
         server.block_delay_s = 0.0
     assert out.returncode == 0, out.stderr
@@ -175,13 +184,16 @@ def test_cancel_stops_promptly_and_leaves_nothing_taken_for_complete(hub_server,
 def test_not_enough_disk_is_refused_before_downloading(hub_server, hub_env):
     server, _url = hub_server
     server.requests.clear()
-    out = python(hub_env, f"""
+    out = python(
+        hub_env,
+        f"""
         from chatapp import hub, hub_download
         try:
             hub_download.download("{REPO}", free_bytes=lambda path: 1_000_000)
         except hub.HubError as exc:
             print(exc)
-        """)
+        """,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("not enough disk space in ")
     assert "GB missing" in out.stdout
@@ -234,7 +246,8 @@ def test_offline_mode_says_so_in_one_line(hub_env):
     out = chatapp(offline, "pull", "TestOrg/tiny-llama")
     assert out.returncode == 1
     assert out.stderr.strip() == (
-        "chatapp: error: 'TestOrg/tiny-llama' is not downloaded and the Hub can't be reached (offline, or HF_HUB_OFFLINE=1)"
+        "chatapp: error: 'TestOrg/tiny-llama' is not downloaded and the Hub can't be reached "
+        "(offline, or HF_HUB_OFFLINE=1)"
     )
 
 

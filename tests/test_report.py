@@ -46,8 +46,10 @@ def test_a_split_and_a_refusal_read_as_such():
     split = choose(describe_by_hand(Hardware(CPU32), gpus=["4GiB"]), LLAMA_8B, context=8192)
     assert verdict(split) == "bf16 ✗ 17.9 GB · nf4 ✗ 7.5 GB · GPU+CPU split, slow"
     assert speed(split) == "~0.4 tok/s"
-    assert "decode speed: ~0.4 tok/s (estimate: 17.1 GB read per token, part of it from CPU RAM at 6.0 GB/s, " \
-           "plus 26 ms of per-layer launch overhead; too slow to be usable)" in format_plan(split)
+    assert (
+        "decode speed: ~0.4 tok/s (estimate: 17.1 GB read per token, part of it from CPU RAM at 6.0 GB/s, "
+        "plus 26 ms of per-layer launch overhead; too slow to be usable)" in format_plan(split)
+    )
     refused = choose(Hardware(CpuInfo(4 * GIB, 4 * GIB)), LLAMA_8B, context=8192)
     assert verdict(refused) == "fp32 ✗ 37.3 GB · nf4 ✗ 12.9 GB"
     assert speed(refused) == "-"
@@ -58,8 +60,10 @@ def test_format_plan_gives_the_longest_context_and_the_speed_estimate():
     text = format_plan(choose(T4, LLAMA_8B, context=8192))
     assert "choice: nf4 at 8,192 tokens on cuda:0, attention sdpa" in text
     assert "longest context that fits (nf4): 74,752 tokens" in text
-    assert "decode speed: ~17 tok/s (estimate: 200.0 GB/s ÷ 6.8 GB read per token, weights + KV cache at " \
-           "8,192 tokens, plus 26 ms of per-layer launch overhead)" in text
+    assert (
+        "decode speed: ~17 tok/s (estimate: 200.0 GB/s ÷ 6.8 GB read per token, weights + KV cache at "
+        "8,192 tokens, plus 26 ms of per-layer launch overhead)" in text
+    )
 
 
 def test_describe_hardware():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 
 import pytest
+from chathelpers import Chat, greedy, run
 
 from chatapp.engine.bench import naive_turn
 from chatapp.engine.session import Message, render_ids
 from chatapp.errors import ContextOverflow
-from chathelpers import Chat, greedy, run
 
 QUESTIONS = [
     "Hello there, who are you?",

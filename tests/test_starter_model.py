@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from chathelpers import Chat
 
 from chatapp.engine.bench import naive_turn
 from chatapp.engine.session import Message
-from chathelpers import Chat
 
 pytestmark = pytest.mark.integration
 

@@ -140,8 +140,12 @@ def test_rename_delete_settings_state(store):
     assert count.fetchone()[0] == 0
     assert [m.content for m in store.messages(other.id)] == ["stay"]
 
-    for bad in (lambda: store.rename(999, "x"), lambda: store.add_message(999, "user", "x"),
-                lambda: store.set_settings(999, ConvSettings()), lambda: store.add_message(other.id, "bot", "x")):
+    for bad in (
+        lambda: store.rename(999, "x"),
+        lambda: store.add_message(999, "user", "x"),
+        lambda: store.set_settings(999, ConvSettings()),
+        lambda: store.add_message(other.id, "bot", "x"),
+    ):
         with pytest.raises(StoreError):
             bad()
 

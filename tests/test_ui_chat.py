@@ -6,9 +6,10 @@ import subprocess
 import sys
 import textwrap
 
+from uihelpers import last_stats, loaded, make_app, make_settings, run, say, start_long_reply, until
+
 from chatapp.store import Store
 from chatapp.ui.widgets import MessageView
-from uihelpers import last_stats, loaded, make_app, make_settings, run, say, start_long_reply, until
 
 
 def test_send_streams_a_reply_and_stores_both_messages(settings, tiny_words_folder, tmp_path):
@@ -81,8 +82,11 @@ def test_regenerate_and_edit_reuse_the_cache(settings, tiny_words_folder, tmp_pa
         await say(pilot, "Second question")
         before = app.store.messages(app.chat.conversation_id)[-1].created
         await pilot.press("ctrl+r")
-        await until(pilot, lambda: app.chat.turn is None and app.store.messages(app.chat.conversation_id)[-1].created
-                    != before, what="the regenerated reply")
+        await until(
+            pilot,
+            lambda: app.chat.turn is None and app.store.messages(app.chat.conversation_id)[-1].created != before,
+            what="the regenerated reply",
+        )
         stored = app.store.messages(app.chat.conversation_id)
         assert [m.role for m in stored] == ["user", "assistant", "user", "assistant"]
         # Regenerating re-runs nothing but the last prompt token.
@@ -153,9 +157,7 @@ def test_chats_come_back_after_a_restart(settings, tiny_words_folder, tmp_path):
     run(second, check)
 
 
-def test_a_killed_worker_leaves_the_app_up_keeps_the_partial_reply_and_restarts(
-    settings, tiny_words_folder, tmp_path
-):
+def test_a_killed_worker_leaves_the_app_up_keeps_the_partial_reply_and_restarts(settings, tiny_words_folder, tmp_path):
     app = make_app(make_settings(settings, tmp_path, max_new_tokens=1500), str(tiny_words_folder))
 
     async def scenario(pilot):
@@ -176,8 +178,11 @@ def test_a_killed_worker_leaves_the_app_up_keeps_the_partial_reply_and_restarts(
 
 
 def test_context_trimming_is_shown_and_an_evicted_chat_is_announced(settings, tiny_words_folder, tmp_path):
-    app = make_app(make_settings(settings, tmp_path, context_cap=96, max_new_tokens=8), str(tiny_words_folder),
-                   cache_budget_bytes=512 * 80)
+    app = make_app(
+        make_settings(settings, tmp_path, context_cap=96, max_new_tokens=8),
+        str(tiny_words_folder),
+        cache_budget_bytes=512 * 80,
+    )
 
     async def scenario(pilot):
         await loaded(pilot)
@@ -188,8 +193,7 @@ def test_context_trimming_is_shown_and_an_evicted_chat_is_announced(settings, ti
         assert "no longer fit the context" in status.notice
         await pilot.press("ctrl+n")
         await say(pilot, "A new chat that pushes the old one out of the cache")
-        await until(pilot, lambda: any("left the KV cache" in n for n in app.notices),
-                    what="the eviction notice")
+        await until(pilot, lambda: any("left the KV cache" in n for n in app.notices), what="the eviction notice")
 
     run(app, scenario)
 

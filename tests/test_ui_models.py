@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from uihelpers import last_stats, loaded, make_app, make_settings, run, say, until
 
 from chatapp.hardware import CpuInfo, Hardware, describe_by_hand
 from chatapp.ui.backend import Target
-from uihelpers import last_stats, loaded, make_app, make_settings, run, say, until
 
 GIB = 1024**3
 SIMULATED = describe_by_hand(
@@ -21,15 +21,23 @@ SIMULATED = describe_by_hand(
 
 async def picker_ready(pilot):
     app = pilot.app
-    await until(pilot, lambda: type(app.screen).__name__ == "ModelPickerScreen" and app.screen.rows["catalog"],
-                what="the picker")
+    await until(
+        pilot,
+        lambda: type(app.screen).__name__ == "ModelPickerScreen" and app.screen.rows["catalog"],
+        what="the picker",
+    )
     await pilot.pause(0.1)
     return app.screen
 
 
 def scenario(hub_env, tmp_path, name: str):
-    out = subprocess.run([sys.executable, "tests/ui_hub_scenarios.py", name, str(tmp_path)], env=hub_env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "tests/ui_hub_scenarios.py", name, str(tmp_path)],
+        env=hub_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), (out.stdout + out.stderr)[-3000:]
 
 
@@ -110,16 +118,20 @@ def test_switching_presets_keeps_the_conversation_and_prefills_it_once(settings,
     run(app, scenario_)
 
 
-def test_switching_models_mid_conversation_and_a_failed_load_goes_back(settings, tiny_words_folder, tiny_folder,
-                                                                        tmp_path):
+def test_switching_models_mid_conversation_and_a_failed_load_goes_back(
+    settings, tiny_words_folder, tiny_folder, tmp_path
+):
     app = make_app(make_settings(settings, tmp_path), str(tiny_words_folder))
 
     async def scenario_(pilot):
         await loaded(pilot)
         await say(pilot, "First model")
         app.backend.switch(Target(str(tiny_folder), "fp32"))
-        await until(pilot, lambda: app.chat.loaded is not None and app.chat.loaded.model == str(tiny_folder),
-                    what="the other model")
+        await until(
+            pilot,
+            lambda: app.chat.loaded is not None and app.chat.loaded.model == str(tiny_folder),
+            what="the other model",
+        )
         await say(pilot, "Second model")
         models = [m.model for m in app.store.messages(app.chat.conversation_id) if m.role == "assistant"]
         assert models == [str(tiny_words_folder), str(tiny_folder)]
@@ -129,13 +141,17 @@ def test_switching_models_mid_conversation_and_a_failed_load_goes_back(settings,
         (broken / "model.safetensors").write_bytes(b"\x00garbage" * 10)
         app.backend.switch(Target(str(broken), "fp32"))
         await until(pilot, lambda: any("Going back to" in n for n in app.notices), what="the fallback")
-        await until(pilot, lambda: app.chat.loaded is not None and app.chat.loaded.model == str(tiny_folder),
-                    what="the previous model to come back")
+        await until(
+            pilot,
+            lambda: app.chat.loaded is not None and app.chat.loaded.model == str(tiny_folder),
+            what="the previous model to come back",
+        )
         assert (app.backend.model, app.backend.preset) == (str(tiny_folder), "fp32")
         # A model that names nothing fails before the worker is asked: what is loaded never leaves.
         app.backend.switch(Target("no-such-model-anywhere", "fp32"))
-        await until(pilot, lambda: any("unknown model 'no-such-model-anywhere'" in n for n in app.notices),
-                    what="the error")
+        await until(
+            pilot, lambda: any("unknown model 'no-such-model-anywhere'" in n for n in app.notices), what="the error"
+        )
         assert app.chat.loaded is not None and app.chat.loaded.model == str(tiny_folder)
         assert (app.backend.model, app.backend.preset) == (str(tiny_folder), "fp32")
         await say(pilot, "Still here?")
@@ -150,12 +166,15 @@ def test_the_preset_picker_shows_fits_and_asks_before_one_that_wont(settings, ti
 
     # RAM between what nf4 and fp32 need: the planner says nf4 fits and fp32 doesn't.
     facts = facts_from_folder(tiny_folder)
-    need = {p: estimate(facts, p, facts.max_context, device_type="cpu", bf16_supported=False).total_bytes
-            for p in ("fp32", "nf4")}
+    need = {
+        p: estimate(facts, p, facts.max_context, device_type="cpu", bf16_supported=False).total_bytes
+        for p in ("fp32", "nf4")
+    }
     ram = int((need["fp32"] + need["nf4"]) / 2 / (1 - SAFETY_MARGIN))
     tight = Hardware(cpu=CpuInfo(ram_total_bytes=ram, ram_available_bytes=ram, flags=frozenset()))
-    app = make_app(make_settings(settings, tmp_path), str(tiny_folder), preset="nf4", start_worker=False,
-                   hardware=tight)
+    app = make_app(
+        make_settings(settings, tmp_path), str(tiny_folder), preset="nf4", start_worker=False, hardware=tight
+    )
 
     async def check(pilot):
         await pilot.pause()

@@ -1,15 +1,16 @@
 """Snapshots of the chat screen (pytest-textual-snapshot): two sizes, the dark and the light theme.
 
-After an intended change to the look, review the new pictures and run `pytest tests/test_ui_snapshots.py --snapshot-update`.
+After an intended change to the look, review the new pictures and run
+`pytest tests/test_ui_snapshots.py --snapshot-update`.
 """
 
 from __future__ import annotations
 
 import pytest
-
-from chatapp.ui.backend import WorkerEvent
 from test_ui_basics import seeded_store
 from uihelpers import loaded_event, make_app, make_settings
+
+from chatapp.ui.backend import WorkerEvent
 
 
 @pytest.mark.parametrize("theme", ["chatapp-dark", "chatapp-light"])

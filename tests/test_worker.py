@@ -66,8 +66,9 @@ def test_streams_deltas_then_finished_and_each_chat_keeps_its_cache(worker):
     other = ask(client, events, 2, [("user", "A different chat")], max_new_tokens=8)
     assert other.stats.prefilled_tokens == other.stats.prompt_tokens
     # Back to chat 1: its cache is still there, so only the new message (and the template's glue) is prefilled.
-    again = ask(client, events, 1, [("user", "Hello there"), ("assistant", first.text), ("user", "And more")],
-                max_new_tokens=8)
+    again = ask(
+        client, events, 1, [("user", "Hello there"), ("assistant", first.text), ("user", "And more")], max_new_tokens=8
+    )
     assert 0 < again.stats.prefilled_tokens < again.stats.prompt_tokens - first.stats.prompt_tokens + 1
     assert again.stats.reused_tokens >= first.stats.prompt_tokens
 
@@ -82,8 +83,13 @@ def test_cancel_stops_a_reply_and_keeps_the_partial_text(worker):
     assert done.stats.finish_reason == "cancelled"
     assert 0 < done.stats.generated_tokens < 1500
     # The next turn in the same chat works and reuses the cache of the cut reply.
-    nxt = ask(client, events, 1, [("user", "Talk for a long time"), ("assistant", done.text), ("user", "Short")],
-              max_new_tokens=4)
+    nxt = ask(
+        client,
+        events,
+        1,
+        [("user", "Talk for a long time"), ("assistant", done.text), ("user", "Short")],
+        max_new_tokens=4,
+    )
     assert nxt.stats.reused_tokens > 0
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from textual.widget import Widget  # noqa: E402
+from uihelpers import loaded, make_app, make_settings, say, until  # noqa: E402
 
 from chatapp.config import load_settings  # noqa: E402
 from chatapp.ui.backend import DownloadUpdate  # noqa: E402
-from uihelpers import loaded, make_app, make_settings, say, until  # noqa: E402
 
 
 class Recorder(Widget):
@@ -33,8 +33,11 @@ class Recorder(Widget):
 async def open_search(pilot, text: str) -> object:
     app = pilot.app
     await pilot.press("f3")
-    await until(pilot, lambda: type(app.screen).__name__ == "ModelPickerScreen" and app.screen.rows["catalog"],
-                what="the picker")
+    await until(
+        pilot,
+        lambda: type(app.screen).__name__ == "ModelPickerScreen" and app.screen.rows["catalog"],
+        what="the picker",
+    )
     picker = app.screen
     await pilot.press("slash")
     picker.query_one("#hub-query").value = text
@@ -61,8 +64,11 @@ async def download_and_chat(pilot):
     assert reply.content and reply.model == "TestOrg/tiny-llama"
     # Now it is listed as downloaded, with its size and a verdict planned from its own config.json.
     await pilot.press("f3")
-    await until(pilot, lambda: type(app.screen).__name__ == "ModelPickerScreen" and app.screen.rows["catalog"],
-                what="the picker")
+    await until(
+        pilot,
+        lambda: type(app.screen).__name__ == "ModelPickerScreen" and app.screen.rows["catalog"],
+        what="the picker",
+    )
     picker = app.screen
     local = {r.ref: r for r in picker.rows["downloaded"]}
     assert local["TestOrg/tiny-llama"].size_on_disk > 0
@@ -76,8 +82,9 @@ async def download_and_chat(pilot):
     await pilot.press("x")
     await pilot.pause()
     await pilot.click("#yes")
-    await until(pilot, lambda: not any(r.ref == "TestOrg/tiny-llama" for r in picker.rows["downloaded"]),
-                what="the delete")
+    await until(
+        pilot, lambda: not any(r.ref == "TestOrg/tiny-llama" for r in picker.rows["downloaded"]), what="the delete"
+    )
     assert any("Deleted TestOrg/tiny-llama" in n and "GB freed" in n for n in app.notices)
     print("OK")
 

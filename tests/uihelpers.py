@@ -13,14 +13,18 @@ from chatapp.store import Store
 
 def make_settings(settings, tmp_path: Path, **overrides):
     """The session settings with this test's own data and config dirs, greedy decoding and short replies."""
-    values = dict(data_dir=tmp_path / "data", config_dir=tmp_path / "config", themes_dir=tmp_path / "themes",
-                  temperature=0.0, max_new_tokens=12)
+    values = dict(
+        data_dir=tmp_path / "data",
+        config_dir=tmp_path / "config",
+        themes_dir=tmp_path / "themes",
+        temperature=0.0,
+        max_new_tokens=12,
+    )
     values.update(overrides)
     return replace(settings, **values)
 
 
-def make_app(settings, model: str | None = None, *, store: Store | None = None, preset: str | None = None,
-             **kwargs):
+def make_app(settings, model: str | None = None, *, store: Store | None = None, preset: str | None = None, **kwargs):
     from chatapp.ui.app import ChatApp
 
     store = store or Store.open(settings.data_dir)
@@ -74,7 +78,15 @@ def run(app, scenario, size=(120, 40)):
 
 
 def loaded_event(**kwargs) -> p.Loaded:
-    values = dict(model="TestOrg/tiny-llama", preset="fp32", dtype="fp32", device="cpu",
-                  attn_implementation="sdpa", context_length=2048, footprint_bytes=52_000_000, notes=[])
+    values = dict(
+        model="TestOrg/tiny-llama",
+        preset="fp32",
+        dtype="fp32",
+        device="cpu",
+        attn_implementation="sdpa",
+        context_length=2048,
+        footprint_bytes=52_000_000,
+        notes=[],
+    )
     values.update(kwargs)
     return p.Loaded(**values)

@@ -262,7 +262,7 @@ def format_table(result: dict) -> str:
         f"{'turn':>4} | {'prompt':>6} | {'prefill cached':>14} | {'prefill naive':>13} | "
         f"{'ttft cached':>11} | {'ttft naive':>10} | {'tok/s cached':>12}",
     ]
-    for c, n in zip(result["cached"], result["naive"]):
+    for c, n in zip(result["cached"], result["naive"], strict=True):
         lines.append(
             f"{c['turn']:>4} | {c['prompt_tokens']:>6} | {c['prefilled_tokens']:>14} | {n['prefilled_tokens']:>13} | "
             f"{c['ttft_s']:>10.2f}s | {n['ttft_s']:>9.2f}s | {c['decode_tokens_per_s']:>12.1f}"

@@ -172,8 +172,12 @@ class ReplyText:
     def _held(self) -> int:
         """Length of the longest tail of text that begins some stop string."""
         return max(
-            (k for s in self.stop_strings for k in range(min(len(s) - 1, len(self.text)), 0, -1)
-             if self.text.endswith(s[:k])),
+            (
+                k
+                for s in self.stop_strings
+                for k in range(min(len(s) - 1, len(self.text)), 0, -1)
+                if self.text.endswith(s[:k])
+            ),
             default=0,
         )
 

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from ..errors import ContextOverflow
 from ..protocol import TurnStats
-from ..sampling import SamplingParams
+from ..sampling import DEFAULTS, SamplingParams
 from .generate import GenerationResponse, ReplyText, Sampler, StreamDecoder, decode_step, prefill, stream
 from .loader import LoadedModel
 
@@ -127,8 +127,11 @@ class ChatSession:
     def _feed(self, ids: list[int]) -> torch.Tensor:
         """Run ids into the cache, keeping _cache_ids in step with it."""
         try:
-            logits = prefill(self.loaded.model, self._cache, ids) if len(ids) > 1 else (
-                decode_step(self.loaded.model, self._cache, ids[0]))
+            logits = (
+                prefill(self.loaded.model, self._cache, ids)
+                if len(ids) > 1
+                else (decode_step(self.loaded.model, self._cache, ids[0]))
+            )
         except BaseException:
             # A failed forward may have updated some layers and not others: don't trust the cache again.
             self._cache = None
@@ -142,7 +145,7 @@ class ChatSession:
     def reply_to(
         self,
         messages: list[Message],
-        params: SamplingParams = SamplingParams(),
+        params: SamplingParams = DEFAULTS,
         cancel: threading.Event | None = None,
     ) -> Iterator[GenerationResponse]:
         """Answer the last message of `messages` (the user's): a stream of GenerationResponse.
@@ -187,7 +190,8 @@ class ChatSession:
         try:
             with torch.inference_mode():
                 logits = self._feed(ids[keep:])
-                for token, finish in stream(logits, Sampler(params, loaded.model.device), self._feed_one, stop):
+                for token, reason in stream(logits, Sampler(params, loaded.model.device), self._feed_one, stop):
+                    finish = reason
                     yield GenerationResponse(reply.take(), token)
             reply.add(decoder.finish())
         finally:

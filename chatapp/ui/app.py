@@ -174,6 +174,7 @@ class ChatApp(App):
                 self.notify("Settings saved.", timeout=3)
 
         self.push_screen(SettingsScreen(self.settings), saved)
+
     def on_worker_event(self, message: WorkerEvent) -> None:
         self.backend.handle(message.event)
 

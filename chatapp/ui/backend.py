@@ -117,7 +117,9 @@ class Backend:
     def __init__(self, app, client_factory, *, model: str, preset: str, cache_budget_bytes: int | None = None):
         self.app = app
         self.client = client_factory(
-            app.settings, lambda event: app.post_message(WorkerEvent(event)), log_path=app.settings.data_dir / "worker.log"
+            app.settings,
+            lambda event: app.post_message(WorkerEvent(event)),
+            log_path=app.settings.data_dir / "worker.log",
         )
         #: What is loaded, or being loaded.
         self.model, self.preset = model, preset
@@ -201,8 +203,13 @@ class Backend:
         if not self.client.alive:
             self.client.start()
         self.client.send(
-            p.Load(target.model, target.preset, context_tokens=target.context_tokens,
-                   attn_implementation=target.attn_implementation, cache_budget_bytes=self.cache_budget_bytes)
+            p.Load(
+                target.model,
+                target.preset,
+                context_tokens=target.context_tokens,
+                attn_implementation=target.attn_implementation,
+                cache_budget_bytes=self.cache_budget_bytes,
+            )
         )
 
     def _download(self, source) -> None:

@@ -22,8 +22,19 @@ DEFAULT_THEME = "chatapp-dark"
 # Textual's fallback when even our default is missing (a broken install); it is always registered.
 _LAST_RESORT = "textual-dark"
 
-_COLOR_FIELDS = ("primary", "secondary", "accent", "foreground", "background", "surface", "panel", "boost",
-                 "warning", "error", "success")
+_COLOR_FIELDS = (
+    "primary",
+    "secondary",
+    "accent",
+    "foreground",
+    "background",
+    "surface",
+    "panel",
+    "boost",
+    "warning",
+    "error",
+    "success",
+)
 _BOOL_FIELDS = ("dark", "ansi")
 _NUMBER_FIELDS = ("luminosity_spread", "text_alpha")
 _KNOWN = [f.name for f in dataclasses.fields(Theme)]
@@ -60,7 +71,7 @@ def load_theme_file(path: Path | Traversable) -> Theme:
             raise ConfigError(f"{path}: '{key}' must be a number from 0 to 1, got {value!r}")
     variables = raw.get("variables", {})
     if not isinstance(variables, dict) or not all(isinstance(v, str) for v in variables.values()):
-        raise ConfigError(f"{path}: [variables] must be a table of strings, like \"border\" = \"#ffcc00\"")
+        raise ConfigError(f'{path}: [variables] must be a table of strings, like "border" = "#ffcc00"')
     for key, value in variables.items():
         _check_variable(path, key, value)
     theme = Theme(**raw)
@@ -92,8 +103,9 @@ def _check_variable(path: Path, key: str, value: str) -> None:
     if key.endswith("-style"):
         words = value.split()
         if not words or any(word not in VALID_STYLE_FLAGS for word in words):
-            raise ConfigError(f"{path}: variable '{key}' must be text styles ({', '.join(sorted(VALID_STYLE_FLAGS))}), "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"{path}: variable '{key}' must be text styles ({', '.join(sorted(VALID_STYLE_FLAGS))}), got {value!r}"
+            )
         return
     if key not in _TEXTUAL_VARIABLES:
         return  # the app's own variable: its stylesheet decides what fits
@@ -103,8 +115,10 @@ def _check_variable(path: Path, key: str, value: str) -> None:
     try:
         Color.parse(color)
     except ColorParseError:
-        raise ConfigError(f"{path}: variable '{key}' is not a colour: {value!r} "
-                          "(use '#rrggbb', optionally followed by an opacity like '35%')") from None
+        raise ConfigError(
+            f"{path}: variable '{key}' is not a colour: {value!r} "
+            "(use '#rrggbb', optionally followed by an opacity like '35%')"
+        ) from None
 
 
 def load_themes(*dirs: Path | Traversable | None) -> tuple[list[Theme], list[str]]:
@@ -132,8 +146,9 @@ def load_themes(*dirs: Path | Traversable | None) -> tuple[list[Theme], list[str
                 errors.append(str(exc))
                 continue
             if theme.name in defined_here:
-                errors.append(f"{path}: theme '{theme.name}' is also defined by {defined_here[theme.name].name}; "
-                              "using this file")
+                errors.append(
+                    f"{path}: theme '{theme.name}' is also defined by {defined_here[theme.name].name}; using this file"
+                )
             defined_here[theme.name] = path
             themes[theme.name] = theme
     return list(themes.values()), errors
@@ -145,8 +160,9 @@ def register_themes(app, user_dir: Path | None) -> list[str]:
     for theme in themes:
         app.register_theme(theme)
     if DEFAULT_THEME not in app.available_themes:
-        errors.append(f"{SHIPPED_THEMES_DIR}: the default theme '{DEFAULT_THEME}' is missing; "
-                      f"using Textual's '{_LAST_RESORT}'")
+        errors.append(
+            f"{SHIPPED_THEMES_DIR}: the default theme '{DEFAULT_THEME}' is missing; using Textual's '{_LAST_RESORT}'"
+        )
     return errors
 
 

@@ -160,7 +160,9 @@ class StatusBar(Vertical):
 
 def loaded_line(loaded) -> str:
     preset = loaded.preset if loaded.preset == loaded.dtype else f"{loaded.preset} ({loaded.dtype})"
-    return f"{loaded.model} · {preset} · {loaded.device} · {loaded.attn_implementation} · {size(loaded.footprint_bytes)}"
+    return (
+        f"{loaded.model} · {preset} · {loaded.device} · {loaded.attn_implementation} · {size(loaded.footprint_bytes)}"
+    )
 
 
 def stats_line(stats: dict, context_length: int | None) -> str:

@@ -272,8 +272,9 @@ class ChatScreen(Screen):
         status.idle()
         status.model_line = f"the worker stopped ({event.why}): press F5 to restart it"
         detail = f": {event.detail}" if event.detail else ""
-        self.notify(f"The model worker stopped ({event.why}){detail}. Your chats are safe.", severity="error",
-                    timeout=15)
+        self.notify(
+            f"The model worker stopped ({event.why}){detail}. Your chats are safe.", severity="error", timeout=15
+        )
         if self.turn is not None:
             await self._finish(self.turn.text, None, failed=True)
 
@@ -310,9 +311,7 @@ class ChatScreen(Screen):
         context = self.loaded.context_length if self.loaded else None
         status.numbers = stats_line(stats, context) if stats else ""
         dropped = (stats or {}).get("dropped_messages", 0)
-        status.notice = (
-            f"⚠ {dropped} old message(s) no longer fit the context" if dropped else ""
-        )
+        status.notice = f"⚠ {dropped} old message(s) no longer fit the context" if dropped else ""
 
     # -- actions -----------------------------------------------------------------------------
 

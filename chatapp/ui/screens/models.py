@@ -187,8 +187,12 @@ class ModelPickerScreen(Screen):
         if row is None or self.downloading is not None:
             return
         choice = row.plan.choice if row.fits else None
-        target = Target(row.ref, row.preset, choice.max_context_tokens if choice else None,
-                        choice.attn_implementation if choice else None)
+        target = Target(
+            row.ref,
+            row.preset,
+            choice.max_context_tokens if choice else None,
+            choice.attn_implementation if choice else None,
+        )
         if row.ready:
             self.app.backend.switch(target)
             self.dismiss_to_chat()
@@ -246,9 +250,7 @@ class ModelPickerScreen(Screen):
             if yes:
                 self._delete(row)
 
-        self.app.push_screen(
-            ConfirmScreen(f"Delete the download of {row.name} ({gb(row.size_on_disk)})?"), confirmed
-        )
+        self.app.push_screen(ConfirmScreen(f"Delete the download of {row.name} ({gb(row.size_on_disk)})?"), confirmed)
 
     @work(thread=True, exclusive=True, group="delete")
     def _delete(self, row: choices.ModelRow) -> None:

@@ -12,8 +12,18 @@ from ...config import Settings, field_docs, parse_setting, save_setting
 from .dialogs import FormScreen
 
 #: The fields the form edits, in order; config_dir is where the form saves, so it isn't one of them.
-FORM_FIELDS = ("default_model", "default_preset", "context_cap", "temperature", "top_p", "max_new_tokens",
-               "theme", "data_dir", "themes_dir", "hub_cache")
+FORM_FIELDS = (
+    "default_model",
+    "default_preset",
+    "context_cap",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "theme",
+    "data_dir",
+    "themes_dir",
+    "hub_cache",
+)
 
 
 class SettingsScreen(FormScreen):
@@ -30,8 +40,7 @@ class SettingsScreen(FormScreen):
             with Grid(classes="fields"):
                 for name in FORM_FIELDS:
                     yield Label(name, classes="field-name")
-                    yield Input(_text(getattr(self.settings, name)), id=f"set-{name}",
-                                tooltip=docs.get(name, ""))
+                    yield Input(_text(getattr(self.settings, name)), id=f"set-{name}", tooltip=docs.get(name, ""))
             yield from self.form_footer()
 
     def action_save(self) -> None:
@@ -48,8 +57,11 @@ class SettingsScreen(FormScreen):
         kinds = {f.name: f for f in fields(Settings)}
         for name, value in values.items():
             if value != getattr(self.settings, name) and name in kinds:
-                save_setting(self.settings.config_file, name, "" if value is None else
-                             (str(value) if not isinstance(value, (int, float)) else value))
+                save_setting(
+                    self.settings.config_file,
+                    name,
+                    "" if value is None else (str(value) if not isinstance(value, (int, float)) else value),
+                )
         self.dismiss(replace(self.settings, **values))
 
 
