@@ -27,7 +27,6 @@ class ModelSpec:
     license: str = ""
     gated: bool = False
     context_length: int | None = None
-    tags: tuple[str, ...] = ()
     trust_remote_code: bool = False
     #: The model card's recommended sampling, used when the user sets none.
     temperature: float | None = None
@@ -63,7 +62,6 @@ _FIELD_TYPES = {
     "license": str,
     "gated": bool,
     "context_length": int,
-    "tags": list,
     "trust_remote_code": bool,
     "temperature": float,
     "top_p": float,
@@ -86,7 +84,7 @@ def _spec_from_table(key: str, table: dict, source: Path | Traversable) -> Model
             raise ConfigError(f"{source}: entry '{key}' field '{name}' must be {kind.__name__}, got {value!r}")
         if kind is dict:
             _check_architecture(key, value, source)
-        values[name] = tuple(value) if kind is list else value
+        values[name] = value
     if "name" not in values:
         raise ConfigError(f"{source}: entry '{key}' is missing field 'name'")
     if not values.get("repo") and not values.get("gguf_package"):

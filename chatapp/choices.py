@@ -6,10 +6,17 @@ Plain Python (no textual, no torch), so it is tested without a screen and planne
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import planner
 from .report import format_plan, speed, verdict, weights_verdict
 from .units import gb
+
+if TYPE_CHECKING:
+    from .catalog import ModelSpec
+    from .facts import ModelFacts
+    from .hardware import Hardware
+    from .hub import LocalModel, SearchResult
 
 
 @dataclass(frozen=True)
@@ -74,12 +81,14 @@ def _approx_download(params: int | None) -> int | None:
     return params * 2 if params else None
 
 
-def _plan(hardware, facts, context_cap: int | None) -> planner.Plan:
+def _plan(hardware: Hardware, facts: ModelFacts, context_cap: int | None) -> planner.Plan:
     """The plan a verdict is given from: at the context the user will get (planner.practical_context)."""
     return planner.choose(hardware, facts, context=planner.practical_context(facts, context_cap))
 
 
-def catalog_rows(catalog: dict, hardware, local: dict, context_cap: int | None = None) -> list[ModelRow]:
+def catalog_rows(
+    catalog: dict[str, ModelSpec], hardware: Hardware, local: dict[str, LocalModel], context_cap: int | None = None
+) -> list[ModelRow]:
     """Every catalog model; `local` maps repo ids to hub.LocalModel for what is downloaded.
 
     Verdicts are planned at the context the user will get: context_cap (settings.context_cap) when set, else
@@ -122,7 +131,7 @@ def recommended(rows: list[ModelRow]) -> list[ModelRow]:
     return usable + crawling
 
 
-def local_rows(local: dict, hardware, context_cap: int | None = None) -> list[ModelRow]:
+def local_rows(local: dict[str, LocalModel], hardware: Hardware, context_cap: int | None = None) -> list[ModelRow]:
     """Downloaded models, planned from their own config.json and safetensors headers."""
     from .errors import ChatappError
     from .facts import facts_from_folder
@@ -155,7 +164,7 @@ def local_rows(local: dict, hardware, context_cap: int | None = None) -> list[Mo
     return rows
 
 
-def search_rows(results, hardware, local: dict) -> list[ModelRow]:
+def search_rows(results: list[SearchResult], hardware: Hardware, local: dict[str, LocalModel]) -> list[ModelRow]:
     """Hub search results: only the parameter count is known before a download, so the verdict is the weights'."""
     return [
         ModelRow(
@@ -176,7 +185,9 @@ def search_rows(results, hardware, local: dict) -> list[ModelRow]:
     ]
 
 
-def preset_options(facts, hardware, context_cap: int | None = None) -> list[tuple[str, planner.Plan]]:
+def preset_options(
+    facts: ModelFacts, hardware: Hardware, context_cap: int | None = None
+) -> list[tuple[str, planner.Plan]]:
     """Each preset with the planner's plan for it, as loading plans it (context_cap, else the model's full context
     lowered to fit): its estimate, and whether and where it fits."""
     return [

@@ -9,11 +9,16 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from . import planner
 from .cli_hub import cmd_models, cmd_pull, cmd_rm, cmd_search
 from .errors import ChatappError
 from .logs import route_library_logs
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .sampling import SamplingParams
 
 
 def _quiet_libraries() -> None:
@@ -111,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args, settings):
+def _load(args: argparse.Namespace, settings: Settings):
     from .engine import load_model
 
     model = args.model or settings.default_model
@@ -139,7 +144,7 @@ def _load(args, settings):
     return loaded
 
 
-def _sampling(args, settings, loaded):
+def _sampling(args: argparse.Namespace, settings: Settings, loaded) -> SamplingParams:
     """The flags, else the model's catalog recommendation, else config.toml."""
     from .sampling import resolve
 
@@ -193,7 +198,7 @@ def _opening(args) -> list:
     return [Message("system", args.system)] if args.system else []
 
 
-def cmd_ask(args, settings) -> int:
+def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     from .engine import ChatSession, Message
 
     prompt = args.prompt
@@ -209,7 +214,7 @@ def cmd_ask(args, settings) -> int:
     return 0
 
 
-def cmd_repl(args, settings) -> int:
+def cmd_repl(args: argparse.Namespace, settings: Settings) -> int:
     from .engine import ChatSession, Message
 
     loaded = _load(args, settings)
@@ -247,7 +252,7 @@ def cmd_repl(args, settings) -> int:
         history = list(session.messages)
 
 
-def cmd_bench(args, settings) -> int:
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from .engine.bench import format_table, run_bench
 
     loaded = _load(args, settings)
@@ -263,7 +268,7 @@ def cmd_bench(args, settings) -> int:
     return 0
 
 
-def cmd_plan(args, settings) -> int:
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     from . import hardware
     from .catalog import load_catalog
     from .facts import facts_for
@@ -280,7 +285,7 @@ def cmd_plan(args, settings) -> int:
     return 0
 
 
-def cmd_doctor(args, settings) -> int:
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     from .doctor import doctor
     from .hardware import detect
 
@@ -307,7 +312,7 @@ COMMANDS = {
 }
 
 
-def _use_hub_cache(settings) -> None:
+def _use_hub_cache(settings: Settings) -> None:
     # huggingface_hub reads its cache path once, at import; the worker process inherits the variable.
     if settings.hub_cache:
         os.environ["HF_HUB_CACHE"] = str(settings.hub_cache)

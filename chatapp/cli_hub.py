@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 from .errors import ChatappError
 from .units import gb, mb
 
+if TYPE_CHECKING:
+    import argparse
 
-def _repo_of(ref: str, settings):
+    from .config import Settings
+
+
+def _repo_of(ref: str, settings: Settings):
     from .catalog import load_catalog
     from .refs import parse_ref
 
@@ -20,7 +26,7 @@ def _repo_of(ref: str, settings):
     return source
 
 
-def cmd_pull(args, settings) -> int:
+def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
     from .hub_download import download
     from .progress import ProgressBar
 
@@ -44,7 +50,7 @@ def cmd_pull(args, settings) -> int:
     return 0
 
 
-def cmd_rm(args, settings) -> int:
+def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
     from . import hub
 
     source = _repo_of(args.model, settings)
@@ -53,7 +59,7 @@ def cmd_rm(args, settings) -> int:
     return 0
 
 
-def cmd_models(args, settings) -> int:
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from . import hub
     from .catalog import load_catalog
     from .choices import catalog_rows, local_rows
@@ -93,7 +99,7 @@ def cmd_models(args, settings) -> int:
     return 0
 
 
-def cmd_search(args, settings) -> int:
+def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     from . import hub
     from .hardware import detect
     from .report import weights_verdict

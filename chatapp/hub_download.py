@@ -231,6 +231,3 @@ class _Meter:
 
     def __exit__(self, *exc):
         return False
-
-    def __getattr__(self, _name):  # tqdm's other methods (refresh, set_description, ...)
-        return lambda *args, **kwargs: None

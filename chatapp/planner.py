@@ -94,7 +94,7 @@ class Estimate:
         return self.weights_bytes + self.kv_cache_bytes + self.activation_bytes + self.overhead_bytes
 
 
-def weights_bytes(facts, preset: str, compute_dtype: str) -> int:
+def weights_bytes(facts: ModelFacts, preset: str, compute_dtype: str) -> int:
     """bitsandbytes quantizes the Linear layers in the blocks; embeddings, lm_head and norms stay in compute_dtype."""
     if preset in DTYPE_BYTES:
         return facts.params * DTYPE_BYTES[preset]
@@ -107,7 +107,7 @@ def weights_bytes(facts, preset: str, compute_dtype: str) -> int:
     raise ValueError(f"unknown preset {preset!r}")
 
 
-def kv_cache_bytes(facts, context_tokens: int, dtype: str) -> int:
+def kv_cache_bytes(facts: ModelFacts, context_tokens: int, dtype: str) -> int:
     """2 (K and V) x layers x kv_heads x head_dim x tokens x bytes; sliding-window layers hold at most their window."""
     per_token_layer = 2 * facts.kv_heads * facts.head_dim * DTYPE_BYTES[dtype]
     full = facts.layers - facts.sliding_layers
@@ -115,7 +115,7 @@ def kv_cache_bytes(facts, context_tokens: int, dtype: str) -> int:
     return per_token_layer * (full * context_tokens + facts.sliding_layers * window)
 
 
-def activation_bytes(facts, context_tokens: int, dtype: str, device_type: str = "cuda") -> int:
+def activation_bytes(facts: ModelFacts, context_tokens: int, dtype: str, device_type: str = "cuda") -> int:
     """Peak of a prefill: the MLP's gate/up/act tensors plus two hidden-state copies, and fp32 logits.
 
     A GPU prefills in chunks of PREFILL_CHUNK, and SDPA's fused kernels never hold the attention scores.
@@ -197,7 +197,7 @@ class _Target:
     gpus: int = 0
 
 
-def _targets(hardware) -> list[_Target]:
+def _targets(hardware: Hardware) -> list[_Target]:
     if not hardware.gpus and hardware.mps:
         return [_Target("Apple GPU (unified memory)", "mps", usable_bytes(hardware.cpu.ram_available_bytes), "mps")]
     if not hardware.gpus:
@@ -330,7 +330,7 @@ def decode_tokens_per_s(
     return 1 / seconds
 
 
-def _max_memory(hardware, cpu_bytes: int | None = None) -> dict:
+def _max_memory(hardware: Hardware, cpu_bytes: int | None = None) -> dict:
     memory: dict = {g.index: usable_bytes(g.free_bytes) - CUDA_OVERHEAD_BYTES for g in hardware.gpus}
     if cpu_bytes is not None:
         memory["cpu"] = cpu_bytes

@@ -16,10 +16,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import protocol as p
+from .config import Settings
 
 
 class WorkerClient:
-    def __init__(self, settings, on_event: Callable[[object], None], log_path: Path | None = None):
+    """The worker process seen from the UI: start it, send it protocol requests, hear its events.
+
+    Events go to `on_event` from a reader thread; when the process dies without being asked to,
+    on_event gets a WorkerDied. The Backend (ui/backend.py) is its one user in the app.
+    """
+
+    def __init__(self, settings: Settings, on_event: Callable[[object], None], log_path: Path | None = None):
         self.settings = settings
         self.on_event = on_event
         self.log_path = log_path

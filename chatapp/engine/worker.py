@@ -11,14 +11,16 @@ import os
 import queue
 import threading
 from collections import OrderedDict
+from multiprocessing.connection import Connection
 
 from .. import protocol as p
+from ..config import Settings
 
 #: Without a budget from the UI, all chats together may keep this many full-context KV caches.
 DEFAULT_BUDGET_CONTEXTS = 4
 
 
-def main(conn, settings, log_path: str | None = None) -> None:
+def main(conn: Connection, settings: Settings, log_path: str | None = None) -> None:
     """The child process: serve requests from `conn` until Shutdown or until the UI goes away."""
     if log_path:
         # Library warnings written to the terminal would tear the UI's screen apart; they go to a log instead.
@@ -39,7 +41,7 @@ class Worker:
     before its request has even started is not lost.
     """
 
-    def __init__(self, conn, settings):
+    def __init__(self, conn: Connection, settings: Settings):
         self.conn = conn
         self.settings = settings
         self.loaded = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from textual import events
 from textual.app import ComposeResult
@@ -13,6 +14,9 @@ from textual.reactive import reactive
 from textual.widgets import Label, Markdown, ProgressBar, Sparkline, Static, TextArea
 
 from ..units import duration, eta_s, mb, size
+
+if TYPE_CHECKING:
+    from ..hardware import Hardware
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -174,7 +178,7 @@ def stats_line(stats: dict, context_length: int | None) -> str:
     )
 
 
-def hardware_line(hardware) -> str:
+def hardware_line(hardware: Hardware) -> str:
     from ..report import describe_hardware
 
     return "; ".join(describe_hardware(hardware))

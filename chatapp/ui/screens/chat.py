@@ -45,6 +45,12 @@ class Turn:
 
 
 class ChatScreen(Screen):
+    """The chat: conversations in a sidebar, the messages, the prompt and the status bar.
+
+    It stores what the user sends and each reply, asks the app's Backend for replies, and handles the
+    Backend's messages (replies streaming, the model loading, the worker stopping) with @on.
+    """
+
     # priority: the prompt and the search box have their own uses for some of these keys (ctrl+d deletes a
     # character there), and the chat's actions must work wherever the cursor is.
     BINDINGS = [
