@@ -48,7 +48,7 @@ class Settings:
     default_preset: str = "auto"
     #: Upper bound on the context the app uses, in tokens (0: the model's own maximum).
     context_cap: int = 0
-    #: Sampling temperature when the model's catalog entry recommends none (0: greedy).
+    #: Sampling temperature, 0 to 2, when the model's catalog entry recommends none (0: greedy).
     temperature: float = LIMITS["temperature"].default
     #: Nucleus sampling cutoff, above 0 and at most 1, when the model's catalog entry recommends none.
     top_p: float = LIMITS["top_p"].default
