@@ -64,12 +64,15 @@ def format_plan(plan: Plan) -> str:
 
 
 def verdict(plan: Plan) -> str:
-    """One line per model: the presets `auto` tries here (planner.auto_ladder), each with ✓/✗ and its need at the
-    plan's context, then the longest context the chosen one fits: 'bf16 ✗ 17.9 GB · nf4 ✓ 7.5 GB · up to 45k'."""
+    """One line per model: the presets `auto` tries here (planner.auto_ladder) up to the first that fits, each with
+    ✓/✗ and its need at the plan's context, then the longest context that one fits: 'bf16 ✓ 2.9 GB · up to 131k',
+    'bf16 ✗ 17.9 GB · nf4 ✓ 7.5 GB · up to 45k'."""
     rows = {est.preset: (est, where) for est, where in plan.presets}
-    parts = [
-        f"{p} {'✓' if rows[p][1] else '✗'} {_gb(rows[p][0].total_bytes)}" for p in planner.auto_ladder(plan.hardware)
-    ]
+    parts = []
+    for p in planner.auto_ladder(plan.hardware):
+        parts.append(f"{p} {'✓' if rows[p][1] else '✗'} {_gb(rows[p][0].total_bytes)}")
+        if rows[p][1]:
+            break
     c = plan.choice
     if c is not None and c.slow:
         parts.append("GPU+CPU split, slow")

@@ -18,7 +18,7 @@ def gpu(size: str) -> Hardware:
 def test_each_catalog_row_carries_the_planners_verdict_per_preset():
     rows = {r.ref: r for r in catalog_rows(load_catalog(), gpu("24GiB"), {})}
     llama = rows["llama-3.1-8b"]
-    assert llama.verdict.startswith("bf16 ✓") and "nf4 ✓" in llama.verdict
+    assert llama.verdict.startswith("bf16 ✓") and "nf4" not in llama.verdict  # auto's first choice fits
     assert llama.gated and llama.download_bytes > 15e9 and not llama.ready
     assert rows["llama-3.1-70b"].verdict.startswith("bf16 ✗") and not rows["llama-3.1-70b"].fits
     assert rows["smollm2-135m-local"].ready and rows["smollm2-135m-local"].download_bytes is None
@@ -51,21 +51,21 @@ CPU24 = Hardware(cpu=CpuInfo(ram_total_bytes=24 * GIB, ram_available_bytes=24 * 
 def test_verdicts_are_at_the_practical_context_and_say_how_far_it_goes():
     rows = {r.ref: r for r in catalog_rows(load_catalog(), CPU24, {})}
     # Not "fp32 ✓ 23.4 GB" (its full 131k context, lowered to what fits): 8,192 tokens, and how far it could go.
-    assert rows["llama-3.2-1b"].verdict == "fp32 ✓ 8.3 GB · nf4 ✓ 4.9 GB · up to 57k"
+    assert rows["llama-3.2-1b"].verdict == "fp32 ✓ 8.3 GB · up to 57k"
     assert rows["llama-3.2-1b"].speed == "~1.1 tok/s"
-    assert rows["qwen3-0.6b"].verdict == "fp32 ✓ 5.8 GB · nf4 ✓ 4.3 GB · up to 40k"
+    assert rows["qwen3-0.6b"].verdict == "fp32 ✓ 5.8 GB · up to 40k"
     details = rows["llama-3.2-1b"].details()
     assert "context: 8,192 tokens" in details
     assert "longest context that fits (fp32): 57,344 tokens" in details
     assert "decode speed: ~1.1 tok/s (estimate: 6.0 GB/s ÷ 5.5 GB read per token" in details
     # On a GPU the same model is small and fast.
     on_gpu = {r.ref: r for r in catalog_rows(load_catalog(), gpu("24GiB"), {})}["llama-3.2-1b"]
-    assert (on_gpu.verdict, on_gpu.speed) == ("bf16 ✓ 3.4 GB · nf4 ✓ 2.0 GB · up to 131k", "~38 tok/s")
+    assert (on_gpu.verdict, on_gpu.speed) == ("bf16 ✓ 3.4 GB · up to 131k", "~38 tok/s")
 
 
 def test_a_context_cap_is_the_context_verdicts_are_given_at():
     rows = {r.ref: r for r in catalog_rows(load_catalog(), CPU24, {}, context_cap=32768)}
-    assert rows["llama-3.2-1b"].verdict == "fp32 ✓ 16.3 GB · nf4 ✓ 12.9 GB · up to 57k"
+    assert rows["llama-3.2-1b"].verdict == "fp32 ✓ 16.3 GB · up to 57k"
     assert rows["llama-3.2-1b"].plan.choice.context_tokens == 32768
     assert rows["smollm2-135m-local"].plan.choice.context_tokens == 8192  # never past the model's own maximum
 

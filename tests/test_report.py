@@ -24,7 +24,7 @@ PARAMS_8B = 8_030_261_248
         # A T4 has no bf16: auto tries fp16, and so does the verdict (it used to show bf16).
         (T4, "fp16 ✗ 17.9 GB · nf4 ✓ 7.5 GB · up to 74k"),
         # MPS runs bf16 whatever the CPU's flags say: auto tries bf16 (the verdict used to show fp32).
-        (APPLE, "bf16 ✓ 17.8 GB · nf4 ✓ 7.4 GB · up to 120k"),
+        (APPLE, "bf16 ✓ 17.8 GB · up to 120k"),
         (Hardware(CPU32), "fp32 ✗ 37.3 GB · nf4 ✓ 12.9 GB · up to 45k"),  # no native bf16: fp32
     ],
     ids=["T4", "MPS", "cpu"],
