@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from . import planner
 from .report import format_plan, speed, verdict, weights_verdict
-from .units import gb
+from .units import gb, params
 
 if TYPE_CHECKING:
     from .catalog import ModelSpec
@@ -66,7 +66,7 @@ class ModelRow:
     def details(self) -> str:
         head = [self.name, self.description] if self.description else [self.name]
         facts = [
-            f"parameters: {self.params / 1e9:.2f}B" if self.params else "parameters: unknown",
+            f"parameters: {params(self.params)}",
             f"license: {self.license or 'unknown'}"
             + (" (gated: accept it on the Hub, then log in)" if self.gated else ""),
             f"on disk: {gb(self.size_on_disk, 2)}"

@@ -7,6 +7,7 @@ import signal
 import threading
 from typing import TYPE_CHECKING
 
+from . import units
 from .errors import ChatappError
 from .units import gb, mb
 
@@ -112,9 +113,8 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     if not results:
         print(f"no text-generation models match '{args.text}'")
     for r in results:
-        params = f"{r.params / 1e9:.2f}B" if r.params else "?"
         print(
-            f"{r.repo_id:<40} {params:>7} {r.downloads:>10,} downloads  {r.last_modified}"
+            f"{r.repo_id:<40} {units.params(r.params):>7} {r.downloads:>10,} downloads  {r.last_modified}"
             f"{'  gated' if r.gated else ''}  [{weights_verdict(hw, r.params)}]"
         )
     return 0

@@ -7,7 +7,7 @@ from .hardware import Hardware
 from .planner import Plan
 from .units import gb as _gb
 from .units import gib as _gib
-from .units import rate, tokens
+from .units import params, rate, tokens
 
 
 def describe_hardware(hw: Hardware) -> list[str]:
@@ -33,7 +33,7 @@ def describe_hardware(hw: Hardware) -> list[str]:
 def format_plan(plan: Plan) -> str:
     f = plan.facts
     lines = [
-        f"model: {f.name}: {f.params / 1e9:.2f}B parameters, {f.layers} layers, "
+        f"model: {f.name}: {params(f.params)} parameters, {f.layers} layers, "
         f"{f.kv_heads} KV heads x {f.head_dim}, max context {f.max_context:,}",
         *(f"hardware: {line}" for line in describe_hardware(plan.hardware)),
         f"context: {plan.presets[0][0].context_tokens:,} tokens",

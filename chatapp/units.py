@@ -13,6 +13,11 @@ def mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+def params(n: int | None) -> str:
+    """A parameter count in billions: params(135_000_000) == '0.14B'; '?' when unknown."""
+    return f"{n / 1e9:.2f}B" if n else "?"
+
+
 def gib(n: float) -> str:
     """Binary gibibytes, as RAM and GPU memory are sold: gib(16 * 1024**3) == '16.0 GiB'."""
     return f"{n / 1024**3:.1f} GiB"

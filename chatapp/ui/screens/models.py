@@ -19,7 +19,7 @@ from textual.widgets import (
     TabPane,
 )
 
-from ... import choices
+from ... import choices, units
 from ...errors import ChatappError
 from ...units import gb
 from ..backend import DownloadEnded, DownloadUpdate, Target
@@ -108,8 +108,16 @@ class ModelPickerScreen(Screen):
                 size = f"≈{gb(row.download_bytes)}" if row.download_bytes else "-"
             license_text = ("gated · " if row.gated else "") + (row.license or "")
             context = f"{row.context:,}" if row.context else "-"
-            params = f"{row.params / 1e9:.2f}B" if row.params else "?"
-            table.add_row(row.name, row.speed, row.verdict, params, size, license_text or "-", context, key=row.ref)
+            table.add_row(
+                row.name,
+                row.speed,
+                row.verdict,
+                units.params(row.params),
+                size,
+                license_text or "-",
+                context,
+                key=row.ref,
+            )
         if tab == self._active_tab():
             self._show_details()
 
