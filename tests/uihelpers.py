@@ -10,6 +10,30 @@ from pathlib import Path
 from chatapp import protocol as p
 from chatapp.store import Store
 
+CODE_REPLY = "Here it is:\n\n```python\nprint('hi')\n```\n\nAnd more text."
+
+
+def seeded_store(settings) -> Store:
+    store = Store.open(settings.data_dir)
+    old = store.new_conversation("Dinner plans")
+    store.add_message(old.id, "user", "What should I cook tonight?")
+    store.add_message(old.id, "assistant", "Try a **risotto**.", model="tiny", preset="fp32")
+    chat = store.new_conversation("Python help")
+    store.add_message(chat.id, "user", "Show me hello world in Python")
+    stats = {
+        "prompt_tokens": 40,
+        "prefilled_tokens": 40,
+        "generated_tokens": 12,
+        "ttft_s": 0.12,
+        "decode_tokens_per_s": 31.5,
+        "cache_tokens": 51,
+        "finish_reason": "stop",
+        "trimmed_messages": 0,
+        "dropped_messages": 0,
+    }
+    store.add_message(chat.id, "assistant", CODE_REPLY, model="tiny", preset="fp32", stats=stats)
+    return store
+
 
 def make_settings(settings, tmp_path: Path, **overrides):
     """The session settings with this test's own data and config dirs, greedy decoding and short replies."""
