@@ -6,10 +6,123 @@ import subprocess
 import sys
 import textwrap
 
-from uihelpers import last_stats, loaded, make_app, make_settings, run, say, start_long_reply, until
+from uihelpers import (
+    CODE_REPLY,
+    last_stats,
+    loaded,
+    make_app,
+    make_settings,
+    run,
+    say,
+    seeded_store,
+    start_long_reply,
+    until,
+)
 
-from chatapp.store import Store
+from chatapp.store import ConvSettings, Store
 from chatapp.ui.widgets import MessageView
+
+
+def test_sidebar_rename_search_and_delete_with_confirmation(settings, tmp_path):
+    s = make_settings(settings, tmp_path)
+    store = seeded_store(s)
+    app = make_app(s, store=store, start_worker=False)
+
+    async def scenario(pilot):
+        await pilot.pause()
+        chat = app.chat
+        assert store.conversation(chat.conversation_id).title == "Python help"  # the latest
+        await pilot.press("f2")
+        await pilot.pause()
+        title_input = app.screen.query_one("#text")
+        title_input.value = "Hello world"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert store.conversation(chat.conversation_id).title == "Hello world"
+
+        await pilot.press("ctrl+f")
+        await pilot.press(*"risotto")
+        await pilot.pause(0.2)
+        assert len(chat.query_one("#chats").children) == 1  # found by message content
+        chat.query_one("#search").value = ""
+        await pilot.pause(0.2)
+
+        doomed = chat.conversation_id
+        await pilot.press("ctrl+d")
+        await pilot.pause()
+        await pilot.click("#no")
+        await pilot.pause()
+        assert doomed in [c.id for c in store.conversations()]
+        await pilot.press("ctrl+d")
+        await pilot.pause()
+        await pilot.click("#yes")
+        await pilot.pause(0.2)
+        assert [c.title for c in store.conversations()] == ["Dinner plans"]
+        assert chat.conversation_id != doomed
+
+    run(app, scenario)
+
+
+def test_copy_message_and_code_block_and_export(settings, tmp_path):
+    s = make_settings(settings, tmp_path)
+    app = make_app(s, store=seeded_store(s), start_worker=False)
+
+    async def scenario(pilot):
+        await pilot.pause()
+        reply = [v for v in app.chat.query(MessageView) if v.role == "assistant"][-1]
+        reply.focus()
+        await pilot.press("c")
+        assert app.clipboard == CODE_REPLY
+        await pilot.press("k")
+        assert app.clipboard == "print('hi')"
+        await pilot.press("ctrl+e")
+        await pilot.pause()
+        exported = list((s.data_dir / "exports").glob("*.md"))
+        assert len(exported) == 1 and "print('hi')" in exported[0].read_text()
+
+    run(app, scenario)
+
+
+def test_conversation_settings_are_validated_and_saved(settings, tmp_path):
+    s = make_settings(settings, tmp_path)
+    app = make_app(s, store=seeded_store(s), start_worker=False)
+
+    async def scenario(pilot):
+        await pilot.pause()
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        dialog = app.screen
+        dialog.query_one("#system-prompt").text = "You are a pirate."
+        dialog.query_one("#temperature").value = "hot"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert "temperature must be a number" in str(dialog.query_one("#settings-error").content)
+        dialog.query_one("#temperature").value = "0.3"
+        dialog.query_one("#max-new-tokens").value = "64"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        saved = app.store.conversation(app.chat.conversation_id).settings
+        assert saved == ConvSettings("You are a pirate.", 0.3, None, 64)
+
+    run(app, scenario)
+
+
+def test_ctrl_j_and_shift_enter_add_lines_and_enter_sends(settings, tmp_path):
+    s = make_settings(settings, tmp_path)
+    app = make_app(s, start_worker=False)
+
+    async def scenario(pilot):
+        await pilot.pause()
+        prompt = app.chat.query_one("#prompt")
+        prompt.focus()
+        await pilot.press("a", "ctrl+j", "b", "shift+enter", "c")
+        assert prompt.text == "a\nb\nc"
+        await pilot.press("enter")
+        await pilot.pause()
+        # No model yet: the message waits for the load instead of being lost.
+        assert app.chat.queued == [(app.chat.conversation_id, "a\nb\nc")] and prompt.text == ""
+
+    run(app, scenario)
 
 
 def test_send_streams_a_reply_and_stores_both_messages(settings, tiny_words_folder, tmp_path):
