@@ -1,4 +1,5 @@
-"""Running the Textual app in tests: Pilot through the real worker process on the tiny model."""
+"""Running the Textual app in tests with Pilot: through the real worker process on the tiny model, or, with
+`make_app(..., fake=True)`, through the scripted FakeWorkerClient (tests/fakeworker.py) that needs no torch."""
 
 from __future__ import annotations
 
@@ -48,11 +49,30 @@ def make_settings(settings, tmp_path: Path, **overrides):
     return replace(settings, **values)
 
 
-def make_app(settings, model: str | None = None, *, store: Store | None = None, preset: str | None = None, **kwargs):
+#: A model reference the app accepts without a download (the packaged starter); the fake "loads" it instantly.
+FAKE_MODEL = "smollm2-135m-local"
+
+
+def make_app(
+    settings,
+    model: str | None = None,
+    *,
+    store: Store | None = None,
+    preset: str | None = None,
+    fake: bool = False,
+    **kwargs,
+):
+    """A ChatApp on this test's store. fake=True: the worker is a FakeWorkerClient with its defaults (pass
+    client_factory=FakeWorkerClient.factory(...) for another script); the model defaults to FAKE_MODEL."""
     from chatapp.ui.app import ChatApp
 
     store = store or Store.open(settings.data_dir)
     kwargs.setdefault("first_run", False)  # tests of the chat screen don't want the first-run picker over it
+    if fake or "client_factory" in kwargs:
+        from fakeworker import FakeWorkerClient
+
+        kwargs.setdefault("client_factory", FakeWorkerClient.factory())
+        model = model or FAKE_MODEL
     return ChatApp(settings, store, model=model, preset=preset or ("fp32" if model else None), **kwargs)
 
 
