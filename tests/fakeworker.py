@@ -36,6 +36,17 @@ def echo(messages: list[tuple[str, str]]) -> str:
     return f"Echo: {last}"
 
 
+def long_reply_to(*prompts: str, words: int = 5000) -> Callable[[list[tuple[str, str]]], str]:
+    """A script that answers these prompts at length (to be stopped or killed mid-reply) and echoes the rest once."""
+
+    def script(messages: list[tuple[str, str]]) -> str:
+        if messages and messages[-1][1] in prompts:
+            return " ".join(f"word{i}" for i in range(words))
+        return echo(messages)
+
+    return script
+
+
 def fails_to_load(ref: str) -> bool:
     """The default: a model whose reference says it is broken (or names nothing) fails to load."""
     return "broken" in ref or "no-such" in ref

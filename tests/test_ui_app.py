@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from uihelpers import loaded_event, make_app, make_settings, run, seeded_store
+from fakeworker import FakeWorkerClient
+from uihelpers import loaded, loaded_event, make_app, make_settings, run, seeded_store
 
 from chatapp.config import load_settings_checked
 from chatapp.store import Store
@@ -92,3 +93,16 @@ def test_the_app_opens_on_the_last_used_model_else_the_default(settings, tmp_pat
     store.set_state("last_preset", "nf4")
     app = make_app(s, store=store, start_worker=False)
     assert (app.backend.model, app.backend.preset) == ("TestOrg/tiny-llama", "nf4")
+    # Started, it asks the worker for exactly that model and preset, and says so once loaded.
+    mine = tmp_path / "my-model"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    store.set_state("last_model", str(mine))
+    app = make_app(s, store=store, client_factory=FakeWorkerClient.factory())
+
+    async def scenario(pilot):
+        await loaded(pilot)
+        assert (app.chat.loaded.model, app.chat.loaded.preset) == (str(mine), "nf4")
+        assert app.chat.query_one("StatusBar").model_line.startswith(f"{mine} · nf4 (fp32) · cpu")
+
+    run(app, scenario)

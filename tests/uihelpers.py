@@ -62,13 +62,13 @@ def make_app(
     fake: bool = False,
     **kwargs,
 ):
-    """A ChatApp on this test's store. fake=True: the worker is a FakeWorkerClient with its defaults (pass
-    client_factory=FakeWorkerClient.factory(...) for another script); the model defaults to FAKE_MODEL."""
+    """A ChatApp on this test's store. fake=True: the worker is a FakeWorkerClient (its defaults unless a
+    client_factory=FakeWorkerClient.factory(...) is passed too) and the model defaults to FAKE_MODEL."""
     from chatapp.ui.app import ChatApp
 
     store = store or Store.open(settings.data_dir)
     kwargs.setdefault("first_run", False)  # tests of the chat screen don't want the first-run picker over it
-    if fake or "client_factory" in kwargs:
+    if fake:
         from fakeworker import FakeWorkerClient
 
         kwargs.setdefault("client_factory", FakeWorkerClient.factory())
