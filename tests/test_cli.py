@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -50,3 +51,26 @@ def test_repl_commands(tiny_folder):
     assert len(stats) == 3
     assert "prefilled 1," in stats[1]  # /regen re-runs only the last prompt token
     assert "conversation reset" in out.stderr
+
+
+# -- chatapp plan ------------------------------------------------------------------------------
+
+
+def test_plan_cli_starter_on_a_cpu():
+    out = chatapp("plan", "smollm2-135m-local", "--no-gpu", "--ram", "16GiB", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["choice"]["preset"] in ("fp32", "bf16")
+    assert result["choice"]["device_map"] == "cpu"
+    assert result["hardware"]["gpus"] == []
+    table = chatapp("plan", "llama-3.1-8b", "--gpu", "24GiB", "--context", "8192")
+    assert "choice: bf16 at 8,192 tokens on cuda:0" in table.stdout
+    assert "preset |  weights | KV cache | overhead |    total | fits on" in table.stdout
+
+
+def test_plan_cli_bad_input_is_one_line():
+    out = chatapp("plan", "llama-3.1-8b", "--gpu", "lots")
+    assert out.returncode == 1
+    assert out.stderr.strip() == "chatapp: error: 'lots' is not a size like 24GiB, 12GB or 8192MiB"
+    out = chatapp("plan", "no-such-model")
+    assert out.returncode == 1 and "unknown model" in out.stderr and "Traceback" not in out.stderr

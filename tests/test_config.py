@@ -224,3 +224,14 @@ def test_other_commands_still_stop_at_a_bad_value(tmp_path):
     out = chatapp("doctor", config_dir=tmp_path)
     assert out.returncode == 1
     assert out.stderr.strip() == f"chatapp: error: {tmp_path / 'config.toml'}: 'top_p' must be > 0 and <= 1, got 7"
+
+
+def test_settings_file_and_env(tmp_path, monkeypatch):
+    path = tmp_path / "config.toml"
+    path.write_text('default_preset = "nf4"\ntemperature = 1\n')
+    monkeypatch.setenv("CHATAPP_MAX_NEW_TOKENS", "99")
+    settings = load_settings(path)
+    assert (settings.default_preset, settings.temperature, settings.max_new_tokens) == ("nf4", 1.0, 99)
+    path.write_text('max_new_tokens = "lots"\n')
+    with pytest.raises(ConfigError, match="'max_new_tokens' must be int"):
+        load_settings(path)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from chathelpers import Chat
 
+from chatapp.engine import load_model
 from chatapp.engine.generate import ReplyText, Sampler, StreamDecoder, stream
+from chatapp.engine.session import render_ids
 from chatapp.sampling import SamplingParams
 
 TEXTS = [
@@ -94,3 +98,29 @@ def test_stream_feeds_every_token_but_the_last():
         )
     )
     assert items == [(7, None), (7, None), (7, "length")] and fed == [7, 7]
+
+
+def test_bf16_cached_first_token_logits_match_full_prefill(tiny_folder, settings):
+    """A chunked prefill sums in another order than a whole one; in bf16 compare logits within a tolerance."""
+    from transformers import DynamicCache
+
+    from chatapp.engine.generate import prefill
+    from chatapp.engine.session import Message
+
+    loaded = load_model(str(tiny_folder), "bf16", settings=settings)
+    chat = Chat(loaded)
+    for q in ("First message", "Second message"):
+        chat.send(q, max_new_tokens=5)
+    cached_ids = list(chat.session.cache_ids)
+    ids = render_ids(loaded.tokenizer, [*chat.session.messages, Message("user", "Third message")])
+    keep = 0
+    while keep < min(len(ids), len(cached_ids)) and ids[keep] == cached_ids[keep]:
+        keep += 1
+    with torch.inference_mode():
+        cache = DynamicCache(config=loaded.model.config)
+        prefill(loaded.model, cache, ids[:keep])
+        chunked = prefill(loaded.model, cache, ids[keep:])
+        whole = prefill(loaded.model, DynamicCache(config=loaded.model.config), ids)
+    assert keep > len(ids) / 2
+    assert torch.allclose(chunked, whole, atol=0.15 * whole.abs().max().item(), rtol=0)
+    assert torch.nn.functional.cosine_similarity(chunked, whole).item() > 0.999

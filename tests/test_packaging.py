@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TEST_DATA
+from modelhelpers import ROOT, TEST_DATA
 
 pytestmark = pytest.mark.integration
 

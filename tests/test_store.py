@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 
 import pytest
 
@@ -76,9 +77,11 @@ def test_wal_and_each_add_is_committed(store):
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         rows = other.execute("SELECT content FROM messages WHERE conversation_id = ?", (conv.id,)).fetchall()
         assert rows == [("persist me",)]
+        # Foreign keys are on: deleting the conversation deletes its messages (ON DELETE CASCADE).
+        store.delete(conv.id)
+        assert other.execute("SELECT count(*) FROM messages WHERE conversation_id = ?", (conv.id,)).fetchone()[0] == 0
     finally:
         other.close()
-    assert store._conn().execute("PRAGMA foreign_keys").fetchone()[0] == 1
 
 
 def test_killed_process_loses_nothing(tmp_path):
@@ -136,8 +139,9 @@ def test_rename_delete_settings_state(store):
     with pytest.raises(StoreError, match="no conversation"):
         store.conversation(conv.id)
     assert store.messages(conv.id) == []
-    count = store._conn().execute("SELECT count(*) FROM messages WHERE conversation_id = ?", (conv.id,))
-    assert count.fetchone()[0] == 0
+    with closing(sqlite3.connect(store.path)) as db:
+        count = db.execute("SELECT count(*) FROM messages WHERE conversation_id = ?", (conv.id,))
+        assert count.fetchone()[0] == 0
     assert [m.content for m in store.messages(other.id)] == ["stay"]
 
     for bad in (
@@ -231,7 +235,8 @@ def test_next_migration_is_one_list_entry(tmp_path, monkeypatch):
     with Store(path) as s:
         assert s.schema_version == len(MIGRATIONS) + 1
         assert [c.title for c in s.conversations()] == ["old chat"]
-        assert s._conn().execute("SELECT pinned FROM conversations").fetchall() == [(0,)]
+        with closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT pinned FROM conversations").fetchall() == [(0,)]
 
 
 def test_failed_migration_rolls_back(tmp_path, monkeypatch):

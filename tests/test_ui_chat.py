@@ -1,4 +1,8 @@
-"""The chat screen through the real worker process on the tiny model, driven with Pilot."""
+"""The chat screen (screens/chat.py), driven with Pilot.
+
+Its behaviour runs against the scripted FakeWorkerClient (no torch, replies in milliseconds); the tests at the
+end go through the real worker process on the tiny model, for what only a model can show: real prefill counts
+and each chat's own KV cache."""
 
 from __future__ import annotations
 
@@ -6,10 +10,249 @@ import subprocess
 import sys
 import textwrap
 
-from uihelpers import last_stats, loaded, make_app, make_settings, run, say, start_long_reply, until
+from fakeworker import FakeWorkerClient, long_reply_to
+from uihelpers import (
+    CODE_REPLY,
+    last_stats,
+    loaded,
+    make_app,
+    make_settings,
+    run,
+    say,
+    seeded_store,
+    start_long_reply,
+    until,
+)
 
-from chatapp.store import Store
+from chatapp.store import ConvSettings, Store
 from chatapp.ui.widgets import MessageView
+
+# -- without a model: the sidebar, copy, export, chat settings, the prompt ------------------------------
+
+
+def test_sidebar_rename_search_and_delete_with_confirmation(settings, tmp_path):
+    s = make_settings(settings, tmp_path)
+    store = seeded_store(s)
+    app = make_app(s, store=store, start_worker=False)
+
+    async def scenario(pilot):
+        await pilot.pause()
+        chat = app.chat
+        assert store.conversation(chat.conversation_id).title == "Python help"  # the latest
+        await pilot.press("f2")
+        await pilot.pause()
+        title_input = app.screen.query_one("#text")
+        title_input.value = "Hello world"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert store.conversation(chat.conversation_id).title == "Hello world"
+
+        await pilot.press("ctrl+f")
+        await pilot.press(*"risotto")
+        await pilot.pause(0.2)
+        assert len(chat.query_one("#chats").children) == 1  # found by message content
+        chat.query_one("#search").value = ""
+        await pilot.pause(0.2)
+
+        doomed = chat.conversation_id
+        await pilot.press("ctrl+d")
+        await pilot.pause()
+        await pilot.click("#no")
+        await pilot.pause()
+        assert doomed in [c.id for c in store.conversations()]
+        await pilot.press("ctrl+d")
+        await pilot.pause()
+        await pilot.click("#yes")
+        await pilot.pause(0.2)
+        assert [c.title for c in store.conversations()] == ["Dinner plans"]
+        assert chat.conversation_id != doomed
+
+    run(app, scenario)
+
+
+def test_copy_message_and_code_block_and_export(settings, tmp_path):
+    s = make_settings(settings, tmp_path)
+    app = make_app(s, store=seeded_store(s), start_worker=False)
+
+    async def scenario(pilot):
+        await pilot.pause()
+        reply = [v for v in app.chat.query(MessageView) if v.role == "assistant"][-1]
+        reply.focus()
+        await pilot.press("c")
+        assert app.clipboard == CODE_REPLY
+        await pilot.press("k")
+        assert app.clipboard == "print('hi')"
+        await pilot.press("ctrl+e")
+        await pilot.pause()
+        exported = list((s.data_dir / "exports").glob("*.md"))
+        assert len(exported) == 1 and "print('hi')" in exported[0].read_text()
+
+    run(app, scenario)
+
+
+def test_conversation_settings_are_validated_and_saved(settings, tmp_path):
+    s = make_settings(settings, tmp_path)
+    app = make_app(s, store=seeded_store(s), start_worker=False)
+
+    async def scenario(pilot):
+        await pilot.pause()
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        dialog = app.screen
+        dialog.query_one("#system-prompt").text = "You are a pirate."
+        dialog.query_one("#temperature").value = "hot"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert "temperature must be a number" in str(dialog.query_one("#settings-error").content)
+        dialog.query_one("#temperature").value = "0.3"
+        dialog.query_one("#max-new-tokens").value = "64"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        saved = app.store.conversation(app.chat.conversation_id).settings
+        assert saved == ConvSettings("You are a pirate.", 0.3, None, 64)
+
+    run(app, scenario)
+
+
+def test_ctrl_j_and_shift_enter_add_lines_and_enter_sends(settings, tmp_path):
+    s = make_settings(settings, tmp_path)
+    app = make_app(s, fake=True, start_worker=False)
+
+    async def scenario(pilot):
+        await pilot.pause()
+        prompt = app.chat.query_one("#prompt")
+        prompt.focus()
+        await pilot.press("a", "ctrl+j", "b", "shift+enter", "c")
+        assert prompt.text == "a\nb\nc"
+        await pilot.press("enter")
+        await pilot.pause()
+        # No model yet: the message waits for the load instead of being lost.
+        assert app.chat.queued == [(app.chat.conversation_id, "a\nb\nc")] and prompt.text == ""
+        # Once a model has loaded, it goes out as one message of three lines.
+        app.backend.restart()
+        await loaded(pilot)
+
+        def messages():
+            return app.store.messages(app.chat.conversation_id)
+
+        await until(pilot, lambda: len(messages()) == 2 and app.chat.turn is None, what="the queued message's reply")
+        assert [(m.role, m.content) for m in messages()][0] == ("user", "a\nb\nc") and messages()[1].role == "assistant"
+        assert not app.chat.queued
+
+    run(app, scenario)
+
+
+# -- replies, through the fake worker -----------------------------------------------------------------
+
+
+def test_escape_stops_a_reply_and_keeps_it_marked_stopped(settings, tmp_path):
+    app = make_app(make_settings(settings, tmp_path, max_new_tokens=1500), fake=True)
+
+    async def scenario(pilot):
+        await loaded(pilot)
+        await start_long_reply(pilot, "Go on and on")
+        await pilot.press("escape")
+        await until(pilot, lambda: app.chat.turn is None, what="the stop")
+        reply = app.store.messages(app.chat.conversation_id)[-1]
+        assert reply.role == "assistant" and reply.cut and reply.content
+        assert reply.stats["finish_reason"] == "cancelled" and reply.stats["generated_tokens"] < 1500
+        view = list(app.chat.query(MessageView))[-1]
+        assert "stopped" in view.query_one(".message-header").content
+
+    run(app, scenario)
+
+
+def test_what_is_typed_during_a_reply_is_queued_and_sent_after_it(settings, tmp_path):
+    app = make_app(
+        make_settings(settings, tmp_path, max_new_tokens=1500),
+        fake=True,
+        client_factory=FakeWorkerClient.factory(reply=long_reply_to("A long answer please")),
+    )
+
+    async def scenario(pilot):
+        await loaded(pilot)
+        await start_long_reply(pilot, "A long answer please")
+        await say(pilot, "Then this", wait=False)
+        assert app.chat.queued == [(app.chat.conversation_id, "Then this")]
+        assert app.chat.query_one("#prompt").text == ""
+        await pilot.press("escape")
+        await until(pilot, lambda: len(app.store.messages(app.chat.conversation_id)) == 4, what="the queued turn")
+        roles = [(m.role, m.cut) for m in app.store.messages(app.chat.conversation_id)]
+        assert roles[:3] == [("user", False), ("assistant", True), ("user", False)]
+        assert app.store.messages(app.chat.conversation_id)[2].content == "Then this"
+
+    run(app, scenario)
+
+
+def test_chats_come_back_after_a_restart(settings, tmp_path):
+    test_settings = make_settings(settings, tmp_path)
+    first = make_app(test_settings, fake=True)
+
+    async def chat(pilot):
+        await loaded(pilot)
+        await say(pilot, "Remember me")
+        await pilot.press("ctrl+n")
+        await say(pilot, "The second chat")
+
+    run(first, chat)
+    first.store.close()
+    second = make_app(test_settings, fake=True, store=Store.open(test_settings.data_dir))
+
+    async def check(pilot):
+        await pilot.pause(0.2)
+        titles = [c.title for c in second.store.conversations()]
+        assert titles == ["The second chat", "Remember me"]
+        assert [v.content for v in second.chat.query(MessageView)][0] == "The second chat"
+        assert len(second.chat.query_one("#chats").children) == 2
+
+    run(second, check)
+
+
+def test_a_killed_worker_leaves_the_app_up_keeps_the_partial_reply_and_restarts(settings, tmp_path):
+    app = make_app(
+        make_settings(settings, tmp_path, max_new_tokens=1500),
+        fake=True,
+        client_factory=FakeWorkerClient.factory(reply=long_reply_to("Keep talking")),
+    )
+
+    async def scenario(pilot):
+        await loaded(pilot)
+        await start_long_reply(pilot, "Keep talking", min_chars=20)
+        app.backend.client.kill()
+        await until(pilot, lambda: app.chat.turn is None, what="the UI to notice")
+        status = app.chat.query_one("StatusBar")
+        assert "the worker stopped (killed): press F5 to restart it" in status.model_line
+        reply = app.store.messages(app.chat.conversation_id)[-1]
+        assert reply.role == "assistant" and reply.cut and reply.content
+        await pilot.press("f5")
+        await loaded(pilot)
+        await say(pilot, "Back again?")
+        assert app.store.messages(app.chat.conversation_id)[-1].content
+
+    run(app, scenario)
+
+
+def test_context_trimming_is_shown_and_an_evicted_chat_is_announced(settings, tmp_path):
+    # The fake counts words as tokens: a 64-token context holds about three of these turns.
+    app = make_app(make_settings(settings, tmp_path, context_cap=64, max_new_tokens=8), fake=True)
+
+    async def scenario(pilot):
+        await loaded(pilot)
+        for turn in range(4):
+            await say(pilot, f"Message number {turn} with a few more words in it")
+        status = app.chat.query_one("StatusBar")
+        assert last_stats(app)["dropped_messages"] > 0
+        assert "no longer fit the context" in status.notice
+        old = app.chat.conversation_id
+        await pilot.press("ctrl+n")
+        app.backend.client.evict_after_next([old])
+        await say(pilot, "A new chat that pushes the old one out of the cache")
+        await until(pilot, lambda: any("left the KV cache" in n for n in app.notices), what="the eviction notice")
+
+    run(app, scenario)
+
+
+# -- end to end: the real worker process on the tiny model ---------------------------------------------
 
 
 def test_send_streams_a_reply_and_stores_both_messages(settings, tiny_words_folder, tmp_path):
@@ -34,41 +277,6 @@ def test_send_streams_a_reply_and_stores_both_messages(settings, tiny_words_fold
         await say(pilot, "Tell me more")
         second = last_stats(app)
         assert second["prefilled_tokens"] < second["prompt_tokens"] - stats["prompt_tokens"] + 2
-
-    run(app, scenario)
-
-
-def test_escape_stops_a_reply_and_keeps_it_marked_stopped(settings, tiny_words_folder, tmp_path):
-    app = make_app(make_settings(settings, tmp_path, max_new_tokens=1500), str(tiny_words_folder))
-
-    async def scenario(pilot):
-        await loaded(pilot)
-        await start_long_reply(pilot, "Go on and on")
-        await pilot.press("escape")
-        await until(pilot, lambda: app.chat.turn is None, what="the stop")
-        reply = app.store.messages(app.chat.conversation_id)[-1]
-        assert reply.role == "assistant" and reply.cut and reply.content
-        assert reply.stats["finish_reason"] == "cancelled" and reply.stats["generated_tokens"] < 1500
-        view = list(app.chat.query(MessageView))[-1]
-        assert "stopped" in view.query_one(".message-header").content
-
-    run(app, scenario)
-
-
-def test_what_is_typed_during_a_reply_is_queued_and_sent_after_it(settings, tiny_words_folder, tmp_path):
-    app = make_app(make_settings(settings, tmp_path, max_new_tokens=1500), str(tiny_words_folder))
-
-    async def scenario(pilot):
-        await loaded(pilot)
-        await start_long_reply(pilot, "A long answer please")
-        await say(pilot, "Then this", wait=False)
-        assert app.chat.queued == [(app.chat.conversation_id, "Then this")]
-        assert app.chat.query_one("#prompt").text == ""
-        await pilot.press("escape")
-        await until(pilot, lambda: len(app.store.messages(app.chat.conversation_id)) == 4, what="the queued turn")
-        roles = [(m.role, m.cut) for m in app.store.messages(app.chat.conversation_id)]
-        assert roles[:3] == [("user", False), ("assistant", True), ("user", False)]
-        assert app.store.messages(app.chat.conversation_id)[2].content == "Then this"
 
     run(app, scenario)
 
@@ -129,71 +337,6 @@ def test_each_chat_keeps_its_own_cache_when_switching(settings, tiny_words_folde
         await say(pilot, "Chat B second")
         b_second = last_stats(app)
         assert b_second["prefilled_tokens"] < b_second["prompt_tokens"] // 2
-
-    run(app, scenario)
-
-
-def test_chats_come_back_after_a_restart(settings, tiny_words_folder, tmp_path):
-    test_settings = make_settings(settings, tmp_path)
-    first = make_app(test_settings, str(tiny_words_folder))
-
-    async def chat(pilot):
-        await loaded(pilot)
-        await say(pilot, "Remember me")
-        await pilot.press("ctrl+n")
-        await say(pilot, "The second chat")
-
-    run(first, chat)
-    first.store.close()
-    second = make_app(test_settings, str(tiny_words_folder), store=Store.open(test_settings.data_dir))
-
-    async def check(pilot):
-        await pilot.pause(0.2)
-        titles = [c.title for c in second.store.conversations()]
-        assert titles == ["The second chat", "Remember me"]
-        assert [v.content for v in second.chat.query(MessageView)][0] == "The second chat"
-        assert len(second.chat.query_one("#chats").children) == 2
-
-    run(second, check)
-
-
-def test_a_killed_worker_leaves_the_app_up_keeps_the_partial_reply_and_restarts(settings, tiny_words_folder, tmp_path):
-    app = make_app(make_settings(settings, tmp_path, max_new_tokens=1500), str(tiny_words_folder))
-
-    async def scenario(pilot):
-        await loaded(pilot)
-        await start_long_reply(pilot, "Keep talking", min_chars=20)
-        app.backend.client.kill()
-        await until(pilot, lambda: app.chat.turn is None, what="the UI to notice")
-        status = app.chat.query_one("StatusBar")
-        assert "the worker stopped (killed): press F5 to restart it" in status.model_line
-        reply = app.store.messages(app.chat.conversation_id)[-1]
-        assert reply.role == "assistant" and reply.cut and reply.content
-        await pilot.press("f5")
-        await loaded(pilot)
-        await say(pilot, "Back again?")
-        assert app.store.messages(app.chat.conversation_id)[-1].content
-
-    run(app, scenario)
-
-
-def test_context_trimming_is_shown_and_an_evicted_chat_is_announced(settings, tiny_words_folder, tmp_path):
-    app = make_app(
-        make_settings(settings, tmp_path, context_cap=96, max_new_tokens=8),
-        str(tiny_words_folder),
-        cache_budget_bytes=512 * 80,
-    )
-
-    async def scenario(pilot):
-        await loaded(pilot)
-        for turn in range(4):
-            await say(pilot, f"Message number {turn} with a few more words in it")
-        status = app.chat.query_one("StatusBar")
-        assert last_stats(app)["dropped_messages"] > 0
-        assert "no longer fit the context" in status.notice
-        await pilot.press("ctrl+n")
-        await say(pilot, "A new chat that pushes the old one out of the cache")
-        await until(pilot, lambda: any("left the KV cache" in n for n in app.notices), what="the eviction notice")
 
     run(app, scenario)
 

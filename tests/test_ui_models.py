@@ -1,4 +1,4 @@
-"""The model picker, downloads in the app, and switching presets and models mid-conversation."""
+"""The model picker (F3), downloads in the app, and switching presets and models mid-conversation."""
 
 from __future__ import annotations
 
@@ -158,65 +158,3 @@ def test_switching_models_mid_conversation_and_a_failed_load_goes_back(
         assert app.store.messages(app.chat.conversation_id)[-1].model == str(tiny_folder)
 
     run(app, scenario_)
-
-
-def test_the_preset_picker_shows_fits_and_asks_before_one_that_wont(settings, tiny_folder, tmp_path):
-    from chatapp.facts import facts_from_folder
-    from chatapp.planner import SAFETY_MARGIN, estimate
-
-    # RAM between what nf4 and fp32 need: the planner says nf4 fits and fp32 doesn't.
-    facts = facts_from_folder(tiny_folder)
-    need = {
-        p: estimate(facts, p, facts.max_context, device_type="cpu", bf16_supported=False).total_bytes
-        for p in ("fp32", "nf4")
-    }
-    ram = int((need["fp32"] + need["nf4"]) / 2 / (1 - SAFETY_MARGIN))
-    tight = Hardware(cpu=CpuInfo(ram_total_bytes=ram, ram_available_bytes=ram, flags=frozenset()))
-    app = make_app(
-        make_settings(settings, tmp_path), str(tiny_folder), preset="nf4", start_worker=False, hardware=tight
-    )
-
-    async def check(pilot):
-        await pilot.pause()
-        await pilot.press("f4")
-        await until(pilot, lambda: type(app.screen).__name__ == "PresetScreen", what="the preset picker")
-        options = app.screen.query_one("#presets")
-        texts = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
-        assert texts[3].startswith("fp32  ✗ needs") and "won't fit" in texts[3]
-        assert texts[5].startswith("nf4   ✓") and texts[5].endswith(" GB on cpu (loaded)")
-        options.highlighted = 3
-        await pilot.press("enter")
-        await until(pilot, lambda: type(app.screen).__name__ == "ConfirmScreen", what="the confirmation")
-        assert "fp32 won't fit on this machine" in str(app.screen.query_one("Label").content)
-        await pilot.click("#no")
-        await pilot.pause()
-        assert app.backend.preset == "nf4" and app.backend.fallback is None  # nothing was reloaded
-
-    run(app, check)
-
-
-def test_the_settings_form_checks_each_field_and_saves_config_toml(settings, tmp_path):
-    s = make_settings(settings, tmp_path)
-    app = make_app(s, start_worker=False)
-
-    async def check(pilot):
-        await pilot.pause()
-        await pilot.press("f9")
-        await until(pilot, lambda: type(app.screen).__name__ == "SettingsScreen", what="the settings")
-        form = app.screen
-        form.query_one("#set-top_p").value = "7"
-        form.query_one("#set-default_preset").value = "q3"
-        await pilot.press("ctrl+s")
-        await pilot.pause()
-        error = str(form.query_one("#settings-error").content)
-        assert "top_p must be > 0 and <= 1" in error and "default_preset must be one of" in error
-        form.query_one("#set-top_p").value = "0.5"
-        form.query_one("#set-default_preset").value = "nf4"
-        form.query_one("#set-theme").value = "chatapp-light"
-        await pilot.press("ctrl+s")
-        await pilot.pause()
-        assert app.settings.top_p == 0.5 and app.theme == "chatapp-light"
-
-    run(app, check)
-    text = s.config_file.read_text()
-    assert "top_p = 0.5" in text and 'default_preset = "nf4"' in text and 'theme = "chatapp-light"' in text

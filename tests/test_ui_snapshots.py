@@ -7,8 +7,7 @@ After an intended change to the look, review the new pictures and run
 from __future__ import annotations
 
 import pytest
-from test_ui_basics import seeded_store
-from uihelpers import loaded_event, make_app, make_settings
+from uihelpers import loaded_event, make_app, make_settings, seeded_store
 
 from chatapp.ui.backend import WorkerEvent
 

@@ -1,4 +1,5 @@
-"""Running the Textual app in tests: Pilot through the real worker process on the tiny model."""
+"""Running the Textual app in tests with Pilot: through the real worker process on the tiny model, or, with
+`make_app(..., fake=True)`, through the scripted FakeWorkerClient (tests/fakeworker.py) that needs no torch."""
 
 from __future__ import annotations
 
@@ -9,6 +10,30 @@ from pathlib import Path
 
 from chatapp import protocol as p
 from chatapp.store import Store
+
+CODE_REPLY = "Here it is:\n\n```python\nprint('hi')\n```\n\nAnd more text."
+
+
+def seeded_store(settings) -> Store:
+    store = Store.open(settings.data_dir)
+    old = store.new_conversation("Dinner plans")
+    store.add_message(old.id, "user", "What should I cook tonight?")
+    store.add_message(old.id, "assistant", "Try a **risotto**.", model="tiny", preset="fp32")
+    chat = store.new_conversation("Python help")
+    store.add_message(chat.id, "user", "Show me hello world in Python")
+    stats = {
+        "prompt_tokens": 40,
+        "prefilled_tokens": 40,
+        "generated_tokens": 12,
+        "ttft_s": 0.12,
+        "decode_tokens_per_s": 31.5,
+        "cache_tokens": 51,
+        "finish_reason": "stop",
+        "trimmed_messages": 0,
+        "dropped_messages": 0,
+    }
+    store.add_message(chat.id, "assistant", CODE_REPLY, model="tiny", preset="fp32", stats=stats)
+    return store
 
 
 def make_settings(settings, tmp_path: Path, **overrides):
@@ -24,11 +49,30 @@ def make_settings(settings, tmp_path: Path, **overrides):
     return replace(settings, **values)
 
 
-def make_app(settings, model: str | None = None, *, store: Store | None = None, preset: str | None = None, **kwargs):
+#: A model reference the app accepts without a download (the packaged starter); the fake "loads" it instantly.
+FAKE_MODEL = "smollm2-135m-local"
+
+
+def make_app(
+    settings,
+    model: str | None = None,
+    *,
+    store: Store | None = None,
+    preset: str | None = None,
+    fake: bool = False,
+    **kwargs,
+):
+    """A ChatApp on this test's store. fake=True: the worker is a FakeWorkerClient (its defaults unless a
+    client_factory=FakeWorkerClient.factory(...) is passed too) and the model defaults to FAKE_MODEL."""
     from chatapp.ui.app import ChatApp
 
     store = store or Store.open(settings.data_dir)
     kwargs.setdefault("first_run", False)  # tests of the chat screen don't want the first-run picker over it
+    if fake:
+        from fakeworker import FakeWorkerClient
+
+        kwargs.setdefault("client_factory", FakeWorkerClient.factory())
+        model = model or FAKE_MODEL
     return ChatApp(settings, store, model=model, preset=preset or ("fp32" if model else None), **kwargs)
 
 
