@@ -271,4 +271,4 @@ class ModelPickerScreen(Screen):
             self.app.call_from_thread(self.show_error, str(exc))
             return
         self.app.call_from_thread(self.notify, f"Deleted {row.name}: {gb(freed, 2)} freed.", timeout=6)
-        self.refresh_rows()
+        self.app.call_from_thread(self.refresh_rows)
