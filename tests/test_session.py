@@ -189,3 +189,54 @@ def test_reset_forgets_history_and_the_cache(tiny_fp32):
     assert chat.session.messages == [] and chat.session.cache_tokens == 0
     stats = chat.send("b", max_new_tokens=3).stats
     assert stats.prefilled_tokens == stats.prompt_tokens
+
+
+@pytest.fixture(scope="module")
+def bos_base_fp32(starter_folder, tmp_path_factory, settings):
+    """A tiny base model without a chat template whose tokenizer puts a BOS before text, as Gemma's does."""
+    from modelhelpers import build_tiny_model
+    from transformers import AutoTokenizer
+
+    from chatapp.engine import load_model
+
+    folder = build_tiny_model(starter_folder, tmp_path_factory.mktemp("bos-base"), template=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.bos_token = "<|endoftext|>"
+    tokenizer.add_bos_token = True
+    tokenizer.save_pretrained(folder)
+    return load_model(str(folder), "fp32", settings=settings)
+
+
+def test_a_model_without_a_template_gets_its_bos_once(bos_base_fp32):
+    loaded = bos_base_fp32
+    bos = loaded.tokenizer.bos_token_id
+    assert loaded.template_fallback and bos is not None
+    ids = render_ids(loaded.tokenizer, [Message("user", "What is the capital of France?")])
+    assert ids[0] == bos and ids.count(bos) == 1
+    chat = Chat(loaded)
+    first = chat.send("What is the capital of France?", max_new_tokens=6)
+    assert first.stats.prompt_tokens == len(ids)
+    again = chat.send("And of Germany?", max_new_tokens=6)
+    history = [Message(m.role, m.content) for m in chat.session.messages[:-1]]
+    assert again.tokens == naive_turn(loaded, history, len(again.tokens))[0]  # the naive path renders the same
+    assert again.stats.prefilled_tokens < again.stats.prompt_tokens - first.stats.prompt_tokens + 8
+
+
+def test_a_template_that_writes_its_bos_keeps_one(bos_base_fp32):
+    tokenizer = bos_base_fp32.tokenizer
+    fallback = tokenizer.chat_template
+    tokenizer.chat_template = "{{ bos_token }}" + fallback
+    try:
+        ids = render_ids(tokenizer, [Message("user", "Hi")])
+    finally:
+        tokenizer.chat_template = fallback
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_a_tokenizer_that_adds_no_bos_renders_the_template_as_it_is(tiny_fp32):
+    tokenizer = tiny_fp32.tokenizer  # SmolLM2's: its template opens every turn itself
+    messages = [Message("system", "S"), Message("user", "Hi")]
+    text = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
+    )
+    assert render_ids(tokenizer, messages) == tokenizer(text, add_special_tokens=False)["input_ids"]

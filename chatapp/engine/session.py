@@ -26,11 +26,27 @@ class Message:
 
 
 def render_ids(tokenizer, messages: list[Message]) -> list[int]:
-    """The whole conversation through the chat template, ready for the next assistant reply."""
+    """The whole conversation through the chat template, ready for the next assistant reply.
+
+    It starts with the tokenizer's BOS exactly once when the tokenizer puts one before text: templates that
+    write it themselves keep theirs, and a model without a template (chatapp's plain one has no BOS) gets it.
+    """
     text = tokenizer.apply_chat_template(
         [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
     )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = leading_bos(tokenizer)
+    if bos is not None and ids[:1] != [bos]:
+        ids.insert(0, bos)
+    return ids
+
+
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id this tokenizer puts before any text by itself, which the model then expects; else None."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    return bos if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else None
 
 
 def common_prefix_len(a: list, b: list) -> int:
