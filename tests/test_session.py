@@ -50,8 +50,9 @@ def test_prefill_after_first_turn_is_new_message_plus_template_glue(tiny_words_f
     chat = Chat(tiny_words_fp32)
     first = chat.send("Good morning!", max_new_tokens=8).stats
     assert first.prefilled_tokens == first.prompt_tokens
+    stats = first
     for question in QUESTIONS[:4]:
-        previous = chat.session.last_stats
+        previous = stats
         stats = chat.send(question, max_new_tokens=8).stats
         # The reply's final token is sampled but never fed: <|im_end|> if it stopped, a word if cut by length.
         glue = f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -110,9 +111,9 @@ def test_regenerate_reuses_the_whole_prompt(tiny_fp32):
     assert again.text == first_reply  # greedy: same prompt, same answer
     assert again.stats.prefilled_tokens == 1  # only the last prompt token is run again, for its logits
     assert [m.role for m in chat.session.messages] == ["user", "assistant", "user", "assistant"]
-    sampled = chat.regenerate(max_new_tokens=6, temperature=1.0, seed=7).text
-    assert chat.session.last_stats.prefilled_tokens == 1
-    assert sampled == chat.regenerate(max_new_tokens=6, temperature=1.0, seed=7).text
+    sampled = chat.regenerate(max_new_tokens=6, temperature=1.0, seed=7)
+    assert sampled.stats.prefilled_tokens == 1
+    assert sampled.text == chat.regenerate(max_new_tokens=6, temperature=1.0, seed=7).text
 
 
 def test_edit_reruns_only_from_the_first_changed_token(tiny_fp32):
@@ -182,13 +183,12 @@ def test_a_regenerate_that_overflows_loses_nothing(tiny_fp32):
     assert chat.regenerate(max_new_tokens=4).stats.prefilled_tokens == 1
 
 
-def test_reset_forgets_history_and_the_cache(tiny_fp32):
+def test_a_new_conversation_on_the_same_session_rebuilds_the_cache(tiny_fp32):
     chat = Chat(tiny_fp32, system="S")
     chat.send("a", max_new_tokens=3)
-    chat.session.reset()
-    assert chat.session.messages == [] and chat.session.cache_tokens == 0
-    stats = chat.send("b", max_new_tokens=3).stats
-    assert stats.prefilled_tokens == stats.prompt_tokens
+    stats = run(chat.session.reply_to([Message("user", "b")], greedy(max_new_tokens=3))).stats
+    assert chat.session.messages[0] == Message("user", "b")  # the old conversation is gone
+    assert stats.prompt_tokens - stats.prefilled_tokens <= 3  # only the template's opening tokens are shared
 
 
 @pytest.fixture(scope="module")

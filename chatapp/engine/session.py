@@ -91,7 +91,6 @@ class ChatSession:
         self.messages: list[Message] = []
         #: Non-system messages dropped from the front of the context to make the conversation fit.
         self.dropped_messages = 0
-        self.last_stats: TurnStats | None = None
         self._cache = None
         self._cache_ids: list[int] = []
 
@@ -116,13 +115,6 @@ class ChatSession:
         system = [m for m in self.messages if m.role == "system"]
         rest = [m for m in self.messages if m.role != "system"]
         return system + rest[self.dropped_messages :]
-
-    def reset(self) -> None:
-        """Forget the conversation and the cache."""
-        self.messages = []
-        self.dropped_messages = 0
-        self._cache = None
-        self._cache_ids = []
 
     def _rewind(self, keep: int) -> int:
         """Crop the cache to its first `keep` ids; returns how many it holds after (0 if it had to be rebuilt)."""
@@ -217,7 +209,7 @@ class ChatSession:
         if trimmed and finish in ("stop", "length"):
             finish = "overflow-trimmed"
         decode_s = times[-1] - times[0] if times else 0.0
-        self.last_stats = TurnStats(
+        stats = TurnStats(
             prompt_tokens=len(ids),
             prefilled_tokens=len(ids) - keep,
             generated_tokens=len(sampled),
@@ -228,7 +220,7 @@ class ChatSession:
             trimmed_messages=trimmed,
             dropped_messages=self.dropped_messages,
         )
-        yield GenerationResponse(reply.take(final=True), finish_reason=finish, stats=self.last_stats)
+        yield GenerationResponse(reply.take(final=True), finish_reason=finish, stats=stats)
 
     def _feed_one(self, token: int) -> torch.Tensor:
         return self._feed([token])
