@@ -82,9 +82,9 @@ class Worker:
                     self._closing = True
                     for event in self._cancels.values():
                         event.set()
-            self.requests.put(request)
-            if isinstance(request, p.Shutdown):
+                self.requests.put(request)
                 return
+            self.requests.put(request)
 
     def _cancel(self, request_id: int) -> None:
         with self._lock:
@@ -175,13 +175,11 @@ class Worker:
             self.sessions.move_to_end(request.conversation_id)
             messages = [Message(role, content) for role, content in request.messages]
             for response in session.reply_to(messages, request.params, cancel):
+                if response.text:
+                    self.send(p.Delta(rid, response.text))
                 if response.stats is not None:
-                    if response.text:
-                        self.send(p.Delta(rid, response.text))
                     reply = session.messages[-1].content
                     self.send(p.Finished(rid, request.conversation_id, reply, response.stats))
-                elif response.text:
-                    self.send(p.Delta(rid, response.text))
         except (BrokenPipeError, ConnectionError):
             raise
         except Exception as exc:
