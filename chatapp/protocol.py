@@ -30,6 +30,8 @@ class TurnStats:
     trimmed_messages: int = 0
     #: How many old messages are out of the context in all (this turn's and earlier turns' trimming).
     dropped_messages: int = 0
+    #: One line about the cache this turn, for the status bar: restored from disk, or rebuilt ("" if neither).
+    cache_note: str = ""
 
     @property
     def reused_tokens(self) -> int:

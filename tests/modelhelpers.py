@@ -21,6 +21,18 @@ def _word_token_ids(tokenizer, limit: int = 400) -> list[int]:
     return ids
 
 
+def _only_words(model, tokenizer) -> None:
+    """Let the output layer pick only whole-word tokens or the end-of-turn token."""
+    import torch
+
+    weight = model.get_output_embeddings().weight
+    allowed = torch.zeros(weight.shape[0], dtype=torch.bool)
+    allowed[_word_token_ids(tokenizer)] = True
+    allowed[tokenizer.eos_token_id] = True
+    # Zero rows give logit 0; the best of ~400 random allowed logits is positive all but never.
+    weight[~allowed] = 0
+
+
 def build_tiny_model(starter: Path, out: Path, *, words_only: bool = False, template: bool = True) -> Path:
     """A 2-layer random Llama with SmolLM2's real tokenizer and chat template.
 
@@ -50,11 +62,7 @@ def build_tiny_model(starter: Path, out: Path, *, words_only: bool = False, temp
         # Larger logits than the default init, so greedy picks are far from ties.
         model.lm_head.weight.mul_(20)
         if words_only:
-            allowed = torch.zeros(config.vocab_size, dtype=torch.bool)
-            allowed[_word_token_ids(tokenizer)] = True
-            allowed[tokenizer.eos_token_id] = True
-            # Zero rows give logit 0; the best of ~400 random allowed logits is positive all but never.
-            model.lm_head.weight[~allowed] = 0
+            _only_words(model, tokenizer)
     model.save_pretrained(out)
     if not template:
         tokenizer.chat_template = None
@@ -62,4 +70,93 @@ def build_tiny_model(starter: Path, out: Path, *, words_only: bool = False, temp
     if not template:
         for name in ("chat_template.jinja", "chat_template.json"):
             (out / name).unlink(missing_ok=True)
+    return out
+
+
+# Templates in the style of each family's own, over SmolLM2's tokenizer (which lacks their special tokens, so
+# they are spelled out in text: the cache contract only cares which tokens a render produces).
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else 'user' }}\n"
+    "{{ m.content }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'assistant' %}{{ m.content }}{{ eos_token }}"
+    "{% else %}[INST] {{ m.content }}[/INST]{% endif %}{% endfor %}"
+)
+PHI_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+#: Qwen3's rule for earlier turns: an assistant message before the last user message loses its <think> block.
+#: Its generation prompt opens an empty one, as Qwen3's does with enable_thinking=False, so every reply the
+#: model makes holds a think block that the next render drops.
+QWEN3_THINKING_TEMPLATE = (
+    "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m.role == 'user' %}"
+    "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}{% set content = m.content %}"
+    "{% if m.role == 'assistant' and loop.index0 < ns.last and '</think>' in content %}"
+    "{% set content = content.split('</think>')[-1].lstrip('\\n') %}{% endif %}"
+    "<|im_start|>{{ m.role }}\n{{ content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}"
+)
+
+#: Without the final soft cap: it squashes our scaled-up logits into near-ties that fp noise decides.
+_GEMMA = {"head_dim": 16, "sliding_window": 16, "final_logit_softcapping": None}
+
+#: family -> (transformers config class name, extra config fields, chat template or None for SmolLM2's)
+FAMILIES = {
+    "llama": ("LlamaConfig", {}, None),
+    "qwen2": ("Qwen2Config", {}, None),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}, QWEN3_THINKING_TEMPLATE),
+    "mistral": ("MistralConfig", {"sliding_window": 16}, MISTRAL_TEMPLATE),
+    "phi3": ("Phi3Config", {}, PHI_TEMPLATE),
+    "gemma2": (
+        "Gemma2Config",
+        {**_GEMMA, "layer_types": ["sliding_attention", "full_attention"]},
+        GEMMA_TEMPLATE,
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        {**_GEMMA, "layer_types": ["sliding_attention", "full_attention"]},
+        GEMMA_TEMPLATE,
+    ),
+}
+
+
+def build_family_model(starter: Path, out: Path, family: str, *, words_only: bool = False) -> Path:
+    """A 2-layer random model of one architecture family in our catalog, with SmolLM2's tokenizer.
+
+    Sliding-window families get a 16-token window, so a chat of a few hundred tokens is many windows long.
+    words_only as in build_tiny_model.
+    """
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config_class, extra, template = FAMILIES[family]
+    tokenizer = AutoTokenizer.from_pretrained(starter)
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)  # far from greedy ties, as in build_tiny_model
+        if words_only:
+            _only_words(model, tokenizer)
+    model.save_pretrained(out)
+    if template:
+        tokenizer.chat_template = template
+    tokenizer.save_pretrained(out)
     return out

@@ -265,6 +265,10 @@ def load_model(
                 flash_attn_installed=flash_attn_installed(),
             ).value
 
+    attn_implementation, why = _supported_attention(folder, attn_implementation)
+    if why:
+        reasons.append(why)
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -336,3 +340,25 @@ def _plan(folder: Path, label: str, preset: str, device: str, context: int | Non
     return planner.choose(
         detect_hardware(device), facts, context=context, preset=preset, flash_attn_installed=flash_attn_installed()
     )
+
+
+def _supported_attention(folder: Path, wanted: str) -> tuple[str, str]:
+    """`wanted`, or the next best attention the model's class supports (Gemma 2 has no SDPA: its logits are
+    soft-capped); and why it changed, or "". Remote-code classes are taken at their word."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(folder))]
+    except (KeyError, ValueError, OSError):
+        return wanted, ""
+    order = ["flash_attention_2", "sdpa", "eager"]
+    supported = {
+        "flash_attention_2": getattr(model_class, "_supports_flash_attn", False),
+        "sdpa": getattr(model_class, "_supports_sdpa", False),
+        "eager": True,
+    }
+    if wanted not in supported or supported[wanted]:
+        return wanted, ""
+    chosen = next(a for a in order[order.index(wanted) :] if supported[a])
+    return chosen, f"attention: {chosen} ({model_class.__name__} does not support {wanted})"

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from ..errors import ContextOverflow
 from ..protocol import TurnStats
 from ..sampling import DEFAULTS, SamplingParams
+from . import kvcache
 from .generate import GenerationResponse, ReplyText, Sampler, StreamDecoder, decode_step, prefill, stream
 from .loader import LoadedModel
 
@@ -93,6 +93,10 @@ class ChatSession:
         self.dropped_messages = 0
         self._cache = None
         self._cache_ids: list[int] = []
+        #: One line about the cache for the turn being answered (a rebuild, a restore), or "".
+        self.note = ""
+        self._rebuilt = False
+        self._last_prompt: list[int] = []
 
     # -- what the cache holds -------------------------------------------------------------
 
@@ -106,9 +110,7 @@ class ChatSession:
 
     def cache_bytes(self) -> int:
         """Bytes the KV cache holds now."""
-        if self._cache is None:
-            return 0
-        return sum(t.nbytes for layer in self._cache.layers for t in (layer.keys, layer.values) if t is not None)
+        return kvcache.nbytes(self._cache)
 
     def context_messages(self) -> list[Message]:
         """What the model sees: the system prompt and the messages that still fit the context."""
@@ -116,19 +118,27 @@ class ChatSession:
         rest = [m for m in self.messages if m.role != "system"]
         return system + rest[self.dropped_messages :]
 
-    def _rewind(self, keep: int) -> int:
-        """Crop the cache to its first `keep` ids; returns how many it holds after (0 if it had to be rebuilt)."""
+    def _rewind(self, keep: int, settle: bool = True) -> int:
+        """Crop the cache to its first `keep` ids; returns how many it holds after (0 if it had to be rebuilt).
+
+        settle ends the sliding layers' room to roll back into the last turn (see kvcache); a regenerate keeps
+        it, so an edit of the message it answered still reuses the cache.
+        """
         drop = len(self._cache_ids) - keep
-        if self._cache is not None and keep > 0 and drop >= 0:
-            try:
-                if drop:
-                    self._cache.crop(-drop)
-                if self._cache.get_seq_length() == keep:
-                    del self._cache_ids[keep:]
-                    return keep
-            except (RuntimeError, ValueError):
-                pass  # e.g. a full sliding-window layer can't roll back: rebuild below
-        self._cache = DynamicCache(config=self.loaded.model.config)
+        if self._cache is not None and keep > 0 and drop >= 0 and kvcache.can_drop(self._cache, drop):
+            kvcache.drop(self._cache, drop)
+            del self._cache_ids[keep:]
+            if settle:
+                kvcache.settle(self._cache)
+            return keep
+        if self._cache is not None and keep > 0 and not self._rebuilt:
+            # Once per chat: the reason its turns cost more than the new message.
+            self._rebuilt = True
+            self.note = (
+                f"this model's cache could not roll back {drop} tokens, so it re-read the conversation; "
+                "that is counted as prefill"
+            )
+        self._cache = kvcache.new_cache(self.loaded.model.config)
         self._cache_ids = []
         return 0
 
@@ -176,7 +186,9 @@ class ChatSession:
         self, ids: list[int], trimmed: int, params: SamplingParams, cancel: threading.Event, started: float
     ) -> Iterator[GenerationResponse]:
         loaded = self.loaded
-        keep = self._rewind(min(common_prefix_len(ids, self._cache_ids), len(ids) - 1))
+        self.note = ""
+        keep = self._rewind(min(common_prefix_len(ids, self._cache_ids), len(ids) - 1), ids != self._last_prompt)
+        self._last_prompt = ids
         decoder = StreamDecoder(loaded.tokenizer)
         reply = ReplyText(loaded.stop_strings)
         sampled: list[int] = []
@@ -219,6 +231,7 @@ class ChatSession:
             finish_reason=finish,
             trimmed_messages=trimmed,
             dropped_messages=self.dropped_messages,
+            cache_note=self.note,
         )
         yield GenerationResponse(reply.take(final=True), finish_reason=finish, stats=stats)
 

@@ -317,7 +317,9 @@ class ChatScreen(Screen):
         context = self.loaded.context_length if self.loaded else None
         status.numbers = stats_line(stats, context) if stats else ""
         dropped = (stats or {}).get("dropped_messages", 0)
-        status.notice = f"⚠ {dropped} old message(s) no longer fit the context" if dropped else ""
+        notices = [f"⚠ {dropped} old message(s) no longer fit the context"] if dropped else []
+        notices += [(stats or {}).get("cache_note", "")]
+        status.notice = " · ".join(filter(None, notices))
 
     # -- actions -----------------------------------------------------------------------------
 
