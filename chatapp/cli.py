@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens of the document in the first message (default: 75%% of the context, at most 6144; 0: none)",
     )
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    bench.add_argument(
+        "--restart", action="store_true", help="also: the next message after a quit, from a snapshot and cold"
+    )
 
     plan = sub.add_parser("plan", help="what each preset needs on this machine, and which fits")
     plan.add_argument("model", help="catalog key, Hub repo id, folder or .gguf file")
@@ -110,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("text")
     search.add_argument("--limit", type=int, default=20)
     search.add_argument("--json", action="store_true")
+
+    cache = sub.add_parser("cache", help="the chats' KV cache snapshots on disk: list them, or clear them")
+    cache.add_argument("action", nargs="?", choices=("list", "clear"), default="list")
+    cache.add_argument("--chat", type=int, help="clear: only this chat's snapshots (its number in the list)")
+    cache.add_argument("--model", help="clear: only this model's snapshots")
+    cache.add_argument("--all", action="store_true", help="clear: every snapshot")
+    cache.add_argument("--json", action="store_true", help="list: one JSON object")
 
     config = sub.add_parser("config", help="print the config file path or its values")
     config.add_argument("action", choices=("path", "show"), help="path: where config.toml is; show: every setting")
@@ -263,6 +273,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         user_tokens=args.user_tokens,
         doc_tokens=args.doc_tokens,
         progress=_note,
+        restart=args.restart,
     )
     print(json.dumps(result) if args.json else format_table(result))
     return 0
@@ -342,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_config(args)  # loads the settings itself, leniently, so it can report bad values
         if args.command == "tui":
             return _tui(args)
+        if args.command == "cache":
+            from .cli_cache import cmd_cache
+            from .config import load_settings
+
+            return cmd_cache(args, load_settings())
         from .config import load_settings
 
         settings = load_settings()

@@ -63,6 +63,9 @@ class Settings:
     config_dir: Path = field(default_factory=_default_config_dir)
     #: Extra UI themes, one *.toml file each (default: the themes folder in config_dir).
     themes_dir: Path = field(default_factory=_default_themes_dir)
+    #: GB of disk for chats' KV cache snapshots, which spare re-reading a chat after a restart or a switch
+    #: (0: off). Never more than a quarter of the free disk; the least recently used go first.
+    kv_disk_budget: float = 10.0
     #: Where downloaded models go (empty: huggingface_hub's own default, from HF_HUB_CACHE or HF_HOME).
     hub_cache: Path | None = None
 

@@ -144,10 +144,12 @@ class Finished:
 
 @dataclass
 class Evicted:
-    """Conversations whose caches were freed to stay under the cache budget; their next reply re-reads them."""
+    """Conversations whose caches left memory to stay under the cache budget."""
 
     conversation_ids: list[int]
     freed_bytes: int
+    #: Their caches were written to disk first, so their next reply reads them back instead.
+    to_disk: bool = False
 
 
 @dataclass

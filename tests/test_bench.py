@@ -99,3 +99,31 @@ def test_bench_table(tiny_folder):
     assert out.returncode == 0, out.stderr
     assert "identical outputs: True" in out.stdout
     assert "whole conversation: cached" in out.stdout
+
+
+def test_bench_restart_on_the_starter_model_restores_exactly_the_new_tokens(starter_folder):
+    out = chatapp(
+        "bench",
+        "--model",
+        "smollm2-135m-local",
+        "--preset",
+        "fp32",
+        "--turns",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--user-tokens",
+        "20",
+        "--doc-tokens",
+        "400",
+        "--restart",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    restart = json.loads(out.stdout)["restart"]
+    assert set(restart) == {"cold", "restored", "new_tokens", "identical_outputs"}
+    assert set(restart["restored"]) == {"prefilled_tokens", "ttft_s", "restore_s", "snapshot_bytes"}
+    assert restart["restored"]["prefilled_tokens"] == restart["new_tokens"] < 40
+    assert restart["cold"]["prefilled_tokens"] > 400
+    assert restart["identical_outputs"] is True
+    assert restart["restored"]["snapshot_bytes"] > 0

@@ -40,9 +40,17 @@ class Events:
 
 
 @pytest.fixture
-def worker(settings, tiny_words_folder, tmp_path):
+def own_settings(settings, tmp_path):
+    """The session's settings with a data folder of this test's own, so snapshots don't cross tests."""
+    from dataclasses import replace
+
+    return replace(settings, data_dir=tmp_path / "data")
+
+
+@pytest.fixture
+def worker(own_settings, tiny_words_folder, tmp_path):
     events = Events()
-    client = WorkerClient(settings, events, log_path=tmp_path / "worker.log")
+    client = WorkerClient(own_settings, events, log_path=tmp_path / "worker.log")
     client.start()
     client.send(p.Load(str(tiny_words_folder), "fp32"))
     events.wait(p.Loaded)
@@ -93,9 +101,11 @@ def test_cancel_stops_a_reply_and_keeps_the_partial_text(worker):
     assert nxt.stats.reused_tokens > 0
 
 
-def test_least_recently_used_chat_is_evicted_over_the_budget(settings, tiny_words_folder, tmp_path):
+def test_least_recently_used_chat_is_evicted_over_the_budget(own_settings, tiny_words_folder, tmp_path):
+    from dataclasses import replace
+
     events = Events()
-    client = WorkerClient(settings, events, log_path=tmp_path / "worker.log")
+    client = WorkerClient(replace(own_settings, kv_disk_budget=0), events, log_path=tmp_path / "worker.log")
     client.start()
     try:
         # The tiny model's KV cache is 2 layers x 2 heads x 16 dims x 4 bytes x 2 = 512 bytes a token.
@@ -105,14 +115,14 @@ def test_least_recently_used_chat_is_evicted_over_the_budget(settings, tiny_word
         ask(client, events, 2, [("user", "two " * 20)], max_new_tokens=4)
         evicted = events.wait(p.Evicted)
         assert evicted.conversation_ids == [1] and evicted.freed_bytes > 0
-        # Chat 1 comes back with a full prefill: its cache was dropped.
+        # Without snapshots, chat 1 comes back with a full prefill: its cache was dropped.
         back = ask(client, events, 1, [("user", "one " * 20), ("assistant", "x"), ("user", "hi")], max_new_tokens=4)
         assert back.stats.prefilled_tokens == back.stats.prompt_tokens
     finally:
         client.stop()
 
 
-def test_a_killed_worker_is_reported_and_a_new_one_starts(worker, settings, tiny_words_folder):
+def test_a_killed_worker_is_reported_and_a_new_one_starts(worker, tiny_words_folder):
     client, events = worker
     client.kill()
     died = events.wait(p.WorkerDied)
@@ -157,3 +167,114 @@ def test_a_cancel_sent_before_its_reply_starts_still_stops_it(worker):
     events.wait(p.Finished, where=lambda e: e.request_id == busy)
     done = events.wait(p.Finished, where=lambda e: e.request_id == queued)
     assert done.stats.finish_reason == "cancelled" and done.stats.generated_tokens == 1
+
+
+LONG = "Tell me everything about the river town, its bridge, its market and its floods, in detail please. " * 3
+
+
+def _start(own_settings, folder, tmp_path, **load):
+    events = Events()
+    client = WorkerClient(own_settings, events, log_path=tmp_path / "worker.log")
+    client.start()
+    client.send(p.Load(str(folder), "fp32", **load))
+    events.wait(p.Loaded)
+    return client, events
+
+
+def _talk(client, events, chat_id: int, turns: int = 3) -> list[tuple[str, str]]:
+    history: list[tuple[str, str]] = []
+    for i in range(turns):
+        history.append(("user", f"{LONG} Part {i}."))
+        history.append(("assistant", ask(client, events, chat_id, history, max_new_tokens=6).text))
+    return history
+
+
+def _expected_prefill(tiny_words_fp32, history, question) -> int:
+    """What the next turn prefills in a session that never left memory."""
+    from chathelpers import greedy, run
+
+    from chatapp.engine.session import ChatSession, Message
+
+    session = ChatSession(tiny_words_fp32)
+    messages = [Message(role, text) for role, text in history]
+    for end in range(1, len(messages) + 1, 2):
+        run(session.reply_to(messages[:end], greedy(max_new_tokens=6)))
+    return run(
+        session.reply_to([*messages, Message("user", question)], greedy(max_new_tokens=6))
+    ).stats.prefilled_tokens
+
+
+def test_quit_and_reopen_restores_a_chat_from_disk(own_settings, tiny_words_folder, tiny_words_fp32, tmp_path):
+    client, events = _start(own_settings, tiny_words_folder, tmp_path)
+    history = _talk(client, events, 1)
+    client.stop(timeout=30)
+    assert client.process.exitcode == 0
+    client, events = _start(own_settings, tiny_words_folder, tmp_path)
+    try:
+        back = ask(client, events, 1, [*history, ("user", "And the clock?")], max_new_tokens=6)
+    finally:
+        client.stop()
+    assert back.stats.prefilled_tokens == _expected_prefill(tiny_words_fp32, history, "And the clock?")
+    assert back.stats.cache_note.startswith("restored ")
+
+
+def test_a_kill_minus_9_loses_nothing_once_the_turn_was_saved(own_settings, tiny_words_folder, tmp_path):
+    from chatapp.snapshots import kv_dir, list_snapshots
+
+    client, events = _start(own_settings, tiny_words_folder, tmp_path)
+    history = _talk(client, events, 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(
+        s.tokens > 200 for s in list_snapshots(kv_dir(own_settings.data_dir))[0]
+    ):
+        time.sleep(0.1)  # the after-turn save runs in the background
+    client.kill()
+    events.wait(p.WorkerDied)
+    client, events = _start(own_settings, tiny_words_folder, tmp_path)
+    try:
+        back = ask(client, events, 1, [*history, ("user", "And the clock?")], max_new_tokens=6)
+    finally:
+        client.stop()
+    assert back.stats.prefilled_tokens < 30 and back.stats.cache_note.startswith("restored ")
+
+
+def test_an_evicted_chat_comes_back_from_disk(own_settings, tiny_words_folder, tmp_path):
+    client, events = _start(own_settings, tiny_words_folder, tmp_path, cache_budget_bytes=512 * 300)
+    try:
+        first = _talk(client, events, 1, turns=2)
+        _talk(client, events, 2, turns=2)
+        assert events.wait(p.Evicted).conversation_ids == [1]
+        back = ask(client, events, 1, [*first, ("user", "And the clock?")], max_new_tokens=6)
+    finally:
+        client.stop()
+    assert back.stats.prefilled_tokens < 30 and back.stats.cache_note.startswith("restored ")
+
+
+def test_a_switch_to_another_model_and_back_restores_the_chat(own_settings, tiny_words_folder, tiny_folder, tmp_path):
+    client, events = _start(own_settings, tiny_words_folder, tmp_path)
+    try:
+        history = _talk(client, events, 1, turns=2)
+        client.send(p.Load(str(tiny_folder), "fp32"))
+        events.wait(p.Loaded)
+        other = ask(client, events, 1, [*history, ("user", "And the clock?")], max_new_tokens=6)
+        assert other.stats.prefilled_tokens == other.stats.prompt_tokens  # another model: nothing to reuse
+        client.send(p.Load(str(tiny_words_folder), "fp32"))
+        events.wait(p.Loaded)
+        back = ask(client, events, 1, [*history, ("user", "And the bridge?")], max_new_tokens=6)
+    finally:
+        client.stop()
+    assert back.stats.prefilled_tokens < 30 and back.stats.cache_note.startswith("restored ")
+
+
+def test_forgetting_a_chat_deletes_its_snapshots(own_settings, tiny_words_folder, tmp_path):
+    from chatapp.snapshots import kv_dir, list_snapshots
+
+    client, events = _start(own_settings, tiny_words_folder, tmp_path)
+    try:
+        _talk(client, events, 1, turns=1)
+        _talk(client, events, 2, turns=1)
+        client.send(p.Reset(1))
+        ask(client, events, 3, [("user", "hi")], max_new_tokens=2)  # the Reset was handled before this
+    finally:
+        client.stop()
+    assert sorted(s.chat_id for s in list_snapshots(kv_dir(own_settings.data_dir))[0]) == [2, 3]

@@ -198,6 +198,7 @@ def run_bench(
     doc_tokens: int | None = None,
     repeats: int = 2,
     progress: Callable[[str], None] | None = None,
+    restart: bool = False,
 ) -> dict:
     say = progress or (lambda _text: None)
     if doc_tokens is None:
@@ -237,7 +238,7 @@ def run_bench(
     for _ in range(repeats):
         app_rates.append(_rate(app_decode(loaded, prompt, cache, rate_tokens)[1]))
         raw_rates.append(raw_decode_rate(loaded, prompt, copy.deepcopy(cache), rate_tokens))
-    return {
+    result = {
         "model": loaded.source.label,
         "preset": loaded.preset,
         "device": loaded.device,
@@ -253,6 +254,48 @@ def run_bench(
         "cached_total_s": cached_wall,
         "naive_total_s": naive_wall,
         "speedup": naive_wall / cached_wall if cached_wall else 0.0,
+    }
+    if restart:
+        say("restart: writing the snapshot as a quit would, then a fresh process answers the next message")
+        result["restart"] = restart_result(loaded, session, max_new_tokens)
+    return result
+
+
+def restart_result(loaded: LoadedModel, session: ChatSession, max_new_tokens: int) -> dict:
+    """The chat's next message after a restart, from a snapshot and cold, answered in a new process."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from .disk_cache import DiskCache
+    from .session import common_prefix_len
+
+    messages = [*session.messages, Message("user", "Thank you. Now answer in one word: was the town old?")]
+    with tempfile.TemporaryDirectory(prefix="chatapp-bench-") as tmp:
+        disk = DiskCache(Path(tmp) / "kv", loaded, budget_gb=1e6)
+        disk.save(1, session, wait=True)
+        held = list(session.cache_ids)
+        job = Path(tmp) / "chat.json"
+        job.write_text(
+            json.dumps(
+                {"chat_id": 1, "messages": [(m.role, m.content) for m in messages], "max_new_tokens": max_new_tokens}
+            )
+        )
+        command = [sys.executable, "-m", "chatapp.engine.restart_probe", "--model", loaded.source.ref]
+        command += ["--preset", loaded.preset, "--device", loaded.device, "--kv-dir", str(disk.folder)]
+        done = subprocess.run([*command, "--chat", str(job)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the restart probe failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+        probe = json.loads(done.stdout)
+    prompt = render_ids(loaded.tokenizer, messages)
+    cold, restored = probe["cold"], probe["restored"]
+    return {
+        "cold": {"prefilled_tokens": cold["prefilled_tokens"], "ttft_s": cold["ttft_s"]},
+        "restored": {k: restored[k] for k in ("prefilled_tokens", "ttft_s", "restore_s", "snapshot_bytes")},
+        "new_tokens": len(prompt) - common_prefix_len(prompt, held),
+        "identical_outputs": cold["tokens"] == restored["tokens"],
     }
 
 
@@ -274,4 +317,14 @@ def format_table(result: dict) -> str:
         f"decode on the first prompt: app {result['app_tok_s']:.1f} tok/s, "
         f"raw generate {result['raw_generate_tok_s']:.1f} tok/s",
     ]
+    if "restart" in result:
+        r = result["restart"]
+        cold, restored = r["cold"], r["restored"]
+        lines += [
+            f"after a restart, the next message ({r['new_tokens']} new tokens): "
+            f"cold prefilled {cold['prefilled_tokens']}, ttft {cold['ttft_s']:.2f}s; "
+            f"restored prefilled {restored['prefilled_tokens']}, ttft {restored['ttft_s']:.2f}s "
+            f"(read {restored['snapshot_bytes'] / 1e6:.1f} MB in {restored['restore_s']:.2f}s); "
+            f"identical outputs: {r['identical_outputs']}"
+        ]
     return "\n".join(lines)

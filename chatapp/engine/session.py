@@ -97,6 +97,8 @@ class ChatSession:
         self.note = ""
         self._rebuilt = False
         self._last_prompt: list[int] = []
+        self._restored: tuple[int, float] | None = None
+        self._pending_note = ""
 
     # -- what the cache holds -------------------------------------------------------------
 
@@ -111,6 +113,22 @@ class ChatSession:
     def cache_bytes(self) -> int:
         """Bytes the KV cache holds now."""
         return kvcache.nbytes(self._cache)
+
+    def export(self) -> tuple[list[int], dict, list[int]]:
+        """The cache ids, and the cache as kvcache.tensors gives it, for a snapshot (empty when there is none)."""
+        if self._cache is None or not self._cache_ids:
+            return [], {}, []
+        named, seen = kvcache.tensors(self._cache)
+        return list(self._cache_ids), named, seen
+
+    def adopt(self, cache, ids: list[int], restored_s: float) -> None:
+        """Take a cache restored from a snapshot; the next turn reuses it up to the first id that differs."""
+        self._cache, self._cache_ids = cache, list(ids)
+        self._restored = (len(ids), restored_s)
+
+    def tell(self, note: str) -> None:
+        """A line about the cache for the next turn's stats (e.g. a snapshot that had to be ignored)."""
+        self._pending_note = note
 
     def context_messages(self) -> list[Message]:
         """What the model sees: the system prompt and the messages that still fit the context."""
@@ -186,7 +204,7 @@ class ChatSession:
         self, ids: list[int], trimmed: int, params: SamplingParams, cancel: threading.Event, started: float
     ) -> Iterator[GenerationResponse]:
         loaded = self.loaded
-        self.note = ""
+        self.note, self._pending_note = self._pending_note, ""
         keep = self._rewind(min(common_prefix_len(ids, self._cache_ids), len(ids) - 1), ids != self._last_prompt)
         self._last_prompt = ids
         decoder = StreamDecoder(loaded.tokenizer)
@@ -220,6 +238,10 @@ class ChatSession:
             self.messages.append(Message("assistant", reply.text, cut=finish in (None, "cancelled")))
         if trimmed and finish in ("stop", "length"):
             finish = "overflow-trimmed"
+        if self._restored and not self.note:
+            tokens, seconds = self._restored
+            self.note = f"restored {tokens:,} tokens from disk in {seconds:.1f} s; prefilled {len(ids) - keep:,}"
+        self._restored = None
         decode_s = times[-1] - times[0] if times else 0.0
         stats = TurnStats(
             prompt_tokens=len(ids),

@@ -45,6 +45,7 @@ class Worker:
         self.conn = conn
         self.settings = settings
         self.loaded = None
+        self.disk = None  # the DiskCache of the loaded model (None: snapshots are off)
         self.budget: int | None = None
         self.sessions: OrderedDict[int, object] = OrderedDict()  # conversation id -> ChatSession, LRU first
         self.requests: queue.Queue = queue.Queue()
@@ -61,6 +62,7 @@ class Worker:
         while True:
             request = self.requests.get()
             if isinstance(request, p.Shutdown):
+                self._save_all()  # quitting or restarting: every chat's cache leaves memory
                 return
             try:
                 self.handle(request)
@@ -107,6 +109,8 @@ class Worker:
             self.generate(request)
         elif isinstance(request, p.Reset):
             self.sessions.pop(request.conversation_id, None)
+            if self.disk is not None:
+                self.disk.forget(request.conversation_id)
 
     def _error(self, request, exc: BaseException) -> None:
         from ..errors import ChatappError, first_line
@@ -123,7 +127,9 @@ class Worker:
 
         from .loader import load_model
 
+        self._save_all()  # a switch: the old model's caches leave memory, to come back on a switch back
         self.sessions.clear()
+        self.disk = None
         if self.loaded is not None:
             self.loaded = None
             gc.collect()
@@ -143,6 +149,7 @@ class Worker:
             return
         self.loaded = loaded
         self.budget = request.cache_budget_bytes or DEFAULT_BUDGET_CONTEXTS * _full_cache_bytes(loaded)
+        self.disk = self._disk_cache(loaded)
         print(loaded.describe(), *(f"  {reason}" for reason in loaded.reasons), sep="\n", flush=True)
         self.send(
             p.Loaded(
@@ -169,17 +176,23 @@ class Worker:
             if self.loaded is None:
                 self.send(p.Error("no model is loaded yet", rid))
                 return
-            session = self.sessions.get(request.conversation_id)
-            if session is None:
-                session = self.sessions[request.conversation_id] = ChatSession(self.loaded)
-            self.sessions.move_to_end(request.conversation_id)
+            cid = request.conversation_id
             messages = [Message(role, content) for role, content in request.messages]
+            session = self.sessions.get(cid)
+            if session is None:
+                session = self.sessions[cid] = ChatSession(self.loaded)
+                if self.disk is not None:
+                    self.disk.restore(cid, session, messages)
+            self.sessions.move_to_end(cid)
             for response in session.reply_to(messages, request.params, cancel):
                 if response.text:
                     self.send(p.Delta(rid, response.text))
                 if response.stats is not None:
                     reply = session.messages[-1].content
-                    self.send(p.Finished(rid, request.conversation_id, reply, response.stats))
+                    self.send(p.Finished(rid, cid, reply, response.stats))
+                    if self.disk is not None:
+                        self.disk.note_turn(response.stats.prefilled_tokens, response.stats.ttft_s)
+                        self.disk.save(cid, session)  # in the background, while the user reads
         except (BrokenPipeError, ConnectionError):
             raise
         except Exception as exc:
@@ -199,12 +212,34 @@ class Worker:
                 break
             if cid == keep:
                 continue
-            size = self.sessions.pop(cid).cache_bytes()
+            session = self.sessions.pop(cid)
+            if self.disk is not None:
+                self.disk.save(cid, session, wait=True)
+            size = session.cache_bytes()
             total -= size
             freed += size
             gone.append(cid)
         if gone:
-            self.send(p.Evicted(gone, freed))
+            self.send(p.Evicted(gone, freed, to_disk=self.disk is not None))
+
+    def _disk_cache(self, loaded):
+        from ..snapshots import kv_dir
+        from .disk_cache import DiskCache
+
+        if self.settings.kv_disk_budget <= 0:
+            return None
+        try:
+            return DiskCache(kv_dir(self.settings.data_dir), loaded, self.settings.kv_disk_budget)
+        except OSError as exc:
+            print(f"kv snapshots are off: {exc}", flush=True)
+            return None
+
+    def _save_all(self) -> None:
+        if self.disk is None:
+            return
+        for cid, session in self.sessions.items():
+            self.disk.save(cid, session)
+        self.disk.flush()
 
 
 def _full_cache_bytes(loaded) -> int:

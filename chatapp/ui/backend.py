@@ -71,9 +71,9 @@ class ReplyFailed(Message):
 
 
 class CachesEvicted(Message):
-    def __init__(self, conversation_ids: list[int], freed_bytes: int):
+    def __init__(self, conversation_ids: list[int], freed_bytes: int, to_disk: bool = False):
         super().__init__()
-        self.conversation_ids, self.freed_bytes = conversation_ids, freed_bytes
+        self.conversation_ids, self.freed_bytes, self.to_disk = conversation_ids, freed_bytes, to_disk
 
 
 class WorkerStopped(Message):
@@ -250,8 +250,11 @@ class Backend:
         self.client.send(p.Cancel(request_id))
 
     def forget(self, conversation_id: int) -> None:
-        """Drop a conversation's cache (it was deleted)."""
+        """Drop a conversation's cache and its snapshots on disk (it was deleted), even with no worker running."""
+        from ..snapshots import delete, kv_dir
+
         self.client.send(p.Reset(conversation_id))
+        delete(kv_dir(self.app.settings.data_dir), chat_id=conversation_id)
 
     def stop(self) -> None:
         self.cancel_download()
@@ -273,7 +276,7 @@ class Backend:
             self.loaded, self.fallback = event, None
             self._post(ModelLoaded, event)
         elif isinstance(event, p.Evicted):
-            self._post(CachesEvicted, event.conversation_ids, event.freed_bytes)
+            self._post(CachesEvicted, event.conversation_ids, event.freed_bytes, event.to_disk)
         elif isinstance(event, p.Error) and event.request_id is not None:
             self._post(ReplyFailed, event.request_id, event.message)
         elif isinstance(event, p.Error):

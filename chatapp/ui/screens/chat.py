@@ -266,9 +266,9 @@ class ChatScreen(Screen):
 
     @on(CachesEvicted)
     def _evicted(self, event: CachesEvicted) -> None:
+        then = "their next reply reads it back from disk" if event.to_disk else "their next reply re-reads it once"
         self.notify(
-            f"{len(event.conversation_ids)} other chat(s) left the KV cache to free {mb(event.freed_bytes)}; "
-            "their next reply re-reads their history once.",
+            f"{len(event.conversation_ids)} other chat(s) left the KV cache to free {mb(event.freed_bytes)}; {then}.",
             timeout=6,
         )
 
