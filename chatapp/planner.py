@@ -167,6 +167,9 @@ class Choice:
     tokens_per_s: float | None = None
     #: The longest context at which this preset fits here (see longest_context); None for a GPU+CPU split.
     max_context_tokens: int | None = None
+    #: KV cache all chats together may keep live (GPU memory, or RAM on a CPU), and parked in CPU RAM.
+    cache_live_bytes: int = 0
+    cache_parked_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -337,6 +340,34 @@ def _max_memory(hardware: Hardware, cpu_bytes: int | None = None) -> dict:
     return memory
 
 
+#: Chats whose caches stay live (in GPU memory, or RAM on a CPU) at the plan's context, where there is room.
+LIVE_CONTEXTS = 4
+#: On a GPU, caches evicted from it park in CPU RAM before going to disk: this many contexts at most...
+PARKED_CONTEXTS = 8
+#: ...and at most this share of the available RAM.
+PARKED_RAM_SHARE = 0.25
+
+
+def cache_budgets(per_context: int, room_bytes: int, ram_available_bytes: int, on_gpu: bool) -> tuple[int, int]:
+    """(live, parked) bytes of KV cache for all chats together, by the KV formula's bytes per full context.
+
+    Live: the chat in use always, plus as many more full contexts as the room left after the plan's estimate
+    holds, up to LIVE_CONTEXTS. Parked: only with a GPU (on a CPU the live tier is RAM already).
+    """
+    per_context = max(per_context, 1)
+    live = per_context * max(1, min(LIVE_CONTEXTS, 1 + max(room_bytes, 0) // per_context))
+    parked = int(min(PARKED_CONTEXTS * per_context, ram_available_bytes * PARKED_RAM_SHARE)) if on_gpu else 0
+    return live, parked
+
+
+def describe_cache_budgets(live: int, parked: int, per_context: int, where: str) -> str:
+    chats = max(1, live // max(per_context, 1))
+    text = f"KV cache: {chats} chat(s) at full context stay live in {where} ({_gb(live)})"
+    if parked:
+        text += f", then {_gb(parked)} parked in CPU RAM"
+    return text + ", then snapshots on disk (kv_disk_budget)"
+
+
 def choose(
     hardware: Hardware,
     facts: ModelFacts,
@@ -421,9 +452,19 @@ def choose(
         )
         extra: dict = {"attn_implementation": attention.value}
         if not choice.slow:
+            target = next(t for t in targets if t.device_map == choice.device_map)
+            per_context = choice.estimate.kv_cache_bytes
+            live, parked = cache_budgets(
+                per_context, target.budget - choice.estimate.total_bytes, hardware.cpu.ram_available_bytes, on_gpu
+            )
+            extra.update(cache_live_bytes=live, cache_parked_bytes=parked)
+            where = "GPU memory" if on_gpu else "CPU RAM" if device_type == "cpu" else "memory"
+            cache_reason = describe_cache_budgets(live, parked, per_context, where)
             extra["tokens_per_s"] = decode_tokens_per_s(hardware, facts, choice.preset, choice.context_tokens)
             extra["max_context_tokens"] = longest_context(hardware, facts, choice.preset)
         choice = Choice(**{**choice.__dict__, **extra})
+        if not choice.slow:
+            reasons.append(cache_reason)
         reasons.append(f"attention: {attention.value} ({attention.reasons[0]})")
     else:
         smallest = min(
@@ -493,6 +534,8 @@ def plan_dict(plan: Plan) -> dict:
             "total_bytes": plan.choice.estimate.total_bytes,
             "max_context_tokens": plan.choice.max_context_tokens,
             "decode_tokens_per_s": plan.choice.tokens_per_s,
+            "cache_live_bytes": plan.choice.cache_live_bytes,
+            "cache_parked_bytes": plan.choice.cache_parked_bytes,
         },
         "reasons": list(plan.reasons),
     }

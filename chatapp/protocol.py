@@ -53,8 +53,11 @@ class Load:
     #: The context and attention the planner chose for this preset (None: the loader plans them itself).
     context_tokens: int | None = None
     attn_implementation: str | None = None
-    #: Bytes of KV cache all open chats may hold together before the least recently used one is dropped.
+    #: Bytes of KV cache all open chats may hold together before the least recently used one leaves memory
+    #: (None: the planner sizes it from the memory left after loading).
     cache_budget_bytes: int | None = None
+    #: Bytes of caches evicted from a GPU that may wait in CPU RAM before going to disk (None: the planner's).
+    parked_budget_bytes: int | None = None
 
 
 @dataclass
@@ -150,6 +153,8 @@ class Evicted:
     freed_bytes: int
     #: Their caches were written to disk first, so their next reply reads them back instead.
     to_disk: bool = False
+    #: Chats whose caches moved from the GPU to CPU RAM instead (not in conversation_ids).
+    parked: list[int] = field(default_factory=list)
 
 
 @dataclass

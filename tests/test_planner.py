@@ -335,3 +335,25 @@ def test_compute_dtype_for_quantized_presets():
     assert compute_dtype_for("int8", device_type="cuda", bf16_supported=False) == "fp16"
     assert compute_dtype_for("nf4", device_type="cpu", bf16_supported=False) == "fp32"
     assert compute_dtype_for("fp16", device_type="cpu", bf16_supported=False) == "fp16"
+
+
+def test_cache_budgets_follow_the_room_left_and_park_in_ram_only_with_a_gpu():
+    from chatapp.planner import LIVE_CONTEXTS, cache_budgets
+
+    per = 1_000_000
+    assert cache_budgets(per, 0, 32 * GIB, on_gpu=False) == (per, 0)  # the chat in use, always
+    assert cache_budgets(per, 2 * per + 5, 32 * GIB, on_gpu=False) == (3 * per, 0)
+    assert cache_budgets(per, 100 * per, 32 * GIB, on_gpu=False)[0] == LIVE_CONTEXTS * per
+    assert cache_budgets(per, 0, 32 * GIB, on_gpu=True) == (per, 8 * per)
+    assert cache_budgets(per, 0, 4 * per, on_gpu=True) == (per, per)  # a quarter of the RAM at most
+
+
+def test_plan_says_where_the_chats_caches_go():
+    roomy = choose(machine(80), facts("llama-3.1-8b"), context=8192)
+    assert roomy.choice.cache_live_bytes == 4 * roomy.choice.estimate.kv_cache_bytes
+    assert roomy.choice.cache_parked_bytes > 0
+    assert any(r.startswith("KV cache: 4 chat(s) at full context stay live in GPU memory") for r in roomy.reasons)
+    assert "parked in CPU RAM" in roomy.reasons[-2]  # the attention comes last
+    on_cpu = choose(Hardware(cpu(32)), facts("smollm2-135m"), context=8192)
+    assert on_cpu.choice.cache_parked_bytes == 0 and "live in CPU RAM" in on_cpu.reasons[-2]
+    assert plan_dict(on_cpu)["choice"]["cache_live_bytes"] == on_cpu.choice.cache_live_bytes

@@ -278,3 +278,23 @@ def test_forgetting_a_chat_deletes_its_snapshots(own_settings, tiny_words_folder
     finally:
         client.stop()
     assert sorted(s.chat_id for s in list_snapshots(kv_dir(own_settings.data_dir))[0]) == [2, 3]
+
+
+def test_an_evicted_chat_parks_in_ram_before_it_goes_to_disk(own_settings, tiny_words_folder, tmp_path):
+    """With a GPU, caches evicted from it wait in CPU RAM; here the parked budget is set by hand on a CPU."""
+    per_chat = 512 * 150  # about one two-turn chat of the tiny model
+    client, events = _start(
+        own_settings, tiny_words_folder, tmp_path, cache_budget_bytes=per_chat, parked_budget_bytes=per_chat * 3 // 2
+    )
+    try:
+        chats = {cid: _talk(client, events, cid, turns=2) for cid in (1, 2)}
+        assert [(e.conversation_ids, e.parked) for e in events.seen if isinstance(e, p.Evicted)] == [([], [1])]
+        chats[3] = _talk(client, events, 3, turns=1)
+        evicted = events.wait(p.Evicted)  # it follows the reply's Finished
+        assert (evicted.conversation_ids, evicted.parked) == ([1], [2])  # 1 went on to disk, 2 to RAM
+        from_ram = ask(client, events, 2, [*chats[2], ("user", "And the clock?")], max_new_tokens=6)
+        from_disk = ask(client, events, 1, [*chats[1], ("user", "And the clock?")], max_new_tokens=6)
+    finally:
+        client.stop()
+    assert from_ram.stats.prefilled_tokens < 30 and from_ram.stats.cache_note == ""
+    assert from_disk.stats.prefilled_tokens < 30 and from_disk.stats.cache_note.startswith("restored ")

@@ -72,6 +72,15 @@ def settle(cache) -> None:
                 layer.values = layer.values[:, :, -layer.sliding_window + 1 :, :]
 
 
+def move(cache, device) -> None:
+    for layer in cache.layers:
+        if layer.is_initialized and layer.keys is not None:
+            layer.keys, layer.values = layer.keys.to(device), layer.values.to(device)
+            layer.device = layer.keys.device
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                layer._sliding_window_tensor = layer._sliding_window_tensor.to(layer.device)
+
+
 def nbytes(cache) -> int:
     if cache is None:
         return 0

@@ -126,6 +126,11 @@ class ChatSession:
         self._cache, self._cache_ids = cache, list(ids)
         self._restored = (len(ids), restored_s)
 
+    def move_to(self, device) -> None:
+        """Move the cache to another device (parking a GPU cache in CPU RAM, and back)."""
+        if self._cache is not None:
+            kvcache.move(self._cache, device)
+
     def tell(self, note: str) -> None:
         """A line about the cache for the next turn's stats (e.g. a snapshot that had to be ignored)."""
         self._pending_note = note

@@ -16,9 +16,6 @@ from multiprocessing.connection import Connection
 from .. import protocol as p
 from ..config import Settings
 
-#: Without a budget from the UI, all chats together may keep this many full-context KV caches.
-DEFAULT_BUDGET_CONTEXTS = 4
-
 
 def main(conn: Connection, settings: Settings, log_path: str | None = None) -> None:
     """The child process: serve requests from `conn` until Shutdown or until the UI goes away."""
@@ -46,8 +43,10 @@ class Worker:
         self.settings = settings
         self.loaded = None
         self.disk = None  # the DiskCache of the loaded model (None: snapshots are off)
-        self.budget: int | None = None
+        self.budget: int | None = None  # bytes of KV cache live sessions may hold together
+        self.park_budget = 0  # bytes of KV cache parked in CPU RAM (with a GPU)
         self.sessions: OrderedDict[int, object] = OrderedDict()  # conversation id -> ChatSession, LRU first
+        self.parked: OrderedDict[int, object] = OrderedDict()  # evicted from the GPU, kept in CPU RAM
         self.requests: queue.Queue = queue.Queue()
         self._cancels: dict[int, threading.Event] = {}  # request id -> its cancel, until the request ends
         self._finished = 0  # the highest request id that has ended
@@ -109,6 +108,7 @@ class Worker:
             self.generate(request)
         elif isinstance(request, p.Reset):
             self.sessions.pop(request.conversation_id, None)
+            self.parked.pop(request.conversation_id, None)
             if self.disk is not None:
                 self.disk.forget(request.conversation_id)
 
@@ -129,6 +129,7 @@ class Worker:
 
         self._save_all()  # a switch: the old model's caches leave memory, to come back on a switch back
         self.sessions.clear()
+        self.parked.clear()
         self.disk = None
         if self.loaded is not None:
             self.loaded = None
@@ -148,7 +149,9 @@ class Worker:
             self._error(request, exc)
             return
         self.loaded = loaded
-        self.budget = request.cache_budget_bytes or DEFAULT_BUDGET_CONTEXTS * _full_cache_bytes(loaded)
+        live, parked = _cache_budgets(loaded)
+        self.budget = request.cache_budget_bytes or live
+        self.park_budget = parked if request.parked_budget_bytes is None else request.parked_budget_bytes
         self.disk = self._disk_cache(loaded)
         print(loaded.describe(), *(f"  {reason}" for reason in loaded.reasons), sep="\n", flush=True)
         self.send(
@@ -178,7 +181,7 @@ class Worker:
                 return
             cid = request.conversation_id
             messages = [Message(role, content) for role, content in request.messages]
-            session = self.sessions.get(cid)
+            session = self.sessions.get(cid) or self._unpark(cid)
             if session is None:
                 session = self.sessions[cid] = ChatSession(self.loaded)
                 if self.disk is not None:
@@ -204,23 +207,47 @@ class Worker:
         self._evict(keep=request.conversation_id)
 
     def _evict(self, keep: int) -> None:
-        """Drop the least recently used chats' caches while all of them together are over the budget."""
+        """Move the least recently used chats' caches out of memory while the live ones are over the budget:
+        to CPU RAM while the parked budget allows (with a GPU), else to disk."""
         total = sum(s.cache_bytes() for s in self.sessions.values())
-        gone, freed = [], 0
+        parked, gone, freed = [], [], 0
         for cid in list(self.sessions):
             if self.budget is None or total <= self.budget:
                 break
             if cid == keep:
                 continue
             session = self.sessions.pop(cid)
-            if self.disk is not None:
-                self.disk.save(cid, session, wait=True)
             size = session.cache_bytes()
             total -= size
             freed += size
+            if self.park_budget > 0:
+                session.move_to("cpu")
+                self.parked[cid] = session
+                parked.append(cid)
+            else:
+                self._to_disk(cid, session)
+                gone.append(cid)
+        held = sum(s.cache_bytes() for s in self.parked.values())
+        for cid in list(self.parked):
+            if held <= self.park_budget:
+                break
+            session = self.parked.pop(cid)
+            held -= session.cache_bytes()
+            self._to_disk(cid, session)
             gone.append(cid)
-        if gone:
-            self.send(p.Evicted(gone, freed, to_disk=self.disk is not None))
+        if parked or gone:
+            self.send(p.Evicted(gone, freed, to_disk=self.disk is not None, parked=parked))
+
+    def _unpark(self, cid: int):
+        session = self.parked.pop(cid, None)
+        if session is not None:
+            session.move_to(self.loaded.model.device)
+            self.sessions[cid] = session
+        return session
+
+    def _to_disk(self, cid: int, session) -> None:
+        if self.disk is not None:
+            self.disk.save(cid, session, wait=True)
 
     def _disk_cache(self, loaded):
         from ..snapshots import kv_dir
@@ -237,9 +264,29 @@ class Worker:
     def _save_all(self) -> None:
         if self.disk is None:
             return
-        for cid, session in self.sessions.items():
+        for cid, session in [*self.sessions.items(), *self.parked.items()]:
             self.disk.save(cid, session)
         self.disk.flush()
+
+
+def _cache_budgets(loaded) -> tuple[int, int]:
+    """(live, parked) KV bytes for all chats, sized by the planner from the memory left after loading."""
+    from ..facts import facts_from_config
+    from ..hardware import detect_cpu
+    from ..planner import activation_bytes, cache_budgets, usable_bytes
+
+    per_context = _full_cache_bytes(loaded)
+    device_type = loaded.device.split(":")[0]
+    ram = detect_cpu().ram_available_bytes
+    free = ram
+    if device_type == "cuda":
+        import torch
+
+        free = torch.cuda.mem_get_info(loaded.model.device)[0]
+    facts = facts_from_config(loaded.source.label, loaded.model.config.to_dict(), params=0)
+    dtype = loaded.dtype if loaded.dtype in ("fp32", "bf16", "fp16") else "bf16"
+    room = usable_bytes(free) - per_context - activation_bytes(facts, loaded.context_length, dtype, device_type)
+    return cache_budgets(per_context, room, ram, on_gpu=device_type == "cuda")
 
 
 def _full_cache_bytes(loaded) -> int:

@@ -71,9 +71,10 @@ class ReplyFailed(Message):
 
 
 class CachesEvicted(Message):
-    def __init__(self, conversation_ids: list[int], freed_bytes: int, to_disk: bool = False):
+    def __init__(self, conversation_ids: list[int], freed_bytes: int, to_disk: bool = False, parked=()):
         super().__init__()
         self.conversation_ids, self.freed_bytes, self.to_disk = conversation_ids, freed_bytes, to_disk
+        self.parked = list(parked)
 
 
 class WorkerStopped(Message):
@@ -276,7 +277,7 @@ class Backend:
             self.loaded, self.fallback = event, None
             self._post(ModelLoaded, event)
         elif isinstance(event, p.Evicted):
-            self._post(CachesEvicted, event.conversation_ids, event.freed_bytes, event.to_disk)
+            self._post(CachesEvicted, event.conversation_ids, event.freed_bytes, event.to_disk, event.parked)
         elif isinstance(event, p.Error) and event.request_id is not None:
             self._post(ReplyFailed, event.request_id, event.message)
         elif isinstance(event, p.Error):

@@ -266,9 +266,14 @@ class ChatScreen(Screen):
 
     @on(CachesEvicted)
     def _evicted(self, event: CachesEvicted) -> None:
-        then = "their next reply reads it back from disk" if event.to_disk else "their next reply re-reads it once"
+        parts = []
+        if event.parked:
+            parts.append(f"{len(event.parked)} other chat(s) moved their KV cache from the GPU to CPU RAM")
+        if event.conversation_ids:
+            then = "their next reply reads it back from disk" if event.to_disk else "their next reply re-reads it once"
+            parts.append(f"{len(event.conversation_ids)} other chat(s) left the KV cache; {then}")
         self.notify(
-            f"{len(event.conversation_ids)} other chat(s) left the KV cache to free {mb(event.freed_bytes)}; {then}.",
+            f"{'; '.join(parts)} (freed {mb(event.freed_bytes)}).",
             timeout=6,
         )
 
