@@ -158,6 +158,16 @@ class Evicted:
 
 
 @dataclass
+class CacheStates:
+    """Where each chat's KV cache is for the loaded model: live in GPU memory or RAM, parked in CPU RAM, or in
+    a snapshot on disk. A chat in none of them is cold: its next reply reads its whole history."""
+
+    live: list[int]
+    parked: list[int]
+    disk: list[int]
+
+
+@dataclass
 class Error:
     """One line for the user. request_id is set when a reply failed, None for a failed load."""
 

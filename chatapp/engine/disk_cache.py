@@ -101,6 +101,15 @@ class DiskCache:
                     del self._written[gone.chat_id]
         _say(f"kv snapshot of chat {chat_id}: {len(ids):,} tokens, {size:,} bytes")
 
+    def chats_on_disk(self) -> list[int]:
+        """Chats with a snapshot for this model key, or one on its way (by file name: a bad file shows when it
+        is read)."""
+        tail = "-" + snapshots.key_hash(self.key) + snapshots.SUFFIX
+        names = [path.name[4 : -len(tail)] for path in self.folder.glob(f"chat*{tail}")]
+        with self._lock:
+            pending = set(self._pending)
+        return sorted({int(n) for n in names if n.isdigit()} | pending)
+
     def forget(self, chat_id: int) -> None:
         """Drop a chat's pending save and every snapshot of it (the chat was deleted)."""
         with self._lock:

@@ -111,6 +111,7 @@ class Worker:
             self.parked.pop(request.conversation_id, None)
             if self.disk is not None:
                 self.disk.forget(request.conversation_id)
+            self.send_cache_states()
 
     def _error(self, request, exc: BaseException) -> None:
         from ..errors import ChatappError, first_line
@@ -169,6 +170,7 @@ class Worker:
                 top_p=loaded.spec.top_p if loaded.spec else None,
             )
         )
+        self.send_cache_states()
 
     def generate(self, request: p.Generate) -> None:
         from .session import ChatSession, Message
@@ -205,6 +207,7 @@ class Worker:
                 self._cancels.pop(rid, None)
                 self._finished = max(self._finished, rid)
         self._evict(keep=request.conversation_id)
+        self.send_cache_states()
 
     def _evict(self, keep: int) -> None:
         """Move the least recently used chats' caches out of memory while the live ones are over the budget:
@@ -248,6 +251,10 @@ class Worker:
     def _to_disk(self, cid: int, session) -> None:
         if self.disk is not None:
             self.disk.save(cid, session, wait=True)
+
+    def send_cache_states(self) -> None:
+        on_disk = self.disk.chats_on_disk() if self.disk is not None else []
+        self.send(p.CacheStates(list(self.sessions), list(self.parked), on_disk))
 
     def _disk_cache(self, loaded):
         from ..snapshots import kv_dir

@@ -77,6 +77,10 @@ class CachesEvicted(Message):
         self.parked = list(parked)
 
 
+class CacheStatesChanged(Message):
+    """Backend.cache_states changed: where each chat's KV cache is."""
+
+
 class WorkerStopped(Message):
     """The worker process ended without being asked (killed, crashed); `why` is one line."""
 
@@ -132,6 +136,8 @@ class Backend:
         self.download_cancel: threading.Event | None = None
         self._pending: Target | None = None
         self._listeners: list[MessagePump] = []
+        #: chat id -> "live" (GPU memory or RAM), "parked" (CPU RAM) or "disk"; a chat not here is cold.
+        self.cache_states: dict[int, str] = {}
 
     # -- who hears about it ---------------------------------------------------------------------
 
@@ -278,6 +284,11 @@ class Backend:
             self._post(ModelLoaded, event)
         elif isinstance(event, p.Evicted):
             self._post(CachesEvicted, event.conversation_ids, event.freed_bytes, event.to_disk, event.parked)
+        elif isinstance(event, p.CacheStates):
+            self.cache_states = {cid: "disk" for cid in event.disk}
+            self.cache_states.update({cid: "parked" for cid in event.parked})
+            self.cache_states.update({cid: "live" for cid in event.live})
+            self._post(CacheStatesChanged)
         elif isinstance(event, p.Error) and event.request_id is not None:
             self._post(ReplyFailed, event.request_id, event.message)
         elif isinstance(event, p.Error):
@@ -288,6 +299,9 @@ class Backend:
                 self.load(back)
         elif isinstance(event, p.WorkerDied):
             self.loaded = None
+            # What was in memory is gone; each turn was saved as it ended, so it is on disk.
+            self.cache_states = dict.fromkeys(self.cache_states, "disk") if self.app.settings.kv_disk_budget > 0 else {}
+            self._post(CacheStatesChanged)
             why = "killed" if event.exitcode == -9 else f"exit code {event.exitcode}"
             # A killed process wrote nothing about it; a crash's last line says what went wrong.
             detail = event.last_log_line if event.last_log_line and event.exitcode != -9 else ""
