@@ -292,6 +292,8 @@ def test_an_evicted_chat_parks_in_ram_before_it_goes_to_disk(own_settings, tiny_
         chats[3] = _talk(client, events, 3, turns=1)
         evicted = events.wait(p.Evicted)  # it follows the reply's Finished
         assert (evicted.conversation_ids, evicted.parked) == ([1], [2])  # 1 went on to disk, 2 to RAM
+        states = events.wait(p.CacheStates)
+        assert states.live == [3] and states.parked == [2] and 1 in states.disk
         from_ram = ask(client, events, 2, [*chats[2], ("user", "And the clock?")], max_new_tokens=6)
         from_disk = ask(client, events, 1, [*chats[1], ("user", "And the clock?")], max_new_tokens=6)
     finally:
