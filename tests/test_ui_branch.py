@@ -204,3 +204,21 @@ def test_edit_costs_without_stats_say_no_numbers():
     screen = EditChoiceScreen(1, None, None, None)
     assert screen.rewrite == "deletes the message after it and goes on from your edit"
     assert screen.note.endswith("or the model has a sliding window, it first re-reads the messages before it.")
+
+
+def test_a_branch_through_the_real_worker_starts_warm(settings, tiny_words_folder, tmp_path):
+    app = make_app(make_settings(settings, tmp_path), str(tiny_words_folder))
+
+    async def scenario(pilot):
+        parent = await chat_of(pilot, "Tell me about the bridge", "And the floods?")
+        await press_on(pilot, 1, "b")  # the first reply
+        assert app.chat.conversation_id != parent
+        await say(pilot, "What about the mill pond?")
+        stats = last_stats(app)
+        # Read: the new message and the template's glue around it, not the two turns before it.
+        assert 0 < stats["prefilled_tokens"] < 20 < stats["prompt_tokens"] - stats["prefilled_tokens"]
+        await app.chat.open_conversation(parent)
+        await say(pilot, "Thanks")
+        assert last_stats(app)["prefilled_tokens"] < 20
+
+    run(app, scenario)
