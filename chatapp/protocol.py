@@ -90,6 +90,18 @@ class Reset:
 
 
 @dataclass
+class Branch:
+    """Conversation `conversation_id` was branched from `parent_id`: it starts from a copy of the parent's cache.
+
+    The branch's first Generate crops the copy to the messages the two share, so it prefills only what is new.
+    Without a cache for the parent in the worker, nothing happens and that reply reads the whole branch.
+    """
+
+    conversation_id: int
+    parent_id: int
+
+
+@dataclass
 class Shutdown:
     pass
 

@@ -14,6 +14,8 @@ from .errors import ChatappError
 
 DB_NAME = "chatapp.db"
 ROLES = ("user", "assistant", "system")
+#: Ends the title of a branch.
+BRANCH_MARK = "⑂"
 
 #: MIGRATIONS[i] takes the schema from version i to i + 1. Never edit a released entry; append a new one.
 MIGRATIONS: list[str] = [
@@ -48,6 +50,12 @@ MIGRATIONS: list[str] = [
         value TEXT NOT NULL
     );
     """,
+    # 1 -> 2: branches. A branch outlives its parent: deleting the parent leaves it a chat of its own.
+    """
+    ALTER TABLE conversations ADD COLUMN parent_id INTEGER REFERENCES conversations(id) ON DELETE SET NULL;
+    ALTER TABLE conversations ADD COLUMN branch_point INTEGER;
+    CREATE INDEX conversations_by_parent ON conversations(parent_id);
+    """,
 ]
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -74,6 +82,10 @@ class Conversation:
     created: float
     updated: float
     settings: ConvSettings
+    #: The chat this one was branched from (None: not a branch, or its parent was deleted).
+    parent_id: int | None = None
+    #: The position, in the parent, of the last message the branch copied (-1: none).
+    branch_point: int | None = None
 
 
 @dataclass
@@ -100,6 +112,31 @@ def default_title(text: str) -> str:
     if not line:
         return "New chat"
     return line if len(line) <= 40 else line[:39].rstrip() + "…"
+
+
+def in_tree_order(chats: list[Conversation]) -> list[tuple[Conversation, int]]:
+    """Each chat with its depth, branches right under their parent; on each level the chat with the most recent
+    activity in it or its branches comes first. A branch whose parent is not in `chats` stands on its own."""
+    ids = {c.id for c in chats}
+    children: dict[int | None, list[Conversation]] = {}
+    for chat in chats:
+        children.setdefault(chat.parent_id if chat.parent_id in ids else None, []).append(chat)
+    latest: dict[int, float] = {}
+
+    def last(chat: Conversation) -> float:
+        if chat.id not in latest:
+            latest[chat.id] = max([chat.updated, *(last(c) for c in children.get(chat.id, []))])
+        return latest[chat.id]
+
+    out: list[tuple[Conversation, int]] = []
+
+    def walk(parent: int | None, depth: int) -> None:
+        for chat in sorted(children.get(parent, []), key=lambda c: (last(c), c.id), reverse=True):
+            out.append((chat, depth))
+            walk(chat.id, depth + 1)
+
+    walk(None, 0)
+    return out
 
 
 def _casefold(value: str | None) -> str:
@@ -230,11 +267,13 @@ class Store:
             )
         return Conversation(cur.lastrowid, title, now, now, replace(s))
 
-    _CONV_COLUMNS = "id, title, created, updated, system_prompt, temperature, top_p, max_new_tokens"
+    _CONV_COLUMNS = (
+        "id, title, created, updated, system_prompt, temperature, top_p, max_new_tokens, parent_id, branch_point"
+    )
 
     @staticmethod
     def _conversation(row) -> Conversation:
-        return Conversation(row[0], row[1], row[2], row[3], ConvSettings(row[4], row[5], row[6], row[7]))
+        return Conversation(row[0], row[1], row[2], row[3], ConvSettings(*row[4:8]), row[8], row[9])
 
     def conversations(self, search: str = "") -> list[Conversation]:
         """Most recently updated first; `search` matches the title or any message, ignoring case."""
@@ -269,8 +308,40 @@ class Store:
             if cur.rowcount == 0:
                 raise StoreError(f"no conversation with id {conversation_id}")
 
+    def branch(self, conversation_id: int, upto_position: int) -> Conversation:
+        """A new chat holding copies of this one's messages up to and including `upto_position` (-1: none),
+        with their stats, and this one's settings; it remembers where it came from."""
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT {self._CONV_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"no conversation with id {conversation_id}")
+            parent = self._conversation(row)
+            last = db.execute(
+                "SELECT 1 FROM messages WHERE conversation_id = ? AND position = ?", (conversation_id, upto_position)
+            ).fetchone()
+            if upto_position >= 0 and last is None:
+                raise StoreError(f"conversation {conversation_id} has no message at position {upto_position}")
+            # One mark however deep the branching goes: the sidebar's indentation shows the depth.
+            title = parent.title if parent.title.endswith(BRANCH_MARK) else f"{parent.title} {BRANCH_MARK}"
+            s, now = parent.settings, self._now()
+            cur = db.execute(
+                "INSERT INTO conversations (title, created, updated, system_prompt, temperature, top_p,"
+                " max_new_tokens, parent_id, branch_point) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (title, now, now, s.system_prompt, s.temperature, s.top_p, s.max_new_tokens, parent.id, upto_position),
+            )
+            db.execute(
+                "INSERT INTO messages (conversation_id, position, role, content, model, preset, stats, cut, created)"
+                " SELECT ?, position, role, content, model, preset, stats, cut, created FROM messages"
+                " WHERE conversation_id = ? AND position <= ?",
+                (cur.lastrowid, conversation_id, upto_position),
+            )
+        return Conversation(cur.lastrowid, title, now, now, replace(s), parent.id, upto_position)
+
     def delete(self, conversation_id: int) -> None:
-        """Delete a conversation and its messages; deleting one that is already gone does nothing."""
+        """Delete a conversation and its messages (its branches stay, as chats without a parent); deleting one that
+        is already gone does nothing."""
         with self._tx() as db:
             db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
@@ -354,6 +425,17 @@ class Store:
             )
             if cur.rowcount:
                 db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (self._now(), conversation_id))
+
+    def recent_stats(self, model: str | None = None, preset: str | None = None, limit: int = 200) -> list[dict]:
+        """The stats of the latest `limit` replies (of this model and preset, when given), oldest first."""
+        sql, args = "SELECT stats FROM messages WHERE stats IS NOT NULL", []
+        for column, value in (("model", model), ("preset", preset)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        with self._lock:
+            rows = self._conn().execute(sql + " ORDER BY created DESC, id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [json.loads(r[0]) for r in reversed(rows)]
 
     # UI state
 

@@ -3,9 +3,10 @@
 FakeWorkerClient has the interface the Backend uses from chatapp.worker_client.WorkerClient and answers
 requests in order, one at a time, as the real worker does. It imitates what the UI can see of the engine:
 a load (or a scripted load failure), replies streamed word by word, a cancel that stops at the next word,
-a per-conversation "cache" whose reuse shows in the prefill counts, trimming of old messages to fit the
-context, evictions and failures on demand, and a kill that reports WorkerDied. Tokens are words here:
-the conversation is rendered as `role:` plus the words of each message, then `assistant:`.
+a per-conversation "cache" whose reuse shows in the prefill counts (a branch starts from a copy of its
+parent's), trimming of old messages to fit the context, evictions and failures on demand, and a kill that
+reports WorkerDied. Tokens are words here: the conversation is rendered as `role:` plus the words of each
+message, then `assistant:`.
 
     app = make_app(settings, FAKE_MODEL, client_factory=FakeWorkerClient.factory(reply="Hi there"))
     app.backend.client.evict_after_next([1], 4096)
@@ -13,6 +14,7 @@ the conversation is rendered as `role:` plus the words of each message, then `as
 
 from __future__ import annotations
 
+import copy
 import itertools
 import queue
 import threading
@@ -238,6 +240,10 @@ class FakeWorkerClient:
                 self._load(request)
             elif isinstance(request, p.Generate):
                 self._generate(request)
+            elif isinstance(request, p.Branch):
+                parent = self._conversations.get(request.parent_id)
+                if parent is not None:
+                    self._conversations[request.conversation_id] = copy.deepcopy(parent)
             elif isinstance(request, p.Reset):
                 self._conversations.pop(request.conversation_id, None)
             if self._killed.is_set():

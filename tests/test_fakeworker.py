@@ -112,6 +112,24 @@ def test_the_cache_is_reused_per_conversation_and_reset_forgets_it(worker):
     assert again.prefilled_tokens == again.prompt_tokens
 
 
+def test_a_branch_starts_from_a_copy_of_its_parents_cache(worker):
+    client, events = worker(reply="Fine thanks", delay=0.0)
+    history = [("user", "How are you"), ("assistant", "Fine thanks"), ("user", "And the weather")]
+    ask(client, 1, history)
+    events.until(p.Finished)
+    client.send(p.Branch(2, parent_id=1))
+    client.send(p.Branch(3, parent_id=99))  # a parent without a cache: nothing to copy
+    branch = [*history[:2], ("user", "Something else")]
+    ask(client, 2, branch)
+    assert events.until(p.Finished)[-1].stats.prefilled_tokens == len(["Something", "else", "assistant:"])
+    ask(client, 3, branch)
+    cold = events.until(p.Finished)[-1].stats
+    assert cold.prefilled_tokens == cold.prompt_tokens
+    # The parent's cache is its own: the branch's reply did not change it.
+    ask(client, 1, [*history, ("assistant", "Fine thanks"), ("user", "Bye")])
+    assert events.until(p.Finished)[-1].stats.prefilled_tokens == len(["user:", "Bye", "assistant:"])
+
+
 def test_cancel_stops_the_reply_at_the_next_word(worker):
     client, events = worker(delay=0.02)
     rid = ask(client, 1, [("user", "go on")], max_new_tokens=1000)

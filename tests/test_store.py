@@ -11,7 +11,7 @@ import pytest
 
 from chatapp import store as store_mod
 from chatapp.errors import ChatappError
-from chatapp.store import DB_NAME, MIGRATIONS, ConvSettings, Store, StoreError, default_title
+from chatapp.store import DB_NAME, MIGRATIONS, ConvSettings, Store, StoreError, default_title, in_tree_order
 
 STATS = {
     "prompt_tokens": 12,
@@ -227,6 +227,22 @@ def test_v1_database_migrates_and_keeps_data(tmp_path):
         assert s.add_message(1, "assistant", "hello").position == 1
 
 
+def test_v1_database_gains_branches(tmp_path):
+    path = tmp_path / DB_NAME
+    _v1_db(path)
+    with Store(path) as s:
+        [old] = s.conversations()
+        assert (old.parent_id, old.branch_point) == (None, None)
+        branch = s.branch(old.id, 0)
+        assert s.conversation(branch.id).parent_id == old.id
+        assert [(m.role, m.content) for m in s.messages(branch.id)] == [("user", "hi")]
+        # The column added by the migration has the same ON DELETE rule as a new database's.
+        s.delete(old.id)
+        assert s.conversation(branch.id).parent_id is None
+    with Store(path) as s:
+        assert s.schema_version == len(MIGRATIONS) and [c.id for c in s.conversations()] == [branch.id]
+
+
 def test_next_migration_is_one_list_entry(tmp_path, monkeypatch):
     path = tmp_path / DB_NAME
     _v1_db(path)
@@ -247,10 +263,99 @@ def test_failed_migration_rolls_back(tmp_path, monkeypatch):
     with pytest.raises(StoreError, match="migrate"):
         Store(path)
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    # The released migrations each committed; only the broken one was undone.
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     columns = [r[1] for r in db.execute("PRAGMA table_info(conversations)")]
     assert "pinned" not in columns
     db.close()
+
+
+def _chat(store, title, turns, settings=None):
+    conv = store.new_conversation(title, settings)
+    for i in range(turns):
+        store.add_message(conv.id, "user", f"{title} question {i}")
+        store.add_message(conv.id, "assistant", f"{title} answer {i}", model="smol", preset="fp32", stats=STATS)
+    return conv
+
+
+def test_branch_copies_the_messages_up_to_a_point_with_their_stats_and_settings(store):
+    settings = ConvSettings(system_prompt="Be brief.", temperature=0.3, top_p=0.9, max_new_tokens=32)
+    parent = _chat(store, "Trip", 3, settings)
+    store.add_message(parent.id, "user", "cut short")
+    store.add_message(parent.id, "assistant", "half", cut=True)
+    branch = store.branch(parent.id, 3)
+    assert (branch.parent_id, branch.branch_point, branch.title) == (parent.id, 3, "Trip ⑂")
+    assert store.conversation(branch.id) == branch and branch.settings == settings
+    copied, original = store.messages(branch.id), store.messages(parent.id)
+    assert len(copied) == 4 and len(original) == 8
+    for new, old in zip(copied, original, strict=False):
+        assert new.id != old.id and new.conversation_id == branch.id
+        assert (new.position, new.role, new.content, new.model, new.preset, new.stats, new.cut, new.created) == (
+            old.position,
+            old.role,
+            old.content,
+            old.model,
+            old.preset,
+            old.stats,
+            old.cut,
+            old.created,
+        )
+    # The copies are the branch's own: the branch goes on without touching its parent.
+    assert store.add_message(branch.id, "user", "another way").position == 4
+    store.delete_from(branch.id, 2)
+    assert len(store.messages(parent.id)) == 8
+    assert [c.id for c in store.conversations()][0] == branch.id
+    # A branch of a branch keeps one mark; a branch from before the first message holds none.
+    again = store.branch(branch.id, -1)
+    assert (again.title, again.parent_id, store.messages(again.id)) == ("Trip ⑂", branch.id, [])
+    assert store.branch(parent.id, 7).title == "Trip ⑂" and len(store.messages(store.conversations()[0].id)) == 8
+    with pytest.raises(StoreError, match="no message at position 8"):
+        store.branch(parent.id, 8)
+    with pytest.raises(StoreError, match="no conversation"):
+        store.branch(999, 0)
+    assert len(store.conversations()) == 4  # the failed branches left nothing behind
+
+
+def test_deleting_a_parent_keeps_its_branches(store):
+    parent = _chat(store, "Root", 2)
+    branch = store.branch(parent.id, 1)
+    grandchild = store.branch(branch.id, 1)
+    store.delete(branch.id)
+    assert store.conversation(grandchild.id).parent_id is None
+    assert [m.content for m in store.messages(grandchild.id)] == ["Root question 0", "Root answer 0"]
+    assert store.conversation(parent.id).parent_id is None
+    with Store(store.path) as again:
+        assert again.conversation(grandchild.id).parent_id is None
+
+
+def test_tree_order_puts_branches_under_their_parent(store):
+    a = _chat(store, "A", 2)
+    b = _chat(store, "B", 1)
+    a1 = store.branch(a.id, 1)
+    a2 = store.branch(a.id, 3)
+    a1x = store.branch(a1.id, 0)
+    c = _chat(store, "C", 1)
+    tree = lambda chats: [(chat.id, depth) for chat, depth in in_tree_order(chats)]  # noqa: E731
+    # Most recent first on each level; a parent's place is that of the most recent chat among it and its branches.
+    assert tree(store.conversations()) == [(c.id, 0), (a.id, 0), (a1.id, 1), (a1x.id, 2), (a2.id, 1), (b.id, 0)]
+    store.add_message(b.id, "user", "later")
+    store.add_message(a2.id, "user", "latest")
+    assert tree(store.conversations()) == [(a.id, 0), (a2.id, 1), (a1.id, 1), (a1x.id, 2), (b.id, 0), (c.id, 0)]
+    # A search that finds a branch without its parent shows the branch on its own.
+    assert tree(store.conversations("latest")) == [(a2.id, 0)]
+    assert in_tree_order([]) == []
+
+
+def test_recent_stats_of_one_model_oldest_first(store):
+    conv = store.new_conversation()
+    for i, model in enumerate(["smol", "big", "smol", "smol"]):
+        store.add_message(conv.id, "assistant", "x", model=model, preset="fp32", stats={**STATS, "ttft_s": i})
+    store.add_message(conv.id, "assistant", "no stats", model="smol", preset="fp32")
+    store.add_message(conv.id, "assistant", "x", model="smol", preset="bf16", stats={**STATS, "ttft_s": 9})
+    assert [s["ttft_s"] for s in store.recent_stats("smol", "fp32")] == [0, 2, 3]
+    assert [s["ttft_s"] for s in store.recent_stats("smol", "fp32", limit=2)] == [2, 3]
+    assert [s["ttft_s"] for s in store.recent_stats()] == [0, 1, 2, 3, 9]
+    assert store.recent_stats("nothing") == []
 
 
 def test_export_markdown(store):

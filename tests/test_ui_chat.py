@@ -303,6 +303,8 @@ def test_regenerate_and_edit_reuse_the_cache(settings, tiny_words_folder, tmp_pa
         first_user = next(v for v in app.chat.query(MessageView) if v.role == "user")
         first_user.focus()
         await pilot.press("e")
+        await pilot.pause(0.1)
+        await pilot.press("w")  # rewrite here, rather than branch: more of the chat comes after this message
         assert app.chat.editing == 0 and app.chat.query_one("#prompt").text == "First question"
         await say(pilot, "First question, rephrased")
         stored = app.store.messages(app.chat.conversation_id)

@@ -10,6 +10,7 @@ import pytest
 from uihelpers import loaded_event, make_app, make_settings, seeded_store
 
 from chatapp.ui.backend import WorkerEvent
+from chatapp.ui.widgets import MessageView
 
 
 @pytest.mark.parametrize("theme", ["chatapp-dark", "chatapp-light"])
@@ -24,3 +25,43 @@ def test_chat_screen(snap_compare, settings, tmp_path, theme, size):
         await pilot.pause(0.3)
 
     assert snap_compare(app, terminal_size=size, run_before=ready)
+
+
+def _ready(app):
+    async def ready(pilot):
+        app.post_message(WorkerEvent(loaded_event()))
+        app.chat.query_one("#prompt").cursor_blink = False
+        await pilot.pause(0.3)
+
+    return ready
+
+
+def test_branches_sit_under_their_parent_in_the_sidebar(snap_compare, settings, tmp_path):
+    s = make_settings(settings, tmp_path, theme="chatapp-dark")
+    store = seeded_store(s)
+    dinner = next(c for c in store.conversations() if c.title == "Dinner plans")
+    branch = store.branch(dinner.id, 1)
+    store.branch(branch.id, 0)
+    app = make_app(s, store=store, start_worker=False)
+    assert snap_compare(app, terminal_size=(100, 30), run_before=_ready(app))
+
+
+def test_editing_an_early_message_asks_rewrite_or_branch(snap_compare, settings, tmp_path):
+    s = make_settings(settings, tmp_path, theme="chatapp-dark")
+    store = seeded_store(s)
+    chat = store.conversations()[0]
+    stats = store.messages(chat.id)[-1].stats
+    store.add_message(chat.id, "user", "And in Rust?")
+    store.add_message(
+        chat.id, "assistant", "`println!`", model="tiny", preset="fp32", stats={**stats, "prompt_tokens": 70}
+    )
+    app = make_app(s, store=store, start_worker=False)
+    ready = _ready(app)
+
+    async def edit_first(pilot):
+        await ready(pilot)
+        next(v for v in app.chat.query(MessageView) if v.position == 0).focus()
+        await pilot.press("e")
+        await pilot.pause(0.3)
+
+    assert snap_compare(app, terminal_size=(100, 30), run_before=edit_first)

@@ -81,6 +81,29 @@ def test_streams_deltas_then_finished_and_each_chat_keeps_its_cache(worker):
     assert again.stats.reused_tokens >= first.stats.prompt_tokens
 
 
+def test_a_branch_starts_from_a_copy_of_its_parents_cache(worker, tiny_words_folder):
+    from transformers import AutoTokenizer
+
+    client, events = worker
+    history: list[tuple[str, str]] = []
+    for question in ("Hello there", "Tell me about the bridge", "And the floods?"):
+        history.append(("user", question))
+        history.append(("assistant", ask(client, events, 1, history, max_new_tokens=8).text))
+    client.send(p.Branch(2, parent_id=1))
+    edit = "What about the mill pond?"
+    first = ask(client, events, 2, [*history[:4], ("user", edit)], max_new_tokens=8)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_words_folder)
+    glue = len(tokenizer(f"{edit}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+    assert first.stats.prefilled_tokens == glue < first.stats.prompt_tokens
+    # The parent keeps its own cache: its next turn, too, reads only the new message.
+    nxt = ask(client, events, 1, [*history, ("user", "Thanks")], max_new_tokens=8)
+    assert nxt.stats.prefilled_tokens < 16 and nxt.stats.reused_tokens > first.stats.prompt_tokens
+    # A parent the worker holds no cache for: nothing to copy, and the branch's first reply reads it all.
+    client.send(p.Branch(3, parent_id=99))
+    cold = ask(client, events, 3, [*history[:4], ("user", edit)], max_new_tokens=8)
+    assert cold.stats.prefilled_tokens == cold.stats.prompt_tokens == first.stats.prompt_tokens
+
+
 def test_cancel_stops_a_reply_and_keeps_the_partial_text(worker):
     client, events = worker
     rid = client.request_id()

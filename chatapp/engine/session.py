@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from copy import deepcopy
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -134,6 +135,20 @@ class ChatSession:
     def tell(self, note: str) -> None:
         """A line about the cache for the next turn's stats (e.g. a snapshot that had to be ignored)."""
         self._pending_note = note
+
+    def copy(self) -> ChatSession:
+        """An independent session with this conversation and its own copy of the KV cache: a branch starts warm.
+
+        The copy's next turn crops the cache to what the branch shares with this conversation, as any turn
+        does, so only what the branch adds is prefilled; this session and its cache go on untouched.
+        """
+        twin = ChatSession(self.loaded, context_length=self.context_length)
+        twin.messages = [replace(m) for m in self.messages]
+        twin.dropped_messages = self.dropped_messages
+        twin._cache = deepcopy(self._cache)
+        twin._cache_ids = list(self._cache_ids)
+        twin._last_prompt = list(self._last_prompt)
+        return twin
 
     def context_messages(self) -> list[Message]:
         """What the model sees: the system prompt and the messages that still fit the context."""

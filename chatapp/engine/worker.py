@@ -106,6 +106,8 @@ class Worker:
             self.load(request)
         elif isinstance(request, p.Generate):
             self.generate(request)
+        elif isinstance(request, p.Branch):
+            self.branch(request)
         elif isinstance(request, p.Reset):
             self.sessions.pop(request.conversation_id, None)
             self.parked.pop(request.conversation_id, None)
@@ -208,6 +210,20 @@ class Worker:
                 self._finished = max(self._finished, rid)
         self._evict(keep=request.conversation_id)
         self.send_cache_states()
+
+    def branch(self, request: p.Branch) -> None:
+        parent = self.sessions.get(request.parent_id)
+        if parent is None:
+            return
+        try:
+            twin = parent.copy()
+        except Exception as exc:  # out of memory, say: the branch's first reply then reads it all, as without a copy
+            print(f"branch {request.conversation_id}: no copy of chat {request.parent_id}'s cache: {exc}", flush=True)
+            return
+        self.sessions[request.conversation_id] = twin
+        self.sessions.move_to_end(request.conversation_id)
+        # The branch is where the user goes next: it is the last chat to evict, and the copy counts in the budget.
+        self._evict(keep=request.conversation_id)
 
     def _evict(self, keep: int) -> None:
         """Move the least recently used chats' caches out of memory while the live ones are over the budget:

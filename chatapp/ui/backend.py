@@ -256,6 +256,10 @@ class Backend:
     def cancel(self, request_id: int) -> None:
         self.client.send(p.Cancel(request_id))
 
+    def branch(self, conversation_id: int, parent_id: int) -> None:
+        """The chat was branched from parent_id: the worker copies the parent's cache for it, if it holds one."""
+        self.client.send(p.Branch(conversation_id, parent_id))
+
     def forget(self, conversation_id: int) -> None:
         """Drop a conversation's cache and its snapshots on disk (it was deleted), even with no worker running."""
         from ..snapshots import delete, kv_dir

@@ -26,13 +26,14 @@ def code_blocks(markdown: str) -> list[str]:
 
 
 class MessageView(Vertical, can_focus=True):
-    """One message: a header line and the Markdown body. Focus it to copy it, edit it or regenerate it."""
+    """One message: a header line and the Markdown body. Focus it to copy it, edit it, regenerate it or branch."""
 
     BINDINGS = [
         Binding("c", "copy", "Copy"),
         Binding("k", "copy_code", "Copy code"),
         Binding("e", "edit", "Edit", show=False),
         Binding("r", "regenerate", "Regenerate", show=False),
+        Binding("b", "branch", "Branch from here", show=False),
     ]
 
     class Action(Message):
@@ -92,6 +93,9 @@ class MessageView(Vertical, can_focus=True):
 
     def action_regenerate(self) -> None:
         self.post_message(self.Action(self, "regenerate"))
+
+    def action_branch(self) -> None:
+        self.post_message(self.Action(self, "branch"))
 
 
 class PromptInput(TextArea):

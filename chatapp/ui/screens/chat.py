@@ -13,8 +13,9 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, ListItem, ListView
 
 from ... import protocol as p
+from ...costs import prefill_rate
 from ...sampling import resolve
-from ...store import default_title
+from ...store import default_title, in_tree_order
 from ...units import mb
 from ..backend import (
     CachesEvicted,
@@ -29,6 +30,7 @@ from ..backend import (
 )
 from ..widgets import MessageView, PromptInput, StatusBar, code_blocks, download_line, loaded_line, stats_line
 from .dialogs import ConfirmScreen, ConversationSettingsScreen, TextPromptScreen
+from .edit_choice import EditChoiceScreen, edit_costs
 
 
 @dataclass
@@ -60,6 +62,8 @@ class ChatScreen(Screen):
         Binding("ctrl+o", "chat_settings", "Chat settings", priority=True),
         Binding("f2", "rename_chat", "Rename", priority=True),
         Binding("ctrl+d", "delete_chat", "Delete chat", priority=True),
+        # Off the footer, which is full; the palette lists it, and `b` on a message does the same.
+        Binding("ctrl+b", "branch", "Branch from here", priority=True, show=False),
         Binding("ctrl+f", "search", "Search", priority=True),
         Binding("ctrl+y", "copy_reply", "Copy reply", priority=True),
         Binding("ctrl+e", "export", "Export", priority=True),
@@ -112,11 +116,11 @@ class ChatScreen(Screen):
 
     async def refresh_chats(self) -> None:
         search = self.query_one("#search", Input).value
-        chats = self.store.conversations(search)
+        chats = in_tree_order(self.store.conversations(search))
         view = self.query_one("#chats", ListView)
         await view.clear()
-        await view.extend(ListItem(Label(c.title, markup=False), name=str(c.id)) for c in chats)
-        for index, chat in enumerate(chats):
+        await view.extend(ListItem(Label(_indent(depth) + c.title, markup=False), name=str(c.id)) for c, depth in chats)
+        for index, (chat, _depth) in enumerate(chats):
             if chat.id == self.conversation_id:
                 view.index = index
 
@@ -377,15 +381,67 @@ class ChatScreen(Screen):
             self.app.copy_to_clipboard("\n\n".join(blocks))
             self.notify(f"{len(blocks)} code block(s) copied.", timeout=2)
         elif event.action == "edit" and view.role == "user" and self.turn is None:
-            self.editing = view.position
-            prompt = self.query_one(PromptInput)
-            prompt.text = view.content
-            banner = self.query_one("#edit-banner", Label)
-            banner.update("Editing an earlier message: Enter re-runs the chat from there, Esc cancels.")
-            banner.display = True
-            prompt.focus()
+            self._edit(view.position, view.content)
         elif event.action == "regenerate" and view.role == "assistant":
             await self.action_regenerate()
+        elif event.action == "branch":
+            await self._branch_at(view)
+
+    def _edit(self, position: int, content: str) -> None:
+        """Edit a message of the user's; one with more of the chat after it offers a branch instead, with the costs."""
+        messages = self.store.messages(self.conversation_id)
+        if not any(m.role == "user" and m.position > position for m in messages):
+            self._start_edit(position, content)
+            return
+        loaded = self.loaded
+        rate = prefill_rate(self.store.recent_stats(loaded.model, loaded.preset)) if loaded else None
+
+        async def chosen(choice: str | None) -> None:
+            if choice == "rewrite":
+                self._start_edit(position, content)
+            elif choice == "branch":
+                await self.branch_from(position, "user", content)
+
+        self.app.push_screen(EditChoiceScreen(*edit_costs(messages, position), rate), chosen)
+
+    def _start_edit(self, position: int, content: str) -> None:
+        self.editing = position
+        prompt = self.query_one(PromptInput)
+        prompt.text = content
+        banner = self.query_one("#edit-banner", Label)
+        banner.update("Editing an earlier message: Enter re-runs the chat from there, Esc cancels.")
+        banner.display = True
+        prompt.focus()
+
+    async def action_branch(self) -> None:
+        """Branch from the focused message, else from the last one."""
+        await self._branch_at(self.focused if isinstance(self.focused, MessageView) else None)
+
+    async def _branch_at(self, view: MessageView | None) -> None:
+        if self.conversation_id is None:
+            return
+        writing = self.turn is not None and self.turn.conversation_id == self.conversation_id
+        if (view is None and writing) or (view is not None and view.position < 0):
+            self.notify("A reply is still being written here: branch from it once it has finished.", timeout=3)
+        elif view is not None:
+            await self.branch_from(view.position, view.role, view.content)
+        elif messages := self.store.messages(self.conversation_id):
+            await self.branch_from(messages[-1].position, messages[-1].role, messages[-1].content)
+        else:
+            self.notify("Nothing to branch from yet.", timeout=3)
+
+    async def branch_from(self, position: int, role: str, content: str) -> None:
+        """A new chat holding this one's messages up to the one at `position`, which starts from a copy of this
+        chat's cache. From a message of the user's, the branch stops before it and the prompt holds it to change."""
+        parent = self.store.conversation(self.conversation_id)
+        branch = self.store.branch(parent.id, position - 1 if role == "user" else position)
+        self.app.backend.branch(branch.id, parent.id)
+        await self.open_conversation(branch.id)
+        prompt = self.query_one(PromptInput)
+        if role == "user":
+            prompt.text = content
+        prompt.focus()
+        self.notify(f"Branched into a new chat; “{parent.title}” stays as it was.", timeout=4)
 
     def action_chat_settings(self) -> None:
         if self.conversation_id is None:
@@ -417,6 +473,8 @@ class ChatScreen(Screen):
         if self.conversation_id is None:
             return
         conversation = self.store.conversation(self.conversation_id)
+        branches = sum(1 for c in self.store.conversations() if c.parent_id == conversation.id)
+        keeps = f" Its {branches} branch(es) stay, as chats of their own." if branches else ""
 
         async def confirmed(yes: bool | None) -> None:
             if not yes:
@@ -429,7 +487,8 @@ class ChatScreen(Screen):
             await self.open_conversation(rest[0].id if rest else self.store.new_conversation().id)
             self.notify(f"Deleted “{conversation.title}”.", timeout=3)
 
-        self.app.push_screen(ConfirmScreen(f"Delete “{conversation.title}” and all its messages?"), confirmed)
+        question = f"Delete “{conversation.title}” and all its messages?{keeps}"
+        self.app.push_screen(ConfirmScreen(question), confirmed)
 
     def action_search(self) -> None:
         self.query_one("#search", Input).focus()
@@ -456,6 +515,10 @@ class ChatScreen(Screen):
             self.notify("The worker is running.", timeout=2)
             return
         self.app.backend.restart()
+
+
+def _indent(depth: int) -> str:
+    return "" if depth == 0 else "  " * (depth - 1) + "└ "
 
 
 def _header(model: str | None, preset: str | None, stats: dict | None) -> str:
