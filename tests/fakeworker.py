@@ -129,6 +129,7 @@ class FakeWorkerClient:
         self._next_request = 0
         self._evictions: list[p.Evicted] = []
         self._failures: list[str] = []
+        self._saved: set[int] = set()
         self._reset_run_state()
 
     @classmethod
@@ -304,6 +305,10 @@ class FakeWorkerClient:
                 if not evicted.freed_bytes and held is not None:
                     freed += len(held.cache) * BYTES_PER_TOKEN
             self._emit(p.Evicted(evicted.conversation_ids, freed))
+        if not self._killed.is_set():
+            # As the real worker: a chat in memory is live; every chat that had a turn was saved to disk after it.
+            self._saved.add(request.conversation_id)
+            self._emit(p.CacheStates(list(self._conversations), [], sorted(self._saved)))
 
     def _reply(self, request: p.Generate) -> None:
         rid, cid = request.request_id, request.conversation_id

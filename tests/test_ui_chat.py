@@ -252,6 +252,36 @@ def test_context_trimming_is_shown_and_an_evicted_chat_is_announced(settings, tm
     run(app, scenario)
 
 
+def test_the_sidebar_marks_where_each_chats_cache_is_and_a_restore_is_shown(settings, tmp_path):
+    from chatapp import protocol as p
+
+    app = make_app(make_settings(settings, tmp_path, max_new_tokens=8), fake=True)
+
+    def marks() -> dict[str, str]:
+        view = app.chat.query_one("#chats")
+        texts = [str(item.query_one("Label").content) for item in view.children]
+        return {text[2:]: text[:2] for text in texts}
+
+    async def scenario(pilot):
+        await loaded(pilot)
+        await say(pilot, "First chat")
+        first = app.chat.store.conversation(app.chat.conversation_id).title
+        await until(pilot, lambda: marks().get(first) == "● ", what="the live mark")
+        await pilot.press("ctrl+n")
+        app.backend.client.evict_after_next([app.chat.store.conversations()[-1].id])
+        await say(pilot, "Second chat")
+        second = app.chat.store.conversation(app.chat.conversation_id).title
+        await until(pilot, lambda: marks() == {first: "○ ", second: "● "}, what="the disk mark")
+        # A restored turn's note stays in the status bar.
+        stats = p.TurnStats(900, 12, 3, 0.1, 5.0, 914, "stop", cache_note="restored 900 tokens from disk in 0.1 s")
+        app.chat._show_stats(stats.as_dict())
+        assert "restored 900 tokens from disk" in app.chat.query_one("StatusBar").notice
+        app.backend.client.kill()
+        await until(pilot, lambda: set(marks().values()) == {"○ "}, what="memory gone, the disk kept")
+
+    run(app, scenario)
+
+
 # -- end to end: the real worker process on the tiny model ---------------------------------------------
 
 

@@ -40,3 +40,26 @@ def test_the_preset_picker_shows_fits_and_asks_before_one_that_wont(settings, ti
         assert app.backend.preset == "nf4" and app.backend.fallback is None  # nothing was reloaded
 
     run(app, check)
+
+
+def test_the_preset_picker_says_what_a_switch_costs_this_chat(settings, tiny_folder, tmp_path):
+    from uihelpers import last_stats, loaded, say
+
+    app = make_app(make_settings(settings, tmp_path, max_new_tokens=8), str(tiny_folder), preset="fp32", fake=True)
+
+    async def check(pilot):
+        await loaded(pilot)
+        await say(pilot, "A message worth a few tokens of cache")
+        held = last_stats(app)["cache_tokens"]
+        await pilot.press("f4")
+        await until(pilot, lambda: type(app.screen).__name__ == "PresetScreen", what="the preset picker")
+        cost = str(app.screen.query_one("#switch-cost").content)
+        assert cost.startswith(f"After a switch, this chat's next reply re-reads {held:,} tokens")
+        assert cost.endswith("stays on disk for a switch back.")
+        await pilot.press("escape")
+        app.action_models()
+        await until(pilot, lambda: app.screen.query("#switch-cost") and app.screen.is_mounted, what="the model picker")
+        await pilot.pause()
+        assert str(app.screen.query_one("#switch-cost").content) == cost
+
+    run(app, check)

@@ -323,3 +323,17 @@ def test_an_evicted_chat_parks_in_ram_before_it_goes_to_disk(own_settings, tiny_
         client.stop()
     assert from_ram.stats.prefilled_tokens < 30 and from_ram.stats.cache_note == ""
     assert from_disk.stats.prefilled_tokens < 30 and from_disk.stats.cache_note.startswith("restored ")
+
+
+def test_a_branch_of_a_chat_whose_cache_is_on_disk_starts_from_the_snapshot(own_settings, tiny_words_folder, tmp_path):
+    client, events = _start(own_settings, tiny_words_folder, tmp_path, cache_budget_bytes=512 * 200)
+    try:
+        parent = _talk(client, events, 1, turns=2)
+        _talk(client, events, 2, turns=2)  # pushes chat 1 out of memory, onto disk
+        gone = [e for e in events.seen if isinstance(e, p.Evicted) and 1 in e.conversation_ids]
+        assert gone or events.wait(p.Evicted, where=lambda e: 1 in e.conversation_ids)
+        client.send(p.Branch(3, 1))
+        branch = ask(client, events, 3, [*parent[:2], ("user", "Something else about the bridge?")], max_new_tokens=6)
+    finally:
+        client.stop()
+    assert branch.stats.prefilled_tokens < 30 and branch.stats.cache_note.startswith("restored ")

@@ -132,15 +132,20 @@ class DiskCache:
             return False
         return size_bytes / self.read_bytes_per_s < reusable_tokens / self.prefill_tokens_per_s
 
-    def restore(self, chat_id: int, session: ChatSession, messages: list[Message]) -> bool:
-        """Give a new session its chat's snapshot when it matches and pays off; True if it did."""
+    def restore(self, chat_id: int, session: ChatSession, messages: list[Message] | None) -> bool:
+        """Give a new session its chat's snapshot when it matches and pays off; True if it did.
+
+        Without messages (a branch taking its parent's cache) every token the snapshot holds counts as reusable.
+        """
         path = self.path(chat_id)
         self.flush()  # a save of this chat may still be on its way to disk
         if not path.exists():
             return False
         try:
             ids = snapshot.read_ids(path, self.key)
-            reusable = common_prefix_len(render_ids(self.loaded.tokenizer, messages), ids)
+            reusable = (
+                len(ids) if messages is None else common_prefix_len(render_ids(self.loaded.tokenizer, messages), ids)
+            )
             size = path.stat().st_size
             if not self.worth_reading(size, reusable):
                 _say(f"kv snapshot of chat {chat_id} not read: {reusable} reusable tokens")

@@ -212,11 +212,22 @@ class Worker:
         self.send_cache_states()
 
     def branch(self, request: p.Branch) -> None:
-        parent = self.sessions.get(request.parent_id)
-        if parent is None:
+        from .session import ChatSession
+
+        if self.loaded is None:
             return
+        parent = self.sessions.get(request.parent_id) or self.parked.get(request.parent_id)
         try:
-            twin = parent.copy()
+            if parent is not None:
+                twin = parent.copy()
+                twin.move_to(self.loaded.model.device)
+            elif self.disk is not None:
+                # The parent's cache left memory: its snapshot becomes the branch's cache (the parent's file stays).
+                twin = ChatSession(self.loaded)
+                if not self.disk.restore(request.parent_id, twin, None):
+                    return
+            else:
+                return
         except Exception as exc:  # out of memory, say: the branch's first reply then reads it all, as without a copy
             print(f"branch {request.conversation_id}: no copy of chat {request.parent_id}'s cache: {exc}", flush=True)
             return

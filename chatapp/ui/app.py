@@ -161,7 +161,7 @@ class ChatApp(App):
                 lambda yes: yes and self.backend.switch(Target(model, preset)),
             )
 
-        self.push_screen(PresetScreen(model, list(options.items()), current), chosen)
+        self.push_screen(PresetScreen(model, list(options.items()), current, self.chat.switch_cost()), chosen)
 
     def action_settings(self) -> None:
         from .screens.settings import SettingsScreen

@@ -13,12 +13,13 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, ListItem, ListView
 
 from ... import protocol as p
-from ...costs import prefill_rate
+from ...costs import prefill_rate, reread_text
 from ...sampling import resolve
 from ...store import default_title, in_tree_order
 from ...units import mb
 from ..backend import (
     CachesEvicted,
+    CacheStatesChanged,
     DownloadUpdate,
     ModelLoaded,
     ModelLoadFailed,
@@ -119,7 +120,8 @@ class ChatScreen(Screen):
         chats = in_tree_order(self.store.conversations(search))
         view = self.query_one("#chats", ListView)
         await view.clear()
-        await view.extend(ListItem(Label(_indent(depth) + c.title, markup=False), name=str(c.id)) for c, depth in chats)
+        states = self.app.backend.cache_states
+        await view.extend(_chat_item(c, depth, states.get(c.id)) for c, depth in chats)
         for index, (chat, _depth) in enumerate(chats):
             if chat.id == self.conversation_id:
                 view.index = index
@@ -268,6 +270,10 @@ class ChatScreen(Screen):
         if self.turn is not None and event.request_id == self.turn.request_id:
             await self._finish(self.turn.text, None, failed=True)
 
+    @on(CacheStatesChanged)
+    async def _cache_states_changed(self) -> None:
+        await self.refresh_chats()
+
     @on(CachesEvicted)
     def _evicted(self, event: CachesEvicted) -> None:
         parts = []
@@ -386,6 +392,21 @@ class ChatScreen(Screen):
             await self.action_regenerate()
         elif event.action == "branch":
             await self._branch_at(view)
+
+    def switch_cost(self) -> str:
+        """What a switch of model or preset costs this chat, said before it happens; "" with nothing to re-read."""
+        if self.conversation_id is None:
+            return ""
+        stats = self._latest_stats(self.store.messages(self.conversation_id))
+        if not stats:
+            return ""
+        loaded = self.loaded
+        rate = prefill_rate(self.store.recent_stats(loaded.model, loaded.preset)) if loaded else None
+        kept = "; its cache for what is loaded now stays on disk for a switch back" if self._snapshots_on() else ""
+        return f"After a switch, this chat's next reply {reread_text(stats['cache_tokens'], rate)}{kept}."
+
+    def _snapshots_on(self) -> bool:
+        return self.app.settings.kv_disk_budget > 0
 
     def _edit(self, position: int, content: str) -> None:
         """Edit a message of the user's; one with more of the chat after it offers a branch instead, with the costs."""
@@ -515,6 +536,22 @@ class ChatScreen(Screen):
             self.notify("The worker is running.", timeout=2)
             return
         self.app.backend.restart()
+
+
+#: The sidebar's mark for where a chat's KV cache is, and its tooltip.
+CACHE_MARKS = {"live": "● ", "parked": "◐ ", "disk": "○ ", None: "  "}
+CACHE_TIPS = {
+    "live": "KV cache in memory: the next reply reads only your message",
+    "parked": "KV cache parked in CPU RAM: it moves back to the GPU in a moment",
+    "disk": "KV cache on disk: the next reply reads it back instead of the whole chat",
+    None: "no KV cache: the next reply reads the whole chat",
+}
+
+
+def _chat_item(chat, depth: int, state: str | None) -> ListItem:
+    item = ListItem(Label(CACHE_MARKS[state] + _indent(depth) + chat.title, markup=False), name=str(chat.id))
+    item.tooltip = CACHE_TIPS[state]
+    return item
 
 
 def _indent(depth: int) -> str:

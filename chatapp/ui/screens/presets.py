@@ -33,9 +33,9 @@ class PresetScreen(ModalScreen[str | None]):
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
 
-    def __init__(self, model: str, options: list[tuple[str, object]], current: str):
+    def __init__(self, model: str, options: list[tuple[str, object]], current: str, cost: str = ""):
         super().__init__(classes="dialog-screen")
-        self.model, self.options, self.current = model, options, current
+        self.model, self.options, self.current, self.cost = model, options, current, cost
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide"):
@@ -43,6 +43,8 @@ class PresetScreen(ModalScreen[str | None]):
             yield OptionList(
                 *(Option(option_text(p, plan, self.current), id=p) for p, plan in self.options), id="presets"
             )
+            if self.cost:
+                yield Label(self.cost, id="switch-cost", markup=False)
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(event.option.id)
