@@ -87,6 +87,8 @@ def test_load_then_a_streamed_reply_and_its_stats(settings):
     assert stats.prompt_tokens == 4  # "user:", two words, "assistant:"
     assert stats.prefilled_tokens == stats.prompt_tokens and stats.generated_tokens == 5
     assert stats.finish_reason == "length" and stats.cache_tokens == 4 + 5
+    (states,) = events.until(p.CacheStates)  # as the real worker, where each chat's cache is, after each turn
+    assert (states.live, states.parked, states.disk) == ([1], [], [1])
     client.stop()
     assert not client.alive and events.none_within(0.1)  # a stop is not a death
 
