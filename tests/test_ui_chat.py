@@ -273,7 +273,7 @@ def test_the_sidebar_marks_where_each_chats_cache_is_and_a_restore_is_shown(sett
         second = app.chat.store.conversation(app.chat.conversation_id).title
         await until(pilot, lambda: marks() == {first: "○ ", second: "● "}, what="the disk mark")
         # A restored turn's note stays in the status bar.
-        stats = p.TurnStats(900, 12, 3, 0.1, 5.0, 914, "stop", cache_note="restored 900 tokens from disk in 0.1 s")
+        stats = p.TurnStats(900, 12, 3, 0.1, 5.0, 914, "stop", cache_note="restored 900 tokens from disk in 0.12 s")
         app.chat._show_stats(stats.as_dict())
         assert "restored 900 tokens from disk" in app.chat.query_one("StatusBar").notice
         app.backend.client.kill()

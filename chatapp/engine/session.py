@@ -260,7 +260,7 @@ class ChatSession:
             finish = "overflow-trimmed"
         if self._restored and not self.note:
             tokens, seconds = self._restored
-            self.note = f"restored {tokens:,} tokens from disk in {seconds:.1f} s; prefilled {len(ids) - keep:,}"
+            self.note = f"restored {tokens:,} tokens from disk in {seconds:.2f} s; prefilled {len(ids) - keep:,}"
         self._restored = None
         decode_s = times[-1] - times[0] if times else 0.0
         stats = TurnStats(
