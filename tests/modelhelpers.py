@@ -34,40 +34,18 @@ def _only_words(model, tokenizer) -> None:
 
 
 def build_tiny_model(starter: Path, out: Path, *, words_only: bool = False, template: bool = True) -> Path:
-    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template.
+    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template (template=False: none).
 
     words_only: the output layer can only pick whole-word tokens or the end-of-turn token, so replies
     re-tokenize to exactly the ids that were sampled, as real models' replies almost always do.
     """
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    build_family_model(starter, out, "llama", words_only=words_only)
+    if not template:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(starter)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(1234)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        # Larger logits than the default init, so greedy picks are far from ties.
-        model.lm_head.weight.mul_(20)
-        if words_only:
-            _only_words(model, tokenizer)
-    model.save_pretrained(out)
-    if not template:
+        tokenizer = AutoTokenizer.from_pretrained(out)
         tokenizer.chat_template = None
-    tokenizer.save_pretrained(out)
-    if not template:
+        tokenizer.save_pretrained(out)
         for name in ("chat_template.jinja", "chat_template.json"):
             (out / name).unlink(missing_ok=True)
     return out
@@ -127,7 +105,7 @@ def build_family_model(starter: Path, out: Path, family: str, *, words_only: boo
     """A 2-layer random model of one architecture family in our catalog, with SmolLM2's tokenizer.
 
     Sliding-window families get a 16-token window, so a chat of a few hundred tokens is many windows long.
-    words_only as in build_tiny_model.
+    words_only as in build_tiny_model. The scaled-up output layer keeps greedy picks far from ties.
     """
     import torch
     import transformers
@@ -152,7 +130,7 @@ def build_family_model(starter: Path, out: Path, family: str, *, words_only: boo
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(20)  # far from greedy ties, as in build_tiny_model
+        model.get_output_embeddings().weight.mul_(20)
         if words_only:
             _only_words(model, tokenizer)
     model.save_pretrained(out)

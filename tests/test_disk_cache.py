@@ -186,3 +186,17 @@ def test_a_sliding_window_cache_survives_a_snapshot(starter_folder, tmp_path, se
     restored, turn = _fresh_turn(loaded, disk, 1, messages)
     assert restored and turn.tokens == live.tokens
     assert turn.stats.prefilled_tokens == live.stats.prefilled_tokens < 60
+
+
+def test_a_chat_that_outgrew_its_context_is_restored_as_it_will_be_rendered(tiny_words_fp32, disk):
+    """The read-or-prefill rule compares the snapshot with the prompt after old turns are dropped to fit."""
+    chat = Chat(tiny_words_fp32, context_length=260)
+    for i in range(5):
+        chat.send(f"{LONG} Part {i}.", max_new_tokens=8)
+    assert chat.session.dropped_messages > 0
+    disk.save(2, chat.session, wait=True)
+    messages = _next(chat)
+    session = ChatSession(tiny_words_fp32, context_length=260)
+    assert disk.restore(2, session, messages, room=8)
+    turn = run(session.reply_to(messages, greedy(max_new_tokens=8)))
+    assert turn.stats.prefilled_tokens < turn.stats.prompt_tokens / 2

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fakeworker import FakeWorkerClient, long_reply_to
 from uihelpers import (
     FAKE_MODEL,
     last_stats,
     loaded,
+    long_reply_app,
     make_app,
     make_settings,
     run,
@@ -23,7 +23,8 @@ from chatapp.ui.widgets import MessageView
 
 
 def sidebar(app) -> list[str]:
-    return [str(label.content) for label in app.chat.query_one("#chats").query("Label")]
+    """The chats' titles as the sidebar shows them, without the two columns of the cache mark."""
+    return [str(label.content)[2:] for label in app.chat.query_one("#chats").query("Label")]
 
 
 def views(app) -> list[MessageView]:
@@ -172,11 +173,7 @@ def test_deleting_a_parent_keeps_its_branches_in_the_sidebar(settings, tmp_path)
 
 
 def test_no_branch_from_a_reply_being_written_or_from_an_empty_chat(settings, tmp_path):
-    app = make_app(
-        make_settings(settings, tmp_path, max_new_tokens=1500),
-        fake=True,
-        client_factory=FakeWorkerClient.factory(reply=long_reply_to("Talk for long")),
-    )
+    app = long_reply_app(settings, tmp_path, "Talk for long")
 
     async def scenario(pilot):
         await loaded(pilot)

@@ -10,11 +10,11 @@ import subprocess
 import sys
 import textwrap
 
-from fakeworker import FakeWorkerClient, long_reply_to
 from uihelpers import (
     CODE_REPLY,
     last_stats,
     loaded,
+    long_reply_app,
     make_app,
     make_settings,
     run,
@@ -24,6 +24,7 @@ from uihelpers import (
     until,
 )
 
+from chatapp.snapshots import kv_dir
 from chatapp.store import ConvSettings, Store
 from chatapp.ui.widgets import MessageView
 
@@ -55,6 +56,14 @@ def test_sidebar_rename_search_and_delete_with_confirmation(settings, tmp_path):
         await pilot.pause(0.2)
 
         doomed = chat.conversation_id
+        kv = kv_dir(s.data_dir)
+        kv.mkdir(parents=True)
+        snapshot, other = (
+            kv / f"chat{doomed}-0123abcd.kv.safetensors",
+            kv / f"chat{doomed + 100}-0123abcd.kv.safetensors",
+        )
+        snapshot.write_bytes(b"a chat's cache")
+        other.write_bytes(b"another chat's cache")
         await pilot.press("ctrl+d")
         await pilot.pause()
         await pilot.click("#no")
@@ -66,6 +75,7 @@ def test_sidebar_rename_search_and_delete_with_confirmation(settings, tmp_path):
         await pilot.pause(0.2)
         assert [c.title for c in store.conversations()] == ["Dinner plans"]
         assert chat.conversation_id != doomed
+        assert not snapshot.exists() and other.exists()  # its snapshots went with it, even with no worker running
 
     run(app, scenario)
 
@@ -163,11 +173,7 @@ def test_escape_stops_a_reply_and_keeps_it_marked_stopped(settings, tmp_path):
 
 
 def test_what_is_typed_during_a_reply_is_queued_and_sent_after_it(settings, tmp_path):
-    app = make_app(
-        make_settings(settings, tmp_path, max_new_tokens=1500),
-        fake=True,
-        client_factory=FakeWorkerClient.factory(reply=long_reply_to("A long answer please")),
-    )
+    app = long_reply_app(settings, tmp_path, "A long answer please")
 
     async def scenario(pilot):
         await loaded(pilot)
@@ -209,11 +215,7 @@ def test_chats_come_back_after_a_restart(settings, tmp_path):
 
 
 def test_a_killed_worker_leaves_the_app_up_keeps_the_partial_reply_and_restarts(settings, tmp_path):
-    app = make_app(
-        make_settings(settings, tmp_path, max_new_tokens=1500),
-        fake=True,
-        client_factory=FakeWorkerClient.factory(reply=long_reply_to("Keep talking")),
-    )
+    app = long_reply_app(settings, tmp_path, "Keep talking")
 
     async def scenario(pilot):
         await loaded(pilot)

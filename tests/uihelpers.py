@@ -99,6 +99,17 @@ async def say(pilot, text: str, *, wait: bool = True) -> None:
         await pilot.pause(0.1)
 
 
+def long_reply_app(settings, tmp_path, prompt: str):
+    """An app on the fake worker that answers `prompt` at length (max_new_tokens 1500), for acting mid-reply."""
+    from fakeworker import FakeWorkerClient, long_reply_to
+
+    return make_app(
+        make_settings(settings, tmp_path, max_new_tokens=1500),
+        fake=True,
+        client_factory=FakeWorkerClient.factory(reply=long_reply_to(prompt)),
+    )
+
+
 async def start_long_reply(pilot, text: str, min_chars: int = 1) -> None:
     """Send text and return once the reply has streamed at least min_chars (use a large max_new_tokens)."""
     chat = pilot.app.chat

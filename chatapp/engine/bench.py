@@ -289,7 +289,7 @@ def restart_result(loaded: LoadedModel, session: ChatSession, max_new_tokens: in
         if done.returncode != 0:
             raise RuntimeError(f"the restart probe failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
         probe = json.loads(done.stdout)
-    prompt = render_ids(loaded.tokenizer, messages)
+    prompt = session.preview_ids(messages, max_new_tokens)  # what a fresh session renders, trimmed to fit
     cold, restored = probe["cold"], probe["restored"]
     return {
         "cold": {"prefilled_tokens": cold["prefilled_tokens"], "ttft_s": cold["ttft_s"]},

@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import snapshots
 from ..snapshots import SnapshotError
 from . import snapshot
-from .session import ChatSession, Message, common_prefix_len, render_ids
+from .session import ChatSession, Message, common_prefix_len
 
 #: Until measured: a 2-core CPU prefills a 135M model at a few hundred tokens/s; a GPU at thousands.
 DEFAULT_PREFILL_TOKENS_PER_S = {"cpu": 300.0, "cuda": 5000.0}
@@ -132,10 +132,11 @@ class DiskCache:
             return False
         return size_bytes / self.read_bytes_per_s < reusable_tokens / self.prefill_tokens_per_s
 
-    def restore(self, chat_id: int, session: ChatSession, messages: list[Message] | None) -> bool:
+    def restore(self, chat_id: int, session: ChatSession, messages: list[Message] | None, room: int = 512) -> bool:
         """Give a new session its chat's snapshot when it matches and pays off; True if it did.
 
-        Without messages (a branch taking its parent's cache) every token the snapshot holds counts as reusable.
+        `room` is the reply's max_new_tokens, which decides what fits the context. Without messages (a branch
+        taking its parent's cache) every token the snapshot holds counts as reusable.
         """
         path = self.path(chat_id)
         self.flush()  # a save of this chat may still be on its way to disk
@@ -143,9 +144,7 @@ class DiskCache:
             return False
         try:
             ids = snapshot.read_ids(path, self.key)
-            reusable = (
-                len(ids) if messages is None else common_prefix_len(render_ids(self.loaded.tokenizer, messages), ids)
-            )
+            reusable = len(ids) if messages is None else common_prefix_len(session.preview_ids(messages, room), ids)
             size = path.stat().st_size
             if not self.worth_reading(size, reusable):
                 _say(f"kv snapshot of chat {chat_id} not read: {reusable} reusable tokens")

@@ -23,7 +23,7 @@ def answer(loaded, messages, max_new_tokens: int, disk=None, chat_id: int = 0) -
     session = ChatSession(loaded)
     restore_s = 0.0
     if disk is not None:
-        if not disk.restore(chat_id, session, messages):
+        if not disk.restore(chat_id, session, messages, max_new_tokens):
             raise SystemExit(f"the snapshot of chat {chat_id} was not restored")
         restore_s = time.perf_counter() - started
     tokens, stats = [], None

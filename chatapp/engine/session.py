@@ -127,6 +127,13 @@ class ChatSession:
         self._cache, self._cache_ids = cache, list(ids)
         self._restored = (len(ids), restored_s)
 
+    def preview_ids(self, messages: list[Message], room: int) -> list[int]:
+        """The ids a turn on `messages` would render, older turns dropped to fit as reply_to drops them."""
+        try:
+            return _fit(self.loaded.tokenizer, messages, 0, room, self.context_length)[0]
+        except ContextOverflow:
+            return render_ids(self.loaded.tokenizer, messages)
+
     def move_to(self, device) -> None:
         """Move the cache to another device (parking a GPU cache in CPU RAM, and back)."""
         if self._cache is not None:

@@ -189,7 +189,7 @@ class Worker:
             if session is None:
                 session = self.sessions[cid] = ChatSession(self.loaded)
                 if self.disk is not None:
-                    self.disk.restore(cid, session, messages)
+                    self.disk.restore(cid, session, messages, request.params.max_new_tokens)
             self.sessions.move_to_end(cid)
             for response in session.reply_to(messages, request.params, cancel):
                 if response.text:
