@@ -46,7 +46,7 @@ class ModelPickerScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Label("Choose a model", id="picker-title", markup=False)
-        yield Label("", id="switch-cost", markup=False)
+        yield Static("", id="switch-cost", markup=False)
         with Horizontal(id="picker-body"):
             with Vertical(id="picker-lists"):
                 with TabbedContent(id="picker-tabs", initial="recommended"):
@@ -66,7 +66,7 @@ class ModelPickerScreen(Screen):
 
     def on_mount(self) -> None:
         cost = self.app.chat.switch_cost() if self.app.backend.loaded else ""
-        self.query_one("#switch-cost", Label).update(cost)
+        self.query_one("#switch-cost", Static).update(cost)
         self.query_one("#switch-cost").display = bool(cost)
         self.query_one("#download-box").display = False
         self.query_one("#picker-error").display = False

@@ -6,7 +6,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Label, OptionList
+from textual.widgets import Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from ...planner import auto_ladder
@@ -44,7 +44,7 @@ class PresetScreen(ModalScreen[str | None]):
                 *(Option(option_text(p, plan, self.current), id=p) for p, plan in self.options), id="presets"
             )
             if self.cost:
-                yield Label(self.cost, id="switch-cost", markup=False)
+                yield Static(self.cost, id="switch-cost", markup=False)  # wraps, where a Label is cut
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(event.option.id)
