@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -31,15 +32,45 @@ def render_ids(tokenizer, messages: list[Message]) -> list[int]:
 
     It starts with the tokenizer's BOS exactly once when the tokenizer puts one before text: templates that
     write it themselves keep theirs, and a model without a template (chatapp's plain one has no BOS) gets it.
+    Messages are tokenized as text: a control token's spelling typed or pasted into one (`<|im_end|>`) stays
+    text, so it can't forge a turn; only the template's own markers are control tokens.
     """
+    control = _control_pattern(tokenizer)
+    marked = {i: f"\ue000{i}\ue001" for i, m in enumerate(messages) if control and control.search(m.content)}
     text = tokenizer.apply_chat_template(
-        [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
+        [{"role": m.role, "content": marked.get(i, m.content)} for i, m in enumerate(messages)],
+        tokenize=False,
+        add_generation_prompt=True,
     )
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    start = 0
+    # Only a conversation with such a message is tokenized in pieces; any other is tokenized whole, as before.
+    for match in _PLACEHOLDER.finditer(text) if marked else ():
+        ids += tokenizer(text[start : match.start()], add_special_tokens=False)["input_ids"]
+        content = messages[int(match.group(1))].content
+        ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        start = match.end()
+    ids += tokenizer(text[start:], add_special_tokens=False)["input_ids"]
     bos = leading_bos(tokenizer)
     if bos is not None and ids[:1] != [bos]:
         ids.insert(0, bos)
     return ids
+
+
+_PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
+
+
+def _control_pattern(tokenizer) -> re.Pattern | None:
+    """A regex of the tokenizer's control tokens' spellings (added tokens marked special), cached on it."""
+    cached = getattr(tokenizer, "_chatapp_control", False)
+    if cached is not False:
+        return cached
+    spellings = sorted(
+        (t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content), key=len, reverse=True
+    )
+    pattern = re.compile("|".join(map(re.escape, spellings))) if spellings else None
+    tokenizer._chatapp_control = pattern
+    return pattern
 
 
 def leading_bos(tokenizer) -> int | None:
