@@ -81,3 +81,14 @@ def test_an_empty_model_name_or_a_bad_repo_id_is_one_line_and_exit_1():
         out = chatapp("ask", "--model", model, "Hello")
         assert out.returncode == 1 and expected in out.stderr
         assert "Traceback" not in out.stderr and out.stderr.count("error:") == 1
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    """`chatapp plan ... | head`: no BrokenPipeError traceback, the status a shell gives such a tool."""
+    for args in (["models"], ["plan", "smollm2-135m-local"], ["plan", "smollm2-135m-local", "--json"]):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "chatapp.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        process.stdout.close()  # the reader is gone before a line is written
+        err = process.stderr.read().decode()
+        assert process.wait(timeout=120) == 141 and "Traceback" not in err, err
