@@ -24,8 +24,12 @@ class _LogFile(logging.handlers.RotatingFileHandler):
         self.setFormatter(logging.Formatter(_FORMAT))
 
     def _open(self):
-        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
-        return super()._open()
+        from .private import private_dir, private_file
+
+        private_dir(Path(self.baseFilename).parent)
+        stream = super()._open()
+        private_file(Path(self.baseFilename))
+        return stream
 
     def handleError(self, record: logging.LogRecord) -> None:
         # The data dir can't be written: the record goes to the terminal rather than nowhere (and no traceback).

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import ChatappError
+from .private import private_file
 
 DB_NAME = "chatapp.db"
 ROLES = ("user", "assistant", "system")
@@ -150,13 +151,14 @@ class Store:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._db = self._connect()
+        private_file(self.path)  # chats are private; SQLite's -wal and -shm take the database file's mode
         self._last_time = self._db.execute("SELECT coalesce(max(updated), 0) FROM conversations").fetchone()[0]
 
     @classmethod
     def open(cls, data_dir: Path) -> Store:
-        data_dir = Path(data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        return cls(data_dir / DB_NAME)
+        from .private import private_dir
+
+        return cls(private_dir(Path(data_dir)) / DB_NAME)
 
     def _connect(self) -> sqlite3.Connection:
         # Look at the header ourselves: SQLite would only notice on first use, and any write could damage the file.

@@ -51,7 +51,9 @@ class WorkerClient:
         context = multiprocessing.get_context("spawn")
         ours, theirs = context.Pipe(duplex=True)
         if self.log_path:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            from .private import private_dir
+
+            private_dir(self.log_path.parent)
         self.process = context.Process(
             target=worker.main,
             args=(theirs, self.settings, str(self.log_path) if self.log_path else None),

@@ -337,3 +337,7 @@ def test_a_branch_of_a_chat_whose_cache_is_on_disk_starts_from_the_snapshot(own_
     finally:
         client.stop()
     assert branch.stats.prefilled_tokens < 30 and branch.stats.cache_note.startswith("restored ")
+
+
+def test_the_worker_log_is_private(worker, tmp_path):
+    assert (tmp_path / "worker.log").stat().st_mode & 0o777 == 0o600

@@ -21,7 +21,8 @@ def main(conn: Connection, settings: Settings, log_path: str | None = None) -> N
     """The child process: serve requests from `conn` until Shutdown or until the UI goes away."""
     if log_path:
         # Library warnings written to the terminal would tear the UI's screen apart; they go to a log instead.
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # one made by an older version was world-readable
         os.dup2(fd, 1)
         os.dup2(fd, 2)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -14,6 +14,7 @@ from textual.widgets import Footer, Input, Label, ListItem, ListView
 
 from ... import protocol as p
 from ...costs import prefill_rate, reread_text
+from ...private import private_dir, write_private_text
 from ...sampling import resolve
 from ...store import default_title, in_tree_order
 from ...units import mb
@@ -524,11 +525,10 @@ class ChatScreen(Screen):
         if self.conversation_id is None:
             return
         conversation = self.store.conversation(self.conversation_id)
-        folder = self.app.settings.data_dir / "exports"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = private_dir(self.app.settings.data_dir / "exports")
         slug = re.sub(r"[^A-Za-z0-9]+", "-", conversation.title).strip("-").lower() or "chat"
         path = folder / f"{slug}-{conversation.id}.md"
-        path.write_text(self.store.export_markdown(conversation.id), encoding="utf-8")
+        write_private_text(path, self.store.export_markdown(conversation.id))
         self.notify(f"Exported to {path}", timeout=8)
 
     def action_restart_worker(self) -> None:
