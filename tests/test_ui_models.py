@@ -158,3 +158,34 @@ def test_switching_models_mid_conversation_and_a_failed_load_goes_back(
         assert app.store.messages(app.chat.conversation_id)[-1].model == str(tiny_folder)
 
     run(app, scenario_)
+
+
+def test_names_and_licenses_from_a_users_catalog_are_shown_literally(settings, tmp_path):
+    s = make_settings(settings, tmp_path)
+    s.config_dir.mkdir(parents=True, exist_ok=True)
+    name, license_text = "[bold]Bold[/bold] [@click=app.quit]Quit[/]", "[/] mit"
+    (s.config_dir / "models.toml").write_text(
+        f"""[models.markup-test]
+name = "{name}"
+repo = "Org/markup-test"
+license = "{license_text}"
+context_length = 2048
+architecture = {{ layers = 2, hidden_size = 64, intermediate_size = 128, attention_heads = 4, kv_heads = 2, head_dim = 16, vocab_size = 1000, tied_embeddings = true }}
+"""
+    )
+    app = make_app(s, start_worker=False, hardware=SIMULATED)
+
+    async def check(pilot):
+        await pilot.press("f3")
+        screen = await picker_ready(pilot)
+        screen.query_one("#picker-tabs").active = "catalog"
+        await pilot.pause(0.2)
+        table = screen.query_one("#table-catalog")
+        cells = [str(cell) for cell in table.get_row("markup-test")]
+        assert cells[0] == name and cells[5] == license_text
+        table.move_cursor(row=table.get_row_index("markup-test"))
+        await pilot.click("#table-catalog", offset=(2, table.get_row_index("markup-test") + 1))
+        await pilot.pause(0.2)
+        assert app.is_running  # the "[@click=app.quit]" in the name was not an action
+
+    run(app, check, size=(140, 40))

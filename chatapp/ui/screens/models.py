@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -112,16 +113,10 @@ class ModelPickerScreen(Screen):
                 size = f"≈{gb(row.download_bytes)}" if row.download_bytes else "-"
             license_text = ("gated · " if row.gated else "") + (row.license or "")
             context = f"{row.context:,}" if row.context else "-"
-            table.add_row(
-                row.name,
-                row.speed,
-                row.verdict,
-                units.params(row.params),
-                size,
-                license_text or "-",
-                context,
-                key=row.ref,
-            )
+            cells = (row.name, row.speed, row.verdict, units.params(row.params), size, license_text or "-", context)
+            # Text, not str: a DataTable reads a str as markup, and names and licenses come from user files and the
+            # Hub ("[@click=app.quit]" would be an action, a stray "[/]" a crash).
+            table.add_row(*(Text(cell) for cell in cells), key=row.ref)
         if tab == self._active_tab():
             self._show_details()
 
