@@ -170,7 +170,16 @@ name = "{name}"
 repo = "Org/markup-test"
 license = "{license_text}"
 context_length = 2048
-architecture = {{ layers = 2, hidden_size = 64, intermediate_size = 128, attention_heads = 4, kv_heads = 2, head_dim = 16, vocab_size = 1000, tied_embeddings = true }}
+
+[models.markup-test.architecture]
+layers = 2
+hidden_size = 64
+intermediate_size = 128
+attention_heads = 4
+kv_heads = 2
+head_dim = 16
+vocab_size = 1000
+tied_embeddings = true
 """
     )
     app = make_app(s, start_worker=False, hardware=SIMULATED)

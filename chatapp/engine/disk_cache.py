@@ -70,9 +70,16 @@ class DiskCache:
         with self._idle:
             self._idle.wait_for(lambda: not self._pending and not self._busy)
 
+    def close(self) -> None:
+        """Finish the saves asked for, then end the saver thread (the model is being unloaded)."""
+        self.flush()
+        self._wake.put(None)
+
     def _run(self) -> None:
         while True:
             chat_id = self._wake.get()
+            if chat_id is None:
+                return
             with self._lock:
                 job = self._pending.pop(chat_id, None)
                 self._busy = job is not None

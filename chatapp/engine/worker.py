@@ -134,7 +134,9 @@ class Worker:
         self._save_all()  # a switch: the old model's caches leave memory, to come back on a switch back
         self.sessions.clear()
         self.parked.clear()
-        self.disk = None
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
         if self.loaded is not None:
             self.loaded = None
             gc.collect()
