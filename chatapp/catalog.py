@@ -117,6 +117,17 @@ def read_catalog_file(path: Path | Traversable) -> dict[str, dict]:
     return models
 
 
+def load_catalog_or_shipped(user_file: Path | None) -> tuple[dict[str, ModelSpec], str | None]:
+    """For the app, which must stay usable: the catalog, or the shipped one alone when the user's file is
+    broken, with the one-line reason naming that file (None when it is fine)."""
+    try:
+        return load_catalog(user_file), None
+    except ConfigError as exc:
+        if user_file is None or str(user_file) not in str(exc):
+            raise  # the shipped catalog itself is broken: nothing to fall back to
+        return load_catalog(None), f"{exc}; using the shipped catalog until it is fixed"
+
+
 def load_catalog(user_file: Path | None = None, shipped: Path | Traversable = SHIPPED_CATALOG) -> dict[str, ModelSpec]:
     """The shipped entries, with the user's file adding entries or overriding fields of existing ones."""
     if not shipped.is_file():

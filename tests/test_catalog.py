@@ -34,3 +34,15 @@ def test_shipped_catalog_is_package_data_and_its_absence_is_an_error(tmp_path):
     assert "chatapp/data/models.toml" in str(catalog.SHIPPED_CATALOG).replace("\\", "/")
     with pytest.raises(ConfigError, match="the shipped model catalog is missing"):
         load_catalog(shipped=tmp_path / "nowhere.toml")
+
+
+def test_the_app_falls_back_to_the_shipped_catalog_when_the_users_file_is_broken(tmp_path):
+    from chatapp.catalog import load_catalog_or_shipped
+
+    user = tmp_path / "models.toml"
+    user.write_text("[models.x]\nname = 3\nrepo = 'Org/x'\n")
+    catalog, problem = load_catalog_or_shipped(user)
+    assert "smollm2-135m-local" in catalog and "x" not in catalog
+    assert problem.startswith(str(user)) and problem.endswith("using the shipped catalog until it is fixed")
+    user.write_text("[models.x]\nname = 'X'\nrepo = 'Org/x'\n")
+    assert load_catalog_or_shipped(user) == (load_catalog(user), None)

@@ -198,3 +198,23 @@ tied_embeddings = true
         assert app.is_running  # the "[@click=app.quit]" in the name was not an action
 
     run(app, check, size=(140, 40))
+
+
+def test_a_broken_user_catalog_is_named_once_and_the_shipped_one_stays_usable(settings, tmp_path):
+    s = make_settings(settings, tmp_path)
+    s.config_dir.mkdir(parents=True, exist_ok=True)
+    bad = s.config_dir / "models.toml"
+    bad.write_text("[models.mine\nname = 'unclosed")
+    app = make_app(s, start_worker=False, first_run=True, hardware=SIMULATED)  # the picker opens by itself
+
+    async def check(pilot):
+        screen = await picker_ready(pilot)
+        assert "smollm2-135m-local" in [row.ref for row in screen.rows["catalog"]]
+        problems = [n for n in app.notices if str(bad) in n]
+        assert len(problems) == 1 and "not valid TOML" in problems[0] and "\n" not in problems[0]
+        await pilot.press("escape")
+        await pilot.press("f3")  # again: still usable, and not said twice
+        await picker_ready(pilot)
+        assert len([n for n in app.notices if str(bad) in n]) == 1
+
+    run(app, check, size=(140, 40))

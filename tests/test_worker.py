@@ -341,3 +341,17 @@ def test_a_branch_of_a_chat_whose_cache_is_on_disk_starts_from_the_snapshot(own_
 
 def test_the_worker_log_is_private(worker, tmp_path):
     assert (tmp_path / "worker.log").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_broken_user_catalog_does_not_stop_a_model_from_loading(own_settings, tiny_words_folder, tmp_path):
+    from dataclasses import replace
+
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "models.toml").write_text("[models.mine\nname = 'unclosed")
+    client, events = _start(replace(own_settings, config_dir=config), tiny_words_folder, tmp_path)
+    try:
+        assert ask(client, events, 1, [("user", "Hello")], max_new_tokens=3).text
+    finally:
+        client.stop()
+    assert "not valid TOML" in (tmp_path / "worker.log").read_text()

@@ -143,7 +143,7 @@ class Worker:
             _empty_device_cache()
         try:
             loaded = load_model(
-                request.model,
+                self._source(request.model),
                 request.preset,
                 settings=self.settings,
                 context=request.context_tokens,
@@ -281,6 +281,17 @@ class Worker:
     def _to_disk(self, cid: int, session) -> None:
         if self.disk is not None:
             self.disk.save(cid, session, wait=True)
+
+    def _source(self, ref: str):
+        """What the reference names, with the shipped catalog alone when the user's models.toml is broken (the
+        UI says so); the app stays usable."""
+        from ..catalog import load_catalog_or_shipped
+        from ..refs import parse_ref
+
+        catalog, problem = load_catalog_or_shipped(self.settings.config_dir / "models.toml")
+        if problem:
+            print(problem, flush=True)
+        return parse_ref(ref, catalog)
 
     def send_cache_states(self) -> None:
         on_disk = self.disk.chats_on_disk() if self.disk is not None else []

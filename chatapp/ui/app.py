@@ -6,6 +6,7 @@ first paint comes before any model code has been imported.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
@@ -70,6 +71,7 @@ class ChatApp(App):
         self.chat = ChatScreen()
         #: The notifications shown so far (the last 100), which toasts hide again after a few seconds.
         self.notices: deque[str] = deque(maxlen=100)
+        self._catalog_problem: str | None = None
 
     def on_mount(self) -> None:
         errors = self.startup_errors + register_themes(self, self.settings.themes_dir)
@@ -108,10 +110,18 @@ class ChatApp(App):
         return self._hardware
 
     def catalog(self) -> dict:
-        """The shipped catalog with the user's models.toml on top."""
-        from ..catalog import load_catalog
+        """The shipped catalog with the user's models.toml on top; the shipped one alone, said once, when the
+        user's file is broken. Called from worker threads too."""
+        from ..catalog import load_catalog_or_shipped
 
-        return load_catalog(self.settings.config_dir / "models.toml")
+        catalog, problem = load_catalog_or_shipped(self.settings.config_dir / "models.toml")
+        if problem and problem != self._catalog_problem:
+            self._catalog_problem = problem
+            if threading.current_thread() is threading.main_thread():
+                self.notify(problem, severity="error", timeout=15)
+            else:
+                self.call_from_thread(self.notify, problem, severity="error", timeout=15)
+        return catalog
 
     def source(self, ref: str):
         """What a model reference names (catalog key, repo id, folder, .gguf)."""
