@@ -108,7 +108,7 @@ def test_a_snapshot_whose_tensors_do_not_fit_the_model_is_ignored(tiny_words_fp3
 
     path = disk.path(5)
     _header, meta = snapshots.read_header(path)
-    ids = torch.tensor(read_ids(path, disk.key), dtype=torch.int64)
+    ids = torch.tensor(read_ids(path, disk.key)[0], dtype=torch.int64)
     wrong = {"k.0": torch.zeros(1, 3, meta["tokens"], 8), "v.0": torch.zeros(1, 3, meta["tokens"], 8), "ids": ids}
     save_file(wrong, str(path), metadata={"chatapp": json.dumps(meta)})
     note = _restore_fails(tiny_words_fp32, disk, 5, *saved)

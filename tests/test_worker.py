@@ -49,11 +49,7 @@ def own_settings(settings, tmp_path):
 
 @pytest.fixture
 def worker(own_settings, tiny_words_folder, tmp_path):
-    events = Events()
-    client = WorkerClient(own_settings, events, log_path=tmp_path / "worker.log")
-    client.start()
-    client.send(p.Load(str(tiny_words_folder), "fp32"))
-    events.wait(p.Loaded)
+    client, events = _start(own_settings, tiny_words_folder, tmp_path)
     yield client, events
     client.stop()
 
@@ -127,13 +123,10 @@ def test_cancel_stops_a_reply_and_keeps_the_partial_text(worker):
 def test_least_recently_used_chat_is_evicted_over_the_budget(own_settings, tiny_words_folder, tmp_path):
     from dataclasses import replace
 
-    events = Events()
-    client = WorkerClient(replace(own_settings, kv_disk_budget=0), events, log_path=tmp_path / "worker.log")
-    client.start()
+    # The tiny model's KV cache is 2 layers x 2 heads x 16 dims x 4 bytes x 2 = 512 bytes a token.
+    no_snapshots = replace(own_settings, kv_disk_budget=0)
+    client, events = _start(no_snapshots, tiny_words_folder, tmp_path, cache_budget_bytes=512 * 60)
     try:
-        # The tiny model's KV cache is 2 layers x 2 heads x 16 dims x 4 bytes x 2 = 512 bytes a token.
-        client.send(p.Load(str(tiny_words_folder), "fp32", cache_budget_bytes=512 * 60))
-        events.wait(p.Loaded)
         ask(client, events, 1, [("user", "one " * 20)], max_new_tokens=4)
         ask(client, events, 2, [("user", "two " * 20)], max_new_tokens=4)
         evicted = events.wait(p.Evicted)

@@ -150,13 +150,14 @@ class DiskCache:
         if not path.exists():
             return False
         try:
-            ids = snapshot.read_ids(path, self.key)
+            head = snapshot.read_ids(path, self.key)
+            ids = head[0]
             reusable = len(ids) if messages is None else common_prefix_len(session.preview_ids(messages, room), ids)
             size = path.stat().st_size
             if not self.worth_reading(size, reusable):
                 _say(f"kv snapshot of chat {chat_id} not read: {reusable} reusable tokens")
                 return False
-            cache, ids, seconds = snapshot.timed_load(path, self.key, self.loaded)
+            cache, ids, seconds = snapshot.timed_load(path, self.key, self.loaded, head)
         except SnapshotError as exc:
             text = f"ignored the KV snapshot on disk: {exc}"
             _say(f"kv snapshot {path.name}: {text}")

@@ -79,8 +79,9 @@ def save(path: Path, key: dict, chat_id: int, ids: list[int], named: dict, seen:
     return path.stat().st_size
 
 
-def read_ids(path: Path, key: dict) -> list[int]:
-    """The ids a snapshot holds, after checking its header and key, without reading the cache tensors."""
+def read_ids(path: Path, key: dict) -> tuple[list[int], dict]:
+    """The ids a snapshot holds and its metadata, after checking its header and key, without reading the cache
+    tensors."""
     tensors, meta = read_header(path)
     if meta.get("key_hash") != key_hash(key) or meta.get("key") != key:
         raise SnapshotError("it was made with another model, preset or version")
@@ -93,13 +94,17 @@ def read_ids(path: Path, key: dict) -> list[int]:
         raise SnapshotError(f"its ids can't be read ({exc})") from None
     if len(ids) != meta.get("tokens"):
         raise SnapshotError("its ids don't match its header")
-    return ids
+    return ids, meta
 
 
-def load(path: Path, key: dict, loaded: LoadedModel) -> tuple[object, list[int]]:
-    """The cache and the ids of a snapshot; SnapshotError when it is corrupt or doesn't fit this model."""
-    ids = read_ids(path, key)
-    _tensors, meta = read_header(path)
+def load(
+    path: Path, key: dict, loaded: LoadedModel, head: tuple[list[int], dict] | None = None
+) -> tuple[object, list[int]]:
+    """The cache and the ids of a snapshot; SnapshotError when it is corrupt or doesn't fit this model.
+
+    head: what read_ids gave for this file already, so its header is not read again.
+    """
+    ids, meta = head or read_ids(path, key)
     vocab = loaded.model.get_input_embeddings().num_embeddings
     if any(not 0 <= i < vocab for i in ids):
         raise SnapshotError("its token ids are outside the vocabulary")
@@ -116,7 +121,7 @@ def load(path: Path, key: dict, loaded: LoadedModel) -> tuple[object, list[int]]
     return cache, ids
 
 
-def timed_load(path: Path, key: dict, loaded: LoadedModel) -> tuple[object, list[int], float]:
+def timed_load(path: Path, key: dict, loaded: LoadedModel, head=None) -> tuple[object, list[int], float]:
     started = time.perf_counter()
-    cache, ids = load(path, key, loaded)
+    cache, ids = load(path, key, loaded, head)
     return cache, ids, time.perf_counter() - started

@@ -318,12 +318,14 @@ class Worker:
 
 
 def _cache_budgets(loaded) -> tuple[int, int]:
-    """(live, parked) KV bytes for all chats, sized by the planner from the memory left after loading."""
+    """(live, parked) KV bytes for all chats, sized by the planner from the memory left after loading; its KV
+    formula gives the bytes of one cache filled to the whole context."""
     from ..facts import facts_from_config
     from ..hardware import detect_cpu
-    from ..planner import activation_bytes, cache_budgets, usable_bytes
+    from ..planner import activation_bytes, cache_budgets, kv_cache_bytes, usable_bytes
 
-    per_context = _full_cache_bytes(loaded)
+    facts = facts_from_config(loaded.source.label, loaded.model.config.to_dict(), params=0)
+    per_context = kv_cache_bytes(facts, loaded.context_length, loaded.dtype)
     device_type = loaded.device.split(":")[0]
     ram = detect_cpu().ram_available_bytes
     free = ram
@@ -331,19 +333,9 @@ def _cache_budgets(loaded) -> tuple[int, int]:
         import torch
 
         free = torch.cuda.mem_get_info(loaded.model.device)[0]
-    facts = facts_from_config(loaded.source.label, loaded.model.config.to_dict(), params=0)
     dtype = loaded.dtype if loaded.dtype in ("fp32", "bf16", "fp16") else "bf16"
     room = usable_bytes(free) - per_context - activation_bytes(facts, loaded.context_length, dtype, device_type)
     return cache_budgets(per_context, room, ram, on_gpu=device_type == "cuda")
-
-
-def _full_cache_bytes(loaded) -> int:
-    """KV bytes of one cache filled to the whole context, by the planner's own formula."""
-    from ..facts import facts_from_config
-    from ..planner import kv_cache_bytes
-
-    facts = facts_from_config(loaded.source.label, loaded.model.config.to_dict(), params=0)
-    return kv_cache_bytes(facts, loaded.context_length, loaded.dtype)
 
 
 def _empty_device_cache() -> None:

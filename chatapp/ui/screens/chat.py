@@ -401,10 +401,14 @@ class ChatScreen(Screen):
         stats = self._latest_stats(self.store.messages(self.conversation_id))
         if not stats:
             return ""
-        loaded = self.loaded
-        rate = prefill_rate(self.store.recent_stats(loaded.model, loaded.preset)) if loaded else None
+        rate = self._prefill_rate()
         kept = "; its cache for what is loaded now stays on disk for a switch back" if self._snapshots_on() else ""
         return f"After a switch, this chat's next reply {reread_text(stats['cache_tokens'], rate)}{kept}."
+
+    def _prefill_rate(self) -> float | None:
+        """Tokens/s this machine prefilled at with what is loaded, from the stored turns (None: not measured)."""
+        loaded = self.loaded
+        return prefill_rate(self.store.recent_stats(loaded.model, loaded.preset)) if loaded else None
 
     def _snapshots_on(self) -> bool:
         return self.app.settings.kv_disk_budget > 0
@@ -415,8 +419,7 @@ class ChatScreen(Screen):
         if not any(m.role == "user" and m.position > position for m in messages):
             self._start_edit(position, content)
             return
-        loaded = self.loaded
-        rate = prefill_rate(self.store.recent_stats(loaded.model, loaded.preset)) if loaded else None
+        rate = self._prefill_rate()
 
         async def chosen(choice: str | None) -> None:
             if choice == "rewrite":
