@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -34,6 +35,19 @@ def _quiet_libraries() -> None:
 
 def _note(text: str) -> None:
     print(f"chatapp: {text}", file=sys.stderr, flush=True)
+
+
+def _as_text(text: str, where: str) -> str:
+    """`text` with every byte that was not UTF-8 as U+FFFD, said once in one line.
+
+    Python keeps such bytes from argv (and from stdin, see main) as lone surrogates, which no tokenizer accepts.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        _note(f"{where} is not valid UTF-8: the bytes that are not are read as \ufffd")
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -205,7 +219,7 @@ def format_stats(stats) -> str:
 def _opening(args) -> list:
     from .engine import Message
 
-    return [Message("system", args.system)] if args.system else []
+    return [Message("system", _as_text(args.system, "the system prompt"))] if args.system else []
 
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
@@ -216,6 +230,7 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
         if prompt is None and sys.stdin.isatty():
             raise ChatappError("no prompt: pass one as an argument or on stdin")
         prompt = sys.stdin.read().strip()
+    prompt = _as_text(prompt, "the prompt")
     if not prompt:
         raise ChatappError("the prompt is empty")
     loaded = _load(args, settings)
@@ -238,7 +253,7 @@ def cmd_repl(args: argparse.Namespace, settings: Settings) -> int:
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
-        text = line.strip()
+        text = _as_text(line.strip(), "that line")
         if not text:
             continue
         if text == "/exit":
@@ -346,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["tui", *argv]  # plain `chatapp` is the app
     args = build_parser().parse_args(argv)
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach _as_text, not a traceback
     try:
         if args.command == "config":
             from .cli_config import cmd_config

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def chatapp(*args: str, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -92,3 +94,51 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly():
         process.stdout.close()  # the reader is gone before a line is written
         err = process.stderr.read().decode()
         assert process.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
+# -- input that is not UTF-8 ---------------------------------------------------------------------
+
+NOT_UTF8 = [b"caf\xe9", b"\xff\xfe", b"half \xe2\x82", b"\xc0\xaf overlong"]
+
+
+def _run_bytes(args: list[bytes], stdin: bytes, locale: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LC_ALL": locale}
+    return subprocess.run(
+        [os.fsencode(sys.executable), b"-m", b"chatapp.cli", *args], input=stdin, capture_output=True, env=env
+    )
+
+
+@pytest.mark.parametrize("bad", NOT_UTF8)
+def test_every_byte_that_is_not_utf8_becomes_a_replacement_character(bad, capsys):
+    from chatapp.cli import _as_text
+
+    text = _as_text(os.fsdecode(b"hello " + bad), "the prompt")  # how Python hands such bytes over
+    assert text == (b"hello " + bad).decode("utf-8", "replace")
+    assert capsys.readouterr().err.count("the prompt is not valid UTF-8") == 1
+
+
+@pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
+def test_a_prompt_that_is_not_utf8_is_answered_on_stdin_and_as_arguments(tiny_folder, locale):
+    model = [b"--model", os.fsencode(tiny_folder), b"--preset", b"fp32", b"--max-new-tokens", b"2"]
+    bad = b" ".join(NOT_UTF8)
+    on_stdin = _run_bytes([b"ask", *model], b"hello " + bad + b"\n", locale)
+    as_arg = _run_bytes([b"ask", b"hello " + bad, *model, b"--system", bad], b"", locale)
+    for out in (on_stdin, as_arg):
+        err = out.stderr.decode("utf-8", "replace")
+        assert out.returncode == 0, err
+        assert "Traceback" not in err
+        assert "the prompt is not valid UTF-8" in err
+    assert "the system prompt is not valid UTF-8" in as_arg.stderr.decode("utf-8", "replace")
+
+
+def test_a_repl_line_that_is_not_utf8_keeps_the_conversation(tiny_folder):
+    script = b"Hello\nsay \xff\xfe\n/regen\n/exit\n"
+    model = [b"--model", os.fsencode(tiny_folder), b"--preset", b"fp32", b"--max-new-tokens", b"3", b"--stats"]
+    out = _run_bytes([b"repl", *model], script, "C.UTF-8")
+    err = out.stderr.decode()
+    assert out.returncode == 0, err
+    assert "Traceback" not in err
+    assert "that line is not valid UTF-8" in err
+    stats = [line for line in err.splitlines() if "prefilled" in line]
+    assert len(stats) == 3  # the bad line was answered, and /regen still had the conversation
+    assert "prefilled 1," in stats[2]
