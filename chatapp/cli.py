@@ -344,11 +344,21 @@ def _use_hub_cache(settings: Settings) -> None:
         os.environ["HF_HUB_CACHE"] = str(settings.hub_cache)
 
 
+def _settings() -> Settings:
+    """The settings, strictly: a bad value or an unusable folder is one line and exit 1."""
+    from .config import check_folders, load_settings_sourced
+
+    settings, _errors, sources = load_settings_sourced(strict=True)
+    check_folders(settings, sources)
+    return settings
+
+
 def _tui(args) -> int:
     """The Textual app. A bad config value is shown in the app, which falls back to that value's default."""
-    from .config import load_settings_checked
+    from .config import check_folders, load_settings_sourced
 
-    settings, errors = load_settings_checked()
+    settings, errors, sources = load_settings_sourced()
+    check_folders(settings, sources)
     _use_hub_cache(settings)
     route_library_logs(settings.data_dir)  # a library's stray line on stderr would tear the screen
     from .ui.app import run
@@ -370,14 +380,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_config(args)  # loads the settings itself, leniently, so it can report bad values
         if args.command == "tui":
             return _tui(args)
+        settings = _settings()
         if args.command == "cache":
             from .cli_cache import cmd_cache
-            from .config import load_settings
 
-            return cmd_cache(args, load_settings())
-        from .config import load_settings
-
-        settings = load_settings()
+            return cmd_cache(args, settings)
         _use_hub_cache(settings)
         route_library_logs(settings.data_dir)
         if args.command in ("ask", "repl", "bench"):

@@ -170,9 +170,12 @@ def _show_default(value: object) -> str:
     return "unset" if value is None else format_value(value)
 
 
-def load_settings_sourced(config_file: Path | None = None) -> tuple[Settings, list[str], dict[str, str]]:
-    """Like load_settings_checked, plus where each field's value came from: default, the file's name or $CHATAPP_X."""
-    return _load(config_file, strict=False)
+def load_settings_sourced(
+    config_file: Path | None = None, strict: bool = False
+) -> tuple[Settings, list[str], dict[str, str]]:
+    """Like load_settings_checked (or, if strict, load_settings), plus where each field's value came from:
+    default, the file's name or $CHATAPP_X."""
+    return _load(config_file, strict=strict)
 
 
 def load_settings_checked(config_file: Path | None = None) -> tuple[Settings, list[str]]:
@@ -232,6 +235,38 @@ def _load(config_file: Path | None, strict: bool) -> tuple[Settings, list[str], 
     return replace(base, **values), errors, sources
 
 
+_FOLDERS = {"data_dir": "data folder", "config_dir": "config folder"}
+
+
+def check_folders(settings: Settings, sources: dict[str, str] | None = None) -> None:
+    """Raise ConfigError, in one line, when the data or config folder can't be used: checked up front, so the
+    user hears it once and by name instead of as a traceback from whichever file is written first. Makes nothing."""
+    for name, label in _FOLDERS.items():
+        path = Path(getattr(settings, name)).absolute()
+        # Only saving settings writes to the config folder, and it says so itself if it can't.
+        problem = _folder_problem(path, need_write=name == "data_dir")
+        if problem:
+            source = (sources or {}).get(name, "default")
+            origin = "" if source == "default" else f" (set by {source})"
+            raise ConfigError(
+                f"the {label} {path}{origin} {problem}; fix that, or choose another folder with {name} in "
+                f"config.toml or ${_ENV_PREFIX}{name.upper()}"
+            )
+
+
+def _folder_problem(path: Path, need_write: bool) -> str | None:
+    if path.exists() and not path.is_dir():
+        return "is a file, not a folder"
+    nearest = path
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        return f"can't be made: {nearest} is a file, not a folder"
+    if need_write and not os.access(nearest, os.W_OK | os.X_OK):
+        return "can't be written to" if nearest == path else f"can't be made: {nearest} can't be written to"
+    return None
+
+
 def parse_setting(name: str, text: str) -> object:
     """A value typed into a form, checked as config.toml's would be; ValueError says why it is refused."""
     spec = {f.name: f for f in fields(Settings)}[name]
@@ -265,5 +300,9 @@ def save_setting(config_file: Path, key: str, value: str | int | float) -> None:
     config_file.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so a crash never leaves half a config file.
     tmp = config_file.with_name(config_file.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(config_file)
+    try:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.replace(config_file)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves the old file, and no half-written one beside it
+        raise

@@ -55,13 +55,17 @@ class SettingsScreen(FormScreen):
             self.show_error("; ".join(problems))
             return
         kinds = {f.name: f for f in fields(Settings)}
-        for name, value in values.items():
-            if value != getattr(self.settings, name) and name in kinds:
-                save_setting(
-                    self.settings.config_file,
-                    name,
-                    "" if value is None else (str(value) if not isinstance(value, (int, float)) else value),
-                )
+        try:
+            for name, value in values.items():
+                if value != getattr(self.settings, name) and name in kinds:
+                    save_setting(
+                        self.settings.config_file,
+                        name,
+                        "" if value is None else (str(value) if not isinstance(value, (int, float)) else value),
+                    )
+        except OSError as exc:  # the form stays open with what was typed; the file is replaced whole or not at all
+            self.show_error(f"can't save {self.settings.config_file}: {exc.strerror or exc}")
+            return
         self.dismiss(replace(self.settings, **values))
 
 
