@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -66,6 +67,21 @@ class StoreError(ChatappError):
     """The conversation database can't be opened or doesn't hold what was asked for."""
 
 
+class StoreFull(StoreError):
+    """A write found the disk full. It was rolled back whole, so it can simply be tried again."""
+
+
+class StoreDamaged(StoreError):
+    """The database is corrupt or read-only. Nothing more is read from or written to it, so nothing is made worse."""
+
+
+def _how_to_recover(path: Path) -> str:
+    return (
+        f"move it aside to start afresh, or recover what it holds with "
+        f"`sqlite3 {path} .recover | sqlite3 {path}.recovered` and move that into its place"
+    )
+
+
 @dataclass
 class ConvSettings:
     system_prompt: str = ""
@@ -104,6 +120,10 @@ class StoredMessage:
     #: A reply that was stopped before it finished.
     cut: bool
     created: float
+
+
+def _sidecars(path: Path) -> tuple[Path, Path]:
+    return Path(f"{path}-wal"), Path(f"{path}-shm")
 
 
 def default_title(text: str) -> str:
@@ -150,6 +170,7 @@ class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock = threading.RLock()
+        self._damaged: StoreDamaged | None = None
         self._db = self._connect()
         private_file(self.path)  # chats are private; SQLite's -wal and -shm take the database file's mode
         self._last_time = self._db.execute("SELECT coalesce(max(updated), 0) FROM conversations").fetchone()[0]
@@ -171,6 +192,12 @@ class Store:
             raise StoreError(f"can't read the conversation database {self.path}: {e.strerror or e}") from None
         if head and head != _SQLITE_HEADER:
             raise StoreError(f"{self.path} is not a SQLite database; move it aside and restart (it was left untouched)")
+        if head and not all(os.access(f, os.W_OK) for f in (self.path, *_sidecars(self.path)) if f.exists()):
+            # SQLite would open it read-only without a word, and the first message sent would be lost.
+            raise StoreDamaged(
+                f"{self.path} is read-only, so chatapp can't keep chats in it; make it writable "
+                f"(chmod u+w, or chattr -i), or move it aside to start afresh (it was left untouched)"
+            )
         try:
             # isolation_level=None: we open transactions ourselves, so each commit happens exactly where we say.
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
@@ -183,6 +210,14 @@ class Store:
                     f"{self.path} has schema version {version}, newer than this chatapp knows "
                     f"({len(MIGRATIONS)}); upgrade chatapp"
                 )
+            if head:
+                # Read every page before the first write: a damaged file is left exactly as it was found.
+                verdict = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+                if verdict != "ok":
+                    verdict = verdict.splitlines()[-1]  # the first line only says "*** in database main ***"
+                    raise StoreDamaged(
+                        f"{self.path} is damaged ({verdict}), so chatapp won't touch it; {_how_to_recover(self.path)}"
+                    )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA foreign_keys=ON")
             # FULL: a committed message survives a power cut too, not only a killed process.
@@ -194,7 +229,7 @@ class Store:
             raise
         except sqlite3.Error as e:
             db.close()
-            raise StoreError(f"can't open the conversation database {self.path}: {e}") from None
+            raise self._fault(e, "open") from None
         return db
 
     def _migrate(self, db: sqlite3.Connection, version: int) -> None:
@@ -232,9 +267,38 @@ class Store:
             return self._conn().execute("PRAGMA user_version").fetchone()[0]
 
     def _conn(self) -> sqlite3.Connection:
+        if self._damaged is not None:
+            raise self._damaged
         if self._db is None:
             raise StoreError(f"the conversation database {self.path} is closed")
         return self._db
+
+    def _fault(self, e: sqlite3.Error, doing: str) -> StoreError:
+        """The StoreError for what SQLite said. A damaged or read-only file is not used again by this Store."""
+        name = getattr(e, "sqlite_errorname", "") or ""
+        if name.startswith("SQLITE_FULL"):
+            return StoreFull(f"the disk holding {self.path} is full, so nothing was saved; free some space, then retry")
+        if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+            self._damaged = StoreDamaged(
+                f"{self.path} is damaged ({e}); chatapp has stopped using it: {_how_to_recover(self.path)}"
+            )
+        elif name.startswith(("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN")):
+            self._damaged = StoreDamaged(
+                f"can't {doing} {self.path} ({e}); chatapp has stopped using it. Check the disk and the file's "
+                f"permissions, then restart"
+            )
+        else:
+            return StoreError(f"can't {doing} the conversation database {self.path}: {e}")
+        return self._damaged
+
+    @contextmanager
+    def _read(self):
+        with self._lock:
+            db = self._conn()
+            try:
+                yield db
+            except sqlite3.Error as e:
+                raise self._fault(e, "read") from e
 
     @contextmanager
     def _tx(self):
@@ -246,9 +310,12 @@ class Store:
                 db.execute("COMMIT")
             except BaseException as e:
                 if db.in_transaction:
-                    db.execute("ROLLBACK")
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # SQLite rolled back itself (a full disk can do that); the first error is the news
                 if isinstance(e, sqlite3.Error):
-                    raise StoreError(f"can't write to the conversation database {self.path}: {e}") from e
+                    raise self._fault(e, "write to") from e
                 raise
 
     def _now(self) -> float:
@@ -289,17 +356,15 @@ class Store:
                 " WHERE m.conversation_id = c.id AND instr(casefold(m.content), ?))"
             )
             args = (needle, needle)
-        with self._lock:
-            rows = self._conn().execute(sql + " ORDER BY c.updated DESC, c.id DESC", args).fetchall()
+        with self._read() as db:
+            rows = db.execute(sql + " ORDER BY c.updated DESC, c.id DESC", args).fetchall()
         return [self._conversation(r) for r in rows]
 
     def conversation(self, conversation_id: int) -> Conversation:
-        with self._lock:
-            row = (
-                self._conn()
-                .execute(f"SELECT {self._CONV_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,))
-                .fetchone()
-            )
+        with self._read() as db:
+            row = db.execute(
+                f"SELECT {self._CONV_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)
+            ).fetchone()
         if row is None:
             raise StoreError(f"no conversation with id {conversation_id}")
         return self._conversation(row)
@@ -361,16 +426,12 @@ class Store:
     # Messages
 
     def messages(self, conversation_id: int) -> list[StoredMessage]:
-        with self._lock:
-            rows = (
-                self._conn()
-                .execute(
-                    "SELECT id, conversation_id, position, role, content, model, preset, stats, cut, created"
-                    " FROM messages WHERE conversation_id = ? ORDER BY position",
-                    (conversation_id,),
-                )
-                .fetchall()
-            )
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT id, conversation_id, position, role, content, model, preset, stats, cut, created"
+                " FROM messages WHERE conversation_id = ? ORDER BY position",
+                (conversation_id,),
+            ).fetchall()
         return [
             StoredMessage(
                 r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]) if r[7] else None, bool(r[8]), r[9]
@@ -435,15 +496,15 @@ class Store:
             if value is not None:
                 sql += f" AND {column} = ?"
                 args.append(value)
-        with self._lock:
-            rows = self._conn().execute(sql + " ORDER BY created DESC, id DESC LIMIT ?", (*args, limit)).fetchall()
+        with self._read() as db:
+            rows = db.execute(sql + " ORDER BY created DESC, id DESC LIMIT ?", (*args, limit)).fetchall()
         return [json.loads(r[0]) for r in reversed(rows)]
 
     # UI state
 
     def get_state(self, key: str, default: str | None = None) -> str | None:
-        with self._lock:
-            row = self._conn().execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
         return row[0] if row else default
 
     def set_state(self, key: str, value: str | None) -> None:

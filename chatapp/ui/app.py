@@ -16,8 +16,9 @@ from textual.app import App, SystemCommand
 from textual.screen import Screen
 
 from ..config import Settings, save_setting
+from ..errors import ChatappError
 from ..hardware import Hardware
-from ..store import Store
+from ..store import Store, StoreDamaged
 from ..worker_client import WorkerClient
 from .backend import Backend, Target, WorkerEvent
 from .screens.chat import ChatScreen
@@ -72,6 +73,8 @@ class ChatApp(App):
         #: The notifications shown so far (the last 100), which toasts hide again after a few seconds.
         self.notices: deque[str] = deque(maxlen=100)
         self._catalog_problem: str | None = None
+        #: Why the app ended early, in one line (the store found its file damaged), for `run` to print.
+        self.fatal: str | None = None
 
     def on_mount(self) -> None:
         errors = self.startup_errors + register_themes(self, self.settings.themes_dir)
@@ -210,11 +213,28 @@ class ChatApp(App):
     def on_unmount(self) -> None:
         self.backend.stop()
 
+    def _handle_exception(self, error: Exception) -> None:
+        if isinstance(error, StoreDamaged):
+            # The store has stopped using the file; the user gets one line on how to recover, not a traceback.
+            self.fatal = str(error)
+            self.exit(return_code=1)
+            return
+        super()._handle_exception(error)
+
 
 def run(settings: Settings, settings_errors: list[str], model: str | None, preset: str | None) -> int:
     store = Store.open(Path(settings.data_dir))
+    app = ChatApp(settings, store, model=model, preset=preset, settings_errors=settings_errors)
     try:
-        ChatApp(settings, store, model=model, preset=preset, settings_errors=settings_errors).run()
+        app.run()
     finally:
         store.close()
-    return 0
+    return exit_status(app)
+
+
+def exit_status(app: ChatApp) -> int:
+    """The shell's status for how the app ended: 0, or non-zero after a crash (which Textual has shown). A damaged
+    database is a ChatappError, printed as one line by the CLI."""
+    if app.fatal:
+        raise ChatappError(app.fatal)
+    return app.return_code or 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from ... import protocol as p
 from ...costs import prefill_rate, reread_text
 from ...private import private_dir, write_private_text
 from ...sampling import resolve
-from ...store import default_title, in_tree_order
+from ...store import StoreFull, default_title, in_tree_order
 from ...units import mb
 from ..backend import (
     CachesEvicted,
@@ -30,6 +31,7 @@ from ..backend import (
     ReplyFinished,
     WorkerStopped,
 )
+from ..faults import noting_disk_full, unless_disk_full
 from ..widgets import MessageView, PromptInput, StatusBar, code_blocks, download_line, loaded_line, stats_line
 from .dialogs import ConfirmScreen, ConversationSettingsScreen, TextPromptScreen
 from .edit_choice import EditChoiceScreen, edit_costs
@@ -77,6 +79,9 @@ class ChatScreen(Screen):
         self.conversation_id: int | None = None
         self.turn: Turn | None = None
         self.queued: list[tuple[int, str]] = []
+        #: Replies the disk had no room for: (conversation_id, text, add_message's keywords), saved before the
+        #: next message so the chat keeps its order.
+        self.unsaved: list[tuple[int, str, dict]] = []
         self.editing: int | None = None  # position of the user message being edited
         self.rates: list[float] = []
 
@@ -138,7 +143,7 @@ class ChatScreen(Screen):
 
     async def open_conversation(self, conversation_id: int) -> None:
         self.conversation_id = conversation_id
-        self.store.set_state("last_conversation", str(conversation_id))
+        self._remember("last_conversation", str(conversation_id))
         self._cancel_edit()
         box = self.query_one("#messages", VerticalScroll)
         await box.remove_children()
@@ -162,26 +167,40 @@ class ChatScreen(Screen):
     @on(PromptInput.Submitted)
     async def _submitted(self, event: PromptInput.Submitted) -> None:
         prompt = self.query_one(PromptInput)
-        if self.conversation_id is None:
-            self.conversation_id = self.store.new_conversation().id
-        if self.turn is not None or self.loaded is None:
-            # The input stays usable: what was typed waits its turn instead of being lost.
-            self.queued.append((self.conversation_id, event.text))
-            prompt.clear()
-            why = "this reply finishes" if self.turn else "the model has loaded"
-            self.notify(f"Queued: it is sent when {why}.", timeout=3)
+        try:
+            if self.conversation_id is None:
+                self.conversation_id = self.store.new_conversation().id
+            if self.turn is not None or self.loaded is None:
+                # The input stays usable: what was typed waits its turn instead of being lost.
+                self.queued.append((self.conversation_id, event.text))
+                prompt.clear()
+                why = "this reply finishes" if self.turn else "the model has loaded"
+                self.notify(f"Queued: it is sent when {why}.", timeout=3)
+                return
+            if self.editing is not None:
+                await self._truncate(self.editing)
+                self._cancel_edit()
+            await self.send_user_message(self.conversation_id, event.text)
+        except StoreFull as exc:
+            # The prompt still holds the text: Enter sends it again once there is room.
+            self.notify(f"Not sent: {exc}. Your message is still in the prompt.", severity="error", timeout=15)
             return
         prompt.clear()
-        if self.editing is not None:
-            await self._truncate(self.editing)
-            self._cancel_edit()
-        await self.send_user_message(self.conversation_id, event.text)
 
     async def send_user_message(self, conversation_id: int, text: str) -> None:
+        """Store the message (and any reply the disk had no room for before it), then ask for a reply.
+        Raises StoreFull, having stored nothing of `text`."""
+        while self.unsaved:
+            reply_to, reply, about = self.unsaved[0]
+            self.store.add_message(reply_to, "assistant", reply, **about)
+            self.unsaved.pop(0)
         stored = self.store.add_message(conversation_id, "user", text)
         conversation = self.store.conversation(conversation_id)
         if conversation.title == "New chat" and stored.position == 0:
-            self.store.rename(conversation_id, default_title(text))
+            try:
+                self.store.rename(conversation_id, default_title(text))
+            except StoreFull:
+                pass  # the message is stored; a title can be given later
         if conversation_id == self.conversation_id:
             box = self.query_one("#messages", VerticalScroll)
             await box.mount(MessageView("user", text, position=stored.position))
@@ -211,7 +230,20 @@ class ChatScreen(Screen):
     async def _next_queued(self) -> None:
         if self.turn is None and self.loaded is not None and self.queued:
             conversation_id, text = self.queued.pop(0)
-            await self.send_user_message(conversation_id, text)
+            try:
+                await self.send_user_message(conversation_id, text)
+            except StoreFull as exc:
+                prompt = self.query_one(PromptInput)
+                prompt.text = "\n\n".join(t for t in (text, prompt.text) if t.strip())
+                self.notify(
+                    f"Not sent: {exc}. Your queued message is back in the prompt.", severity="error", timeout=15
+                )
+
+    def _remember(self, key: str, value: str) -> None:
+        try:
+            self.store.set_state(key, value)
+        except StoreFull:
+            pass  # which chat or model was last is a convenience; the next write that matters says the disk is full
 
     # -- worker events -----------------------------------------------------------------------
 
@@ -231,8 +263,8 @@ class ChatScreen(Screen):
         status.model_line = loaded_line(event.info)
         if self.conversation_id is not None:
             self._show_stats(self._latest_stats(self.store.messages(self.conversation_id)))
-        self.store.set_state("last_model", self.app.backend.model)
-        self.store.set_state("last_preset", self.app.backend.preset)
+        self._remember("last_model", self.app.backend.model)
+        self._remember("last_preset", self.app.backend.preset)
         for note in event.info.notes:
             self.notify(note, timeout=8)
         await self._next_queued()
@@ -306,11 +338,17 @@ class ChatScreen(Screen):
         cut = failed or (stats or {}).get("finish_reason") == "cancelled"
         model, preset = turn.model, turn.preset
         if text or not failed:
-            stored = self.store.add_message(
-                turn.conversation_id, "assistant", text, model=model, preset=preset, stats=stats, cut=cut
-            )
-            if turn.view is not None:
-                turn.view.position = stored.position
+            about = {"model": model, "preset": preset, "stats": stats, "cut": cut}
+            try:
+                stored = self.store.add_message(turn.conversation_id, "assistant", text, **about)
+            except StoreFull as exc:
+                self.unsaved.append((turn.conversation_id, text, about))
+                self.notify(
+                    f"Reply not saved yet: {exc}. It is kept, and saved with your next message.", severity="error"
+                )
+            else:
+                if turn.view is not None:
+                    turn.view.position = stored.position
         if turn.view is not None:
             if text or not failed:
                 await turn.view.finish(text)
@@ -345,10 +383,12 @@ class ChatScreen(Screen):
         elif self.editing is not None:
             self._cancel_edit()
 
+    @unless_disk_full
     async def action_new_chat(self) -> None:
         await self.open_conversation(self.store.new_conversation().id)
         self.query_one(PromptInput).focus()
 
+    @unless_disk_full
     async def action_regenerate(self) -> None:
         if self.turn is not None or self.conversation_id is None:
             return
@@ -455,6 +495,7 @@ class ChatScreen(Screen):
         else:
             self.notify("Nothing to branch from yet.", timeout=3)
 
+    @unless_disk_full
     async def branch_from(self, position: int, role: str, content: str) -> None:
         """A new chat holding this one's messages up to the one at `position`, which starts from a copy of this
         chat's cache. From a message of the user's, the branch stops before it and the prompt holds it to change."""
@@ -480,7 +521,7 @@ class ChatScreen(Screen):
                 self.store.set_settings(conversation.id, settings)
                 self.notify("Chat settings saved.", timeout=2)
 
-        self.app.push_screen(ConversationSettingsScreen(conversation.settings, defaults), saved)
+        self.app.push_screen(ConversationSettingsScreen(conversation.settings, defaults), noting_disk_full(self, saved))
 
     def action_rename_chat(self) -> None:
         if self.conversation_id is None:
@@ -492,7 +533,7 @@ class ChatScreen(Screen):
                 self.store.rename(conversation.id, title)
                 await self.refresh_chats()
 
-        self.app.push_screen(TextPromptScreen("Rename chat", conversation.title), renamed)
+        self.app.push_screen(TextPromptScreen("Rename chat", conversation.title), noting_disk_full(self, renamed))
 
     def action_delete_chat(self) -> None:
         if self.conversation_id is None:
@@ -513,7 +554,7 @@ class ChatScreen(Screen):
             self.notify(f"Deleted “{conversation.title}”.", timeout=3)
 
         question = f"Delete “{conversation.title}” and all its messages?{keeps}"
-        self.app.push_screen(ConfirmScreen(question), confirmed)
+        self.app.push_screen(ConfirmScreen(question), noting_disk_full(self, confirmed))
 
     def action_search(self) -> None:
         self.query_one("#search", Input).focus()
@@ -528,10 +569,16 @@ class ChatScreen(Screen):
         if self.conversation_id is None:
             return
         conversation = self.store.conversation(self.conversation_id)
-        folder = private_dir(self.app.settings.data_dir / "exports")
+        folder = self.app.settings.data_dir / "exports"
         slug = re.sub(r"[^A-Za-z0-9]+", "-", conversation.title).strip("-").lower() or "chat"
         path = folder / f"{slug}-{conversation.id}.md"
-        write_private_text(path, self.store.export_markdown(conversation.id))
+        try:
+            write_private_text(private_dir(folder) / path.name, self.store.export_markdown(conversation.id))
+        except OSError as exc:  # nothing half-written is left: write_private_text renames a whole file into place
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            why = f"the disk holding {folder} is full" if full else f"{exc.filename or path}: {exc.strerror or exc}"
+            self.notify(f"Not exported: {why}.", severity="error", timeout=10)
+            return
         self.notify(f"Exported to {path}", timeout=8)
 
     def action_restart_worker(self) -> None:
