@@ -103,6 +103,42 @@ def matching(filename: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(filename, p) for p in patterns)
 
 
+#: Any one of these is enough for AutoTokenizer to build a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken", "tiktoken.model")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def missing_for_loading(names: set[str], shards: set[str] = frozenset(), *, allow_pickle: bool = True) -> str | None:
+    """What a set of repo files lacks before a model can load from it, in words, or None when nothing is missing.
+
+    shards: the files a weight index names (a sharded model), which must all be there too.
+    """
+    if "config.json" not in names:
+        return "config.json"
+    if lost := sorted(shards - names):
+        return f"{lost[0]} (one of {len(shards)} weight shards)"
+    weights = ["*.safetensors", "*.bin"] if allow_pickle else ["*.safetensors"]
+    if not any(matching(n, weights) and not n.endswith(".index.json") for n in names):
+        return "the weights (*.safetensors)"
+    if not any(matching(Path(n).name, list(TOKENIZER_FILES)) for n in names):
+        return "a tokenizer (tokenizer.json or tokenizer.model)"
+    return None
+
+
+def folder_missing(folder: Path, *, allow_pickle: bool = True) -> str | None:
+    """missing_for_loading for a local folder: a snapshot that some other tool filled only in part (a config read
+    for planning) is not a model yet."""
+    names = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}  # is_file: no dangling links
+    shards: set[str] = set()
+    for index in WEIGHT_INDEXES:
+        if index in names:
+            try:
+                shards |= set(json.loads((folder / index).read_text())["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return f"a readable {index}"
+    return missing_for_loading(names, shards, allow_pickle=allow_pickle)
+
+
 @dataclass(frozen=True)
 class LocalModel:
     repo_id: str
@@ -112,7 +148,8 @@ class LocalModel:
 
 
 def list_local() -> list[LocalModel]:
-    """Models in the standard HF cache, biggest first."""
+    """Models in the standard HF cache that can load (some snapshot has config, weights and tokenizer), biggest
+    first. A snapshot that holds only what another tool read (config.json for a plan) is not listed."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
@@ -123,7 +160,7 @@ def list_local() -> list[LocalModel]:
     models = [
         LocalModel(r.repo_id, tuple(sorted(rev.commit_hash[:12] for rev in r.revisions)), r.size_on_disk, r.repo_path)
         for r in info.repos
-        if r.repo_type == "model"
+        if r.repo_type == "model" and any(folder_missing(rev.snapshot_path) is None for rev in r.revisions)
     ]
     return sorted(models, key=lambda m: -m.size_bytes)
 

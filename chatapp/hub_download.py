@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ChatappError, HubError
-from .hub import allow_patterns, hub_errors, is_network_error, matching, offline_error
+from .hub import (
+    allow_patterns,
+    folder_missing,
+    hub_errors,
+    is_network_error,
+    matching,
+    missing_for_loading,
+    offline_error,
+)
 from .units import gb, mb
 
 
@@ -76,9 +84,12 @@ def download(
     patterns = allow_patterns(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     with hub_errors(repo_id, revision):
         try:
-            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
-        except Exception:  # not (completely) in the cache yet: go to the network below
-            pass
+            here = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+        except Exception:  # not in the cache yet: go to the network below
+            here = None
+    # huggingface_hub returns any snapshot folder it has, even one where another tool (a plan) put only config.json.
+    if here is not None and folder_missing(here, allow_pickle=allow_pickle) is None:
+        return here
     if constants.HF_HUB_OFFLINE:
         raise offline_error(repo_id)
 
@@ -86,6 +97,9 @@ def download(
 
     blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
     files = _remote_files(repo_id, revision, patterns)
+    lacking = missing_for_loading({f.name for f in files}, allow_pickle=allow_pickle)
+    if lacking:
+        raise HubError(f"'{repo_id}' can't be loaded: the Hub repo has no {lacking}")
     total = sum(f.size for f in files)
     missing = [f for f in files if not (blobs / f.etag).exists()]
     partial = sum(_size(blobs / f"{f.etag}.incomplete") for f in missing)

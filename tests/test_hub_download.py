@@ -11,6 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = "TestOrg/SmolLM2-135M-Instruct"
 
 
@@ -225,3 +227,50 @@ def test_ask_pulls_a_hub_model_then_answers(hub_env):
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert "chatapp: downloading TestOrg/SmolLM2-135M-Instruct [" in out.stderr and "100.0%" in out.stderr
+
+
+TINY = "TestOrg/tiny-llama"
+
+
+@pytest.mark.parametrize(
+    "fetched_before",
+    [
+        ("config.json",),
+        ("config.json", "tokenizer.json", "tokenizer_config.json"),
+        ("config.json", "model.safetensors"),
+    ],
+    ids=["config-only", "no-weights", "no-tokenizer"],
+)
+def test_a_snapshot_another_tool_filled_in_part_is_completed_by_pull(hub_env, tiny_folder, fetched_before):
+    """`chatapp plan` (or any HF tool) leaves a snapshot folder that huggingface_hub returns as if complete."""
+    fetched = python(
+        hub_env,
+        f"""
+        from huggingface_hub import hf_hub_download
+        for name in {list(fetched_before)!r}:
+            hf_hub_download("{TINY}", name)
+        """,
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    listed = chatapp(hub_env, "models", "--local", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert TINY not in [m["repo"] for m in json.loads(listed.stdout)]
+
+    out = chatapp(hub_env, "pull", TINY)
+    assert out.returncode == 0, out.stderr
+    snapshot = Path(out.stdout.strip().splitlines()[-1])
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert sha256(snapshot / name) == sha256(tiny_folder / name)
+    listed = json.loads(chatapp(hub_env, "models", "--local", "--json").stdout)
+    assert TINY in [m["repo"] for m in listed]
+
+
+def test_plan_then_pull_gives_a_complete_model(hub_env):
+    planned = chatapp(hub_env, "plan", TINY, "--no-gpu", "--ram", "8GiB")
+    assert planned.returncode == 0, planned.stderr
+    out = chatapp(hub_env, "pull", TINY)
+    assert out.returncode == 0, out.stderr
+    assert (Path(out.stdout.strip().splitlines()[-1]) / "model.safetensors").is_file()
+    offline = {**hub_env, "HF_HUB_OFFLINE": "1"}
+    ask = chatapp(offline, "ask", "hi", "--model", TINY, "--preset", "fp32", "--max-new-tokens", "2")
+    assert ask.returncode == 0, ask.stderr
