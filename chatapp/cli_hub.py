@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 from typing import TYPE_CHECKING
 
@@ -28,7 +29,7 @@ def _repo_of(ref: str, settings: Settings):
 
 
 def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
-    from .hub_download import download
+    from .hub_download import DownloadCancelled, download
     from .progress import ProgressBar
 
     source = _repo_of(args.model, settings)
@@ -44,6 +45,10 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
             progress=bar.update,
             cancel=cancel,
         )
+    except DownloadCancelled as exc:
+        bar.close()
+        print(f"chatapp: {exc}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a tool stopped with Ctrl+C
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()

@@ -10,6 +10,7 @@ stays exactly what every other HF tool expects.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -76,8 +77,9 @@ def download(
 ) -> Path:
     """The local snapshot folder of repo_id, downloading what's missing.
 
-    progress gets byte counts a few times a second; setting cancel stops at the next block and raises
-    DownloadCancelled. A model is only ever a snapshot once every file in it is whole and checked.
+    progress gets byte counts a few times a second; setting cancel raises DownloadCancelled within a fraction of
+    a second, at any speed, keeping what arrived. A model is only ever a snapshot once every file in it is whole
+    and checked.
     """
     from huggingface_hub import constants, snapshot_download
 
@@ -92,7 +94,46 @@ def download(
         return here
     if constants.HF_HUB_OFFLINE:
         raise offline_error(repo_id)
+    meter = _Meter(progress, cancel)
+    fetch = functools.partial(_from_hub, repo_id, revision, patterns, allow_pickle, free_bytes, meter)
+    return fetch() if cancel is None else _until_cancelled(fetch, cancel, meter)
 
+
+def _until_cancelled(fetch: Callable[[], Path], cancel: threading.Event, meter: _Meter) -> Path:
+    """fetch() in a thread of its own, or DownloadCancelled as soon as cancel is set.
+
+    A read from the network blocks until its block has arrived, which takes minutes from a server sending a
+    few kB/s. So the caller doesn't wait for it: the thread notices cancel at its next block and ends, its
+    partial file a clean prefix for the next pull, and a process that exits meanwhile doesn't wait (daemon).
+    """
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["folder"] = fetch()
+        except BaseException as exc:  # handed to the caller, whatever it is
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="chatapp-download", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        if cancel.wait(0.05):
+            raise meter.stopped()
+        thread.join(0.05)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["folder"]
+
+
+def _from_hub(
+    repo_id: str,
+    revision: str | None,
+    patterns: list[str],
+    allow_pickle: bool,
+    free_bytes: Callable[[Path], int] | None,
+    meter: _Meter,
+) -> Path:
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.file_download import repo_folder_name
 
     blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
@@ -105,10 +146,10 @@ def download(
     partial = sum(_size(blobs / f"{f.etag}.incomplete") for f in missing)
     check_disk(sum(f.size for f in missing) - partial, blobs, free_bytes)
 
-    # huggingface_hub reads in 10 MiB blocks, and cancel and progress can only act between blocks:
-    # 1 MiB keeps both within a second on a slow link and loses at most 1 MiB to a kill.
-    constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, 1 << 20)
-    meter = _Meter(total, total - sum(f.size for f in missing) + partial, progress, cancel)
+    # huggingface_hub reads in 10 MiB blocks, and progress can only be told between blocks, and a killed pull
+    # loses the block it was reading: 16 KiB keeps both small on a slow link.
+    constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, 1 << 14)
+    meter.start(total, total - sum(f.size for f in missing) + partial)
     blobs.mkdir(parents=True, exist_ok=True)
     for remote in missing:
         _fetch_blob(repo_id, remote, blobs, meter)
@@ -219,19 +260,27 @@ def _silent_class():
 class _Meter:
     """Stands in for http_get's tqdm bar: counts bytes for the progress callback and checks for cancel."""
 
-    def __init__(self, total: int, done: int, progress, cancel):
-        self.total, self.done, self.progress, self.cancel = total, done, progress, cancel
-        self._start_done, self._start, self._last = done, time.monotonic(), 0.0
+    def __init__(self, progress, cancel):
+        self.progress, self.cancel = progress, cancel
+        self.total = self.done = self._start_done = 0
+        self._start, self._last = time.monotonic(), 0.0
+
+    def start(self, total: int, done: int) -> None:
+        self.total, self.done, self._start_done, self._start = total, done, done, time.monotonic()
 
     def update(self, n: int = 1) -> None:
         # http_get rolls back with a negative n when a server ignores Range and the file starts over.
         self.done += n
         if self.cancel is not None and self.cancel.is_set():
-            raise DownloadCancelled("download stopped; run the same pull again to continue where it left off")
+            raise self.stopped()
         now = time.monotonic()
         if self.progress is not None and now - self._last >= 0.2:
             self._last = now
             self.progress(Progress(min(self.done, self.total), self.total, self.rate(now)))
+
+    def stopped(self) -> DownloadCancelled:
+        here = f" with {mb(min(self.done, self.total))} of {mb(self.total)} kept" if self.total else ""
+        return DownloadCancelled(f"download stopped{here}; the next pull of it continues from there")
 
     def rate(self, now: float) -> float:
         return (self.done - self._start_done) / max(now - self._start, 1e-6)

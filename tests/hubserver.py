@@ -2,7 +2,7 @@
 
 It serves repos from local folders and answers what `huggingface_hub` calls: model info, the file tree,
 `resolve` with HEAD/GET (ETag, X-Repo-Commit, Content-Length, Range), and model search. Switches make a
-repo gated (401 with X-Error-Code: GatedRepo), or cut a connection mid-file, or send slowly.
+repo gated (401 with X-Error-Code: GatedRepo), or cut a connection mid-file, or send slowly or at a crawl.
 """
 
 from __future__ import annotations
@@ -63,6 +63,10 @@ class HubServer:
     drops: list[int] = field(default_factory=list)
     #: Sleep this long between 64 KiB blocks of a GET body, to test cancel and progress.
     block_delay_s: float = 0.0
+    #: A link that slows to a crawl: after the first fast_bytes of a GET body, send at most this many bytes a
+    #: second (0: no limit).
+    bytes_per_s: int = 0
+    fast_bytes: int = 0
     requests: list[str] = field(default_factory=list)
 
     def add(self, repo_id: str, folder: Path, **kwargs) -> Repo:
@@ -254,7 +258,10 @@ class _Handler(BaseHTTPRequestHandler):
             handle.seek(start)
             remaining = end - start + 1
             while remaining > 0:
-                block = handle.read(min(65536, remaining))
+                crawling = state.bytes_per_s and sent >= state.fast_bytes
+                block = handle.read(min(256 if crawling else 65536, remaining))
+                if crawling:
+                    time.sleep(len(block) / state.bytes_per_s)
                 if limit is not None and sent + len(block) >= limit:
                     self.wfile.write(block[: limit - sent])
                     self.wfile.flush()

@@ -274,3 +274,42 @@ def test_plan_then_pull_gives_a_complete_model(hub_env):
     offline = {**hub_env, "HF_HUB_OFFLINE": "1"}
     ask = chatapp(offline, "ask", "hi", "--model", TINY, "--preset", "fp32", "--max-new-tokens", "2")
     assert ask.returncode == 0, ask.stderr
+
+
+def crawling(server, *, after: int = 2_000_000, rate: int = 2_000):
+    """The server sends `after` bytes of each file fast, then 2 kB/s: a link that slows to a crawl."""
+    server.fast_bytes, server.bytes_per_s = after, rate
+
+
+def test_ctrl_c_stops_a_pull_from_a_crawling_server_at_once_and_keeps_what_arrived(hub_server, hub_env, starter_folder):
+    server, _url = hub_server
+    hf_home = Path(hub_env["HF_HOME"])
+    crawling(server)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chatapp.cli", "pull", REPO],
+            env=hub_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while partial_bytes(hf_home) < 1_000_000 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the crawl
+        proc.send_signal(signal.SIGINT)
+        try:
+            _out, err = proc.communicate(timeout=5)  # "within a second" on an idle machine; CI machines are busy
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError("Ctrl+C did not stop the pull within 5 s") from None
+    finally:
+        server.fast_bytes, server.bytes_per_s = 0, 0
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("chatapp: download stopped with ") and "kept" in last, err
+    assert "Traceback" not in err
+    kept = partial_bytes(hf_home)
+    assert kept >= 1_000_000
+    assert_next_pull_continues_from(kept, server, hub_env, starter_folder)

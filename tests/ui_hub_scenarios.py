@@ -104,6 +104,34 @@ async def cancel_download(pilot):
     print("OK")
 
 
+async def start_download(pilot):
+    picker = await open_search(pilot, "SmolLM2")
+    await pilot.press("enter")
+    label = picker.query_one("#download-label")
+    await until(pilot, lambda: " MB · " in str(label.content), what="download progress")
+    await pilot.pause(0.5)  # the server is crawling by now
+    return picker
+
+
+async def cancel_crawling_download(pilot):
+    """The server sends 2 kB/s: Esc stops the download at once, and a second Esc leaves the picker."""
+    app = pilot.app
+    picker = await start_download(pilot)
+    await pilot.press("escape")
+    await until(pilot, lambda: picker.downloading is None, timeout=3, what="the cancel, within a few seconds")
+    error = str(picker.query_one("#picker-error").content)
+    assert "download stopped with " in error and " kept" in error, error
+    await pilot.press("escape")
+    await until(pilot, lambda: app.screen is app.chat, timeout=3, what="the picker to close")
+    print("OK")
+
+
+async def quit_during_download(pilot):
+    await start_download(pilot)
+    print("QUIT", flush=True)  # the test times the exit from here
+    pilot.app.exit()
+
+
 async def gated(pilot):
     picker = await open_search(pilot, "gated")
     await pilot.press("enter")
@@ -114,7 +142,13 @@ async def gated(pilot):
     print("OK")
 
 
-SCENARIOS = {"download_and_chat": download_and_chat, "cancel_download": cancel_download, "gated": gated}
+SCENARIOS = {
+    "download_and_chat": download_and_chat,
+    "cancel_download": cancel_download,
+    "cancel_crawling_download": cancel_crawling_download,
+    "quit_during_download": quit_during_download,
+    "gated": gated,
+}
 
 
 async def main(name: str, data: Path) -> None:
