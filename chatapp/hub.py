@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,48 +48,31 @@ def _token() -> str | None:
     return get_token()
 
 
+def token_source() -> str:
+    """Where the token huggingface_hub sends comes from, in words for an error message."""
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(name, "").strip():
+            return f"the {name} environment variable"
+    if Path(constants.HF_TOKEN_PATH).is_file():
+        return f"the saved login ({constants.HF_TOKEN_PATH})"
+    return "huggingface_hub's login"
+
+
 @contextmanager
 def hub_errors(repo_id: str, revision: str | None = None):
     """Turn huggingface_hub's exceptions into our one-line errors."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         yield
     except ChatappError:
         raise
-    except GatedRepoError:
-        raise HubError(
-            f"'{repo_id}' is gated: accept its license at https://huggingface.co/{repo_id}, "
-            "then log in with `hf auth login` or set HF_TOKEN"
-        ) from None
-    except RepositoryNotFoundError as exc:
-        if getattr(exc.response, "status_code", None) == 401 and _token() is None:
-            raise HubError(
-                f"'{repo_id}' is not on the Hub, or it is private or gated and needs a login: "
-                f"accept its license at https://huggingface.co/{repo_id}, then `hf auth login` or set HF_TOKEN"
-            ) from None
-        raise ModelNotFound(
-            f"unknown model '{repo_id}': no such repo on the Hub (or it is private: log in with `hf auth login`)"
-        ) from None
-    except RevisionNotFoundError:
-        raise ModelNotFound(f"'{repo_id}' has no revision '{revision}'") from None
+    except HfHubHTTPError as exc:
+        raise _http_error(exc, repo_id, revision) from None
     except LocalEntryNotFoundError:
         raise offline_error(repo_id) from None
-    except HfHubHTTPError as exc:
-        status = getattr(exc.response, "status_code", None)
-        if status in (401, 403):
-            # A gated or private repo that didn't say so with X-Error-Code: the fix is the same.
-            raise HubError(
-                f"the Hub refused access to '{repo_id}' (HTTP {status}): if it is gated, accept its license at "
-                f"https://huggingface.co/{repo_id}; log in with `hf auth login` or set HF_TOKEN"
-            ) from None
-        raise HubError(f"talking to the Hub about '{repo_id}' failed: {first_line(exc)}") from None
     except OSError as exc:
         raise HubError(f"talking to the Hub about '{repo_id}' failed: {first_line(exc)}") from None
     except Exception as exc:
@@ -97,6 +81,42 @@ def hub_errors(repo_id: str, revision: str | None = None):
 
             raise HubError(f"can't reach the Hub at {constants.ENDPOINT} ({type(exc).__name__})") from None
         raise
+
+
+def _http_error(exc, repo_id: str, revision: str | None) -> ChatappError:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    status = getattr(exc.response, "status_code", None)
+    if status == 401 and _token() is not None:
+        # The Hub answers 401 to a token it doesn't know, on every route, even a public repo's: that is the fault
+        # to name, not the gate or the missing repo it would otherwise look like.
+        return HubError(
+            f"the Hub rejected the token from {token_source()} (HTTP 401) while asking about '{repo_id}': "
+            "it is invalid or expired; set a valid one, unset it, or log in again with `hf auth login`"
+        )
+    if isinstance(exc, GatedRepoError):
+        return HubError(
+            f"'{repo_id}' is gated: accept its license at https://huggingface.co/{repo_id}, "
+            "then log in with `hf auth login` or set HF_TOKEN"
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        if status == 401:
+            return HubError(
+                f"'{repo_id}' is not on the Hub, or it is private or gated and needs a login: "
+                f"accept its license at https://huggingface.co/{repo_id}, then `hf auth login` or set HF_TOKEN"
+            )
+        return ModelNotFound(
+            f"unknown model '{repo_id}': no such repo on the Hub (or it is private: log in with `hf auth login`)"
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return ModelNotFound(f"'{repo_id}' has no revision '{revision}'")
+    if status in (401, 403):
+        # A gated or private repo that didn't say so with X-Error-Code: the fix is the same.
+        return HubError(
+            f"the Hub refused access to '{repo_id}' (HTTP {status}): if it is gated, accept its license at "
+            f"https://huggingface.co/{repo_id}; log in with `hf auth login` or set HF_TOKEN"
+        )
+    return HubError(f"talking to the Hub about '{repo_id}' failed: {first_line(exc)}")
 
 
 def matching(filename: str, patterns: list[str]) -> bool:

@@ -2,7 +2,8 @@
 
 It serves repos from local folders and answers what `huggingface_hub` calls: model info, the file tree,
 `resolve` with HEAD/GET (ETag, X-Repo-Commit, Content-Length, Range), and model search. Switches make a
-repo gated (401 with X-Error-Code: GatedRepo), or cut a connection mid-file, or send slowly or at a crawl.
+repo gated (401 with X-Error-Code: GatedRepo), refuse tokens the server doesn't know, cut a connection
+mid-file, or send slowly or at a crawl.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class HubServer:
     bytes_per_s: int = 0
     fast_bytes: int = 0
     requests: list[str] = field(default_factory=list)
+    #: The tokens this Hub knows; as on the Hub, any other token sent is refused with a 401 on every route.
+    #: None: any token is good.
+    valid_tokens: set[str] | None = None
 
     def add(self, repo_id: str, folder: Path, **kwargs) -> Repo:
         self.repos[repo_id] = Repo(Path(folder), **kwargs)
@@ -147,6 +151,13 @@ class _Handler(BaseHTTPRequestHandler):
         ranged = self.headers.get("Range")
         state.requests.append(f"{self.command} {path}" + (f" Range:{ranged}" if ranged else ""))
         parts = path.strip("/").split("/")
+        token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+        if token and state.valid_tokens is not None and token not in state.valid_tokens:
+            return self._send_json(
+                {"error": "Invalid credentials in Authorization header"},
+                401,
+                {"X-Error-Message": "Invalid credentials in Authorization header"},
+            )
         if parts[:2] == ["api", "models"] and len(parts) == 2:
             return self._search(parse_qs(url.query))
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
