@@ -139,10 +139,17 @@ def missing_for_loading(names: set[str], shards: set[str] = frozenset(), *, allo
         return f"{lost[0]} (one of {len(shards)} weight shards)"
     weights = ["*.safetensors", "*.bin"] if allow_pickle else ["*.safetensors"]
     if not any(matching(n, weights) and not n.endswith(".index.json") for n in names):
-        return "the weights (*.safetensors)"
+        return "weights (*.safetensors)"
     if not any(matching(Path(n).name, list(TOKENIZER_FILES)) for n in names):
-        return "a tokenizer (tokenizer.json or tokenizer.model)"
+        return "tokenizer (tokenizer.json or tokenizer.model)"
     return None
+
+
+def pickle_only(label: str, filename: str) -> str:
+    return (
+        f"'{label}' has only pickle weights ({filename}), which can run code when loaded; "
+        "pass --allow-pickle if you trust it"
+    )
 
 
 def folder_missing(folder: Path, *, allow_pickle: bool = True) -> str | None:
@@ -155,7 +162,7 @@ def folder_missing(folder: Path, *, allow_pickle: bool = True) -> str | None:
             try:
                 shards |= set(json.loads((folder / index).read_text())["weight_map"].values())
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                return f"a readable {index}"
+                return f"readable {index}"
     return missing_for_loading(names, shards, allow_pickle=allow_pickle)
 
 

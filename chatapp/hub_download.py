@@ -29,6 +29,7 @@ from .hub import (
     matching,
     missing_for_loading,
     offline_error,
+    pickle_only,
 )
 from .units import gb, mb
 
@@ -92,6 +93,8 @@ def download(
     # huggingface_hub returns any snapshot folder it has, even one where another tool (a plan) put only config.json.
     if here is not None and folder_missing(here, allow_pickle=allow_pickle) is None:
         return here
+    if here is not None and not allow_pickle and folder_missing(here) is None:
+        raise HubError(pickle_only(repo_id, next(p.name for p in here.rglob("*.bin"))))
     if constants.HF_HUB_OFFLINE:
         raise offline_error(repo_id)
     meter = _Meter(progress, cancel)
@@ -137,10 +140,7 @@ def _from_hub(
     from huggingface_hub.file_download import repo_folder_name
 
     blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
-    files = _remote_files(repo_id, revision, patterns)
-    lacking = missing_for_loading({f.name for f in files}, allow_pickle=allow_pickle)
-    if lacking:
-        raise HubError(f"'{repo_id}' can't be loaded: the Hub repo has no {lacking}")
+    files = _remote_files(repo_id, revision, patterns, allow_pickle)
     total = sum(f.size for f in files)
     missing = [f for f in files if not (blobs / f.etag).exists()]
     partial = sum(_size(blobs / f"{f.etag}.incomplete") for f in missing)
@@ -169,16 +169,19 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _remote_files(repo_id: str, revision: str | None, patterns: list[str]) -> list[RemoteFile]:
-    """What the download needs, pinned to one commit so that every file comes from the same revision."""
+def _remote_files(repo_id: str, revision: str | None, patterns: list[str], allow_pickle: bool) -> list[RemoteFile]:
+    """What the download needs, pinned to one commit so that every file comes from the same revision; refused
+    before any of it is fetched when the repo lacks something loading needs."""
     from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
 
     with hub_errors(repo_id, revision):
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        siblings = [s for s in info.siblings or [] if matching(s.rfilename, patterns)]
+        if allow_pickle and any(s.rfilename.endswith(".safetensors") for s in siblings):
+            siblings = [s for s in siblings if not s.rfilename.endswith(".bin")]  # the same weights twice
+        _check_loadable(repo_id, {s.rfilename for s in info.siblings or []}, {s.rfilename for s in siblings})
         files = []
-        for sibling in info.siblings or []:
-            if not matching(sibling.rfilename, patterns):
-                continue
+        for sibling in siblings:
             meta = get_hf_file_metadata(hf_hub_url(repo_id, sibling.rfilename, revision=info.sha))
             if meta.etag is None or meta.size is None:
                 raise HubError(f"the Hub gave no ETag or size for {repo_id}/{sibling.rfilename}; can't download it")
@@ -187,6 +190,16 @@ def _remote_files(repo_id: str, revision: str | None, patterns: list[str]) -> li
                 RemoteFile(sibling.rfilename, meta.size, meta.etag, meta.location, lfs.sha256 if lfs else None)
             )
     return files
+
+
+def _check_loadable(repo_id: str, in_repo: set[str], wanted: set[str]) -> None:
+    lacking = missing_for_loading(wanted)
+    if lacking is None:
+        return
+    pickles = sorted(n for n in in_repo - wanted if n.endswith(".bin") and "/" not in n)
+    if pickles and missing_for_loading(wanted | set(pickles)) is None:
+        raise HubError(pickle_only(repo_id, pickles[0]))
+    raise HubError(f"'{repo_id}' can't be loaded: the Hub repo has no {lacking}")
 
 
 def _fetch_blob(repo_id: str, remote: RemoteFile, blobs: Path, meter: _Meter) -> None:

@@ -17,6 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
+#: Weights, which the Hub keeps in LFS with their sha256.
+LFS_SUFFIXES = (".safetensors", ".bin")
+
 
 @dataclass
 class Repo:
@@ -51,7 +54,7 @@ def _etag(path: Path) -> str:
 def _sibling(folder: Path, path: Path) -> dict:
     """A file as the Hub lists it with files_metadata: weights are in LFS, with their sha256."""
     entry = {"rfilename": str(path.relative_to(folder)), "size": path.stat().st_size}
-    if path.suffix == ".safetensors":
+    if path.suffix in LFS_SUFFIXES:
         entry["lfs"] = {"sha256": _etag(path), "size": path.stat().st_size, "pointerSize": 134}
     return entry
 
@@ -205,7 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "size": p.stat().st_size,
                 "oid": hashlib.sha1(p.read_bytes()).hexdigest(),
             }
-            if p.suffix == ".safetensors":
+            if p.suffix in LFS_SUFFIXES:
                 entry["lfs"] = {"oid": _etag(p), "size": p.stat().st_size, "pointerSize": 134}
             entries.append(entry)
         self._send_json(entries)

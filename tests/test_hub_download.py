@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -313,3 +314,51 @@ def test_ctrl_c_stops_a_pull_from_a_crawling_server_at_once_and_keeps_what_arriv
     kept = partial_bytes(hf_home)
     assert kept >= 1_000_000
     assert_next_pull_continues_from(kept, server, hub_env, starter_folder)
+
+
+PICKLED = "TestOrg/pickle-llama"
+
+
+@pytest.fixture
+def pickle_repo(hub_server, tiny_folder, tmp_path):
+    """tiny-llama with its weights as pytorch_model.bin only, as many older Hub repos are."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickle-llama"
+    folder.mkdir()
+    for path in tiny_folder.iterdir():
+        if path.is_file() and path.suffix != ".safetensors":
+            shutil.copy(path, folder / path.name)
+    torch.save(load_file(tiny_folder / "model.safetensors"), folder / "pytorch_model.bin")
+    server, _url = hub_server
+    server.add(PICKLED, folder)
+    yield server
+    del server.repos[PICKLED]
+
+
+def pickle_refusal(stderr: str) -> bool:
+    return stderr.strip().splitlines()[-1] == (
+        f"chatapp: error: '{PICKLED}' has only pickle weights (pytorch_model.bin), which can run code when loaded; "
+        "pass --allow-pickle if you trust it"
+    )
+
+
+@pytest.mark.parametrize("command", [["pull", PICKLED], ["ask", "hi", "--model", PICKLED]], ids=["pull", "ask"])
+def test_a_pickle_only_repo_is_refused_naming_allow_pickle_before_any_download(pickle_repo, hub_env, command):
+    pickle_repo.requests.clear()
+    out = chatapp(hub_env, *command)
+    assert out.returncode == 1 and pickle_refusal(out.stderr), out.stderr
+    assert not any(r.startswith("GET") and "/resolve/" in r for r in pickle_repo.requests)
+
+
+def test_allow_pickle_pulls_and_loads_a_pickle_only_repo(pickle_repo, hub_env):
+    out = chatapp(hub_env, "pull", PICKLED, "--allow-pickle")
+    assert out.returncode == 0, out.stderr
+    assert (Path(out.stdout.strip().splitlines()[-1]) / "pytorch_model.bin").is_file()
+    offline = {**hub_env, "HF_HUB_OFFLINE": "1"}
+    refused = chatapp(offline, "ask", "hi", "--model", PICKLED)
+    assert refused.returncode == 1 and pickle_refusal(refused.stderr), refused.stderr
+    ask = ["ask", "hi", "--model", PICKLED, "--allow-pickle", "--preset", "fp32", "--max-new-tokens", "2"]
+    allowed = chatapp(offline, *ask)
+    assert allowed.returncode == 0, allowed.stderr

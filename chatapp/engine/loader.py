@@ -13,6 +13,7 @@ from ..config import Settings, load_settings
 from ..errors import ChatappError, ModelLoadError, first_line
 from ..facts import facts_from_folder
 from ..hardware import GpuInfo, Hardware, detect, detect_cpu, flash_attn_installed
+from ..hub import pickle_only
 from ..refs import ModelSource, parse_ref
 from ..units import mb
 from .gguf import convert_gguf, is_converted
@@ -140,10 +141,7 @@ def check_weights(folder: Path, label: str, *, allow_pickle: bool) -> None:
     if pickles:
         if allow_pickle:
             return
-        raise ModelLoadError(
-            f"'{label}' has only pickle weights ({pickles[0]}), which can run code when loaded; "
-            "pass --allow-pickle if you trust it"
-        )
+        raise ModelLoadError(pickle_only(label, pickles[0]))
     raise ModelLoadError(f"'{label}' has no weights (no .safetensors files in {folder})")
 
 
