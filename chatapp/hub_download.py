@@ -38,6 +38,25 @@ class DownloadCancelled(ChatappError):
     """The user stopped a download. What arrived is kept; the next pull of the same model continues from there."""
 
 
+class WontFit(HubError):
+    """No preset can ever fit this machine, planned from the model's headers: nothing was downloaded."""
+
+
+def nothing_fits(source, hardware) -> str | None:
+    """The planner's reason when no preset fits this machine even at its smallest context, from config.json and
+    the safetensors headers alone (a few KB); None when one fits, or when the headers can't tell (no
+    safetensors, an odd config): then the download goes ahead and loading has the last word."""
+    from . import planner
+    from .facts import facts_for
+
+    try:
+        facts = facts_for(source)
+    except Exception:  # noqa: BLE001 - can't tell is not a refusal; the download reports its own errors
+        return None
+    plan = planner.choose(hardware, facts)
+    return None if plan.choice else plan.reasons[-1]
+
+
 @dataclass(frozen=True)
 class Progress:
     done_bytes: int
@@ -75,8 +94,12 @@ def download(
     progress: Callable[[Progress], None] | None = None,
     cancel: threading.Event | None = None,
     free_bytes: Callable[[Path], int] | None = None,
+    before_fetch: Callable[[], None] | None = None,
 ) -> Path:
     """The local snapshot folder of repo_id, downloading what's missing.
+
+    before_fetch runs when files must come from the network, before any of them does: a check that raises
+    to refuse (a model that can't fit here).
 
     progress gets byte counts a few times a second; setting cancel raises DownloadCancelled within a fraction of
     a second, at any speed, keeping what arrived. A model is only ever a snapshot once every file in it is whole
@@ -98,7 +121,7 @@ def download(
     if constants.HF_HUB_OFFLINE:
         raise offline_error(repo_id)
     meter = _Meter(progress, cancel)
-    fetch = functools.partial(_from_hub, repo_id, revision, patterns, allow_pickle, free_bytes, meter)
+    fetch = functools.partial(_from_hub, repo_id, revision, patterns, allow_pickle, free_bytes, meter, before_fetch)
     return fetch() if cancel is None else _until_cancelled(fetch, cancel, meter)
 
 
@@ -135,12 +158,15 @@ def _from_hub(
     allow_pickle: bool,
     free_bytes: Callable[[Path], int] | None,
     meter: _Meter,
+    before_fetch: Callable[[], None] | None,
 ) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.file_download import repo_folder_name
 
     blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
     files = _remote_files(repo_id, revision, patterns, allow_pickle)
+    if before_fetch is not None:
+        before_fetch()
     total = sum(f.size for f in files)
     missing = [f for f in files if not (blobs / f.etag).exists()]
     partial = sum(_size(blobs / f"{f.etag}.incomplete") for f in missing)

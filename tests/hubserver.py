@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
+
+#: A repo of the tests (conftest's huge_repo) whose headers say a trillion parameters.
+HUGE_REPO = "TestOrg/huge-llama"
 
 #: Weights, which the Hub keeps in LFS with their sha256.
 LFS_SUFFIXES = (".safetensors", ".bin")
@@ -287,3 +291,23 @@ class _Handler(BaseHTTPRequestHandler):
                 remaining -= len(block)
                 if state.block_delay_s:
                     time.sleep(state.block_delay_s)
+
+
+def write_huge_safetensors(path: Path) -> None:
+    """A safetensors file whose header says a trillion parameters, followed by only 1 MB of data: enough for
+    get_safetensors_metadata, and a download of it shows as a read past the header."""
+    header = {"model.embed_tokens.weight": {"dtype": "BF16", "shape": [10**6, 10**6], "data_offsets": [0, 2 * 10**12]}}
+    data = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(data)) + data + bytes(1_000_000))
+
+
+def weight_reads(requests: list[str]) -> list[str]:
+    """The GETs of weight files among HubServer.requests."""
+    return [r for r in requests if r.startswith("GET") and r.split()[1].endswith((".safetensors", ".bin"))]
+
+
+def header_only(request: str) -> bool:
+    """A ranged read of at most the first 100 kB: get_safetensors_metadata reading a header, not the weights."""
+    _, _, rest = request.partition("Range:bytes=")
+    first, _, last = rest.partition("-")
+    return first == "0" and last.isdigit() and int(last) <= 100_000

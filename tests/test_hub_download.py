@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hubserver import HUGE_REPO, header_only, weight_reads
 
 REPO = "TestOrg/SmolLM2-135M-Instruct"
 
@@ -64,8 +65,9 @@ def test_a_connection_cut_mid_file_still_completes_byte_identical(hub_server, hu
 
 
 def resumed_from(requests: list[str]) -> int:
-    """The byte offset the first GET of the weights asked for (0 when it started from the beginning)."""
-    first = next(r for r in requests if r.startswith("GET") and r.split()[1].endswith("model.safetensors"))
+    """The byte offset the first GET of the weights asked for (0 when it started from the beginning); reads of
+    the safetensors header alone, to plan before downloading, are not that."""
+    first = next(r for r in weight_reads(requests) if r.split()[1].endswith("model.safetensors") and not header_only(r))
     return int(first.split("Range:bytes=")[1].split("-")[0]) if "Range:" in first else 0
 
 
@@ -362,3 +364,23 @@ def test_allow_pickle_pulls_and_loads_a_pickle_only_repo(pickle_repo, hub_env):
     ask = ["ask", "hi", "--model", PICKLED, "--allow-pickle", "--preset", "fp32", "--max-new-tokens", "2"]
     allowed = chatapp(offline, *ask)
     assert allowed.returncode == 0, allowed.stderr
+
+
+@pytest.mark.parametrize("command", [["pull", HUGE_REPO], ["ask", "hi", "--model", HUGE_REPO]], ids=["pull", "ask"])
+def test_a_model_that_can_never_fit_is_refused_before_its_weights_are_fetched(huge_repo, hub_env, command):
+    out = chatapp(hub_env, *command)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"chatapp: error: '{HUGE_REPO}' fits no preset on this machine")
+    assert "nothing fits" in last and "nothing was downloaded" in last, last
+    if command[0] == "pull":
+        assert last.endswith("(--force downloads it anyway)")
+    reads = weight_reads(huge_repo.requests)
+    assert reads and all(header_only(r) for r in reads), reads
+
+
+def test_pull_force_downloads_what_cannot_fit(huge_repo, hub_env):
+    out = chatapp(hub_env, "pull", HUGE_REPO, "--force")
+    assert out.returncode == 0, out.stderr
+    assert not all(header_only(r) for r in weight_reads(huge_repo.requests))
+    assert (Path(out.stdout.strip().splitlines()[-1]) / "model.safetensors").is_file()

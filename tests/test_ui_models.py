@@ -92,6 +92,10 @@ def test_quitting_the_app_never_waits_on_a_download(hub_server, hub_env, tmp_pat
             proc.wait()
 
 
+def test_the_picker_asks_before_downloading_a_model_that_cannot_fit(huge_repo, hub_env, tmp_path):
+    scenario(hub_env, tmp_path, "cannot_fit")
+
+
 def test_a_gated_repo_shows_the_license_page_and_how_to_log_in(hub_env, tmp_path):
     scenario(hub_env, tmp_path, "gated")
 

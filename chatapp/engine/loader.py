@@ -116,8 +116,10 @@ def materialize(
     trust_remote_code: bool = False,
     on_status: Callable[[str], None] | None = None,
     on_progress: Callable | None = None,
+    before_fetch: Callable[[], None] | None = None,
 ) -> Path:
-    """A local folder with config.json and weights for source, downloading or converting as needed."""
+    """A local folder with config.json and weights for source, downloading or converting as needed
+    (before_fetch: see hub_download.download)."""
     say = on_status or (lambda _text: None)
     if source.kind == "gguf":
         if not is_converted(source.path, settings.converted_dir):
@@ -130,6 +132,7 @@ def materialize(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
             progress=on_progress,
+            before_fetch=before_fetch,
         )
     return source.path
 
@@ -216,6 +219,14 @@ def load_model(
     elif trust_remote_code:
         notes.append(f"trust_remote_code is on for '{source.label}' (--trust-remote-code): its own code runs")
 
+    def refuse_what_cannot_fit() -> None:
+        # auto refuses a model that fits no preset anyway: say so before its weights are downloaded, not after.
+        reason = hub_download.nothing_fits(source, detect_hardware(pick_device(device)))
+        if reason:
+            raise hub_download.WontFit(
+                f"'{source.label}' fits no preset on this machine: {reason}; nothing was downloaded"
+            )
+
     folder = materialize(
         source,
         settings,
@@ -223,6 +234,7 @@ def load_model(
         trust_remote_code=trust_remote_code,
         on_status=on_status,
         on_progress=on_progress,
+        before_fetch=refuse_what_cannot_fit if preset == "auto" else None,
     )
     check_weights(folder, source.label, allow_pickle=allow_pickle)
 
