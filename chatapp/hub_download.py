@@ -50,10 +50,9 @@ def nothing_fits(source, hardware) -> str | None:
     from .facts import facts_for
 
     try:
-        facts = facts_for(source)
-    except Exception:  # noqa: BLE001 - can't tell is not a refusal; the download reports its own errors
+        plan = planner.choose(hardware, facts_for(source))
+    except Exception:  # can't tell is not a refusal: the download and the loader report their own errors
         return None
-    plan = planner.choose(hardware, facts)
     return None if plan.choice else plan.reasons[-1]
 
 
