@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("model", help="catalog key or Hub repo id (Org/Name[@revision])")
     pull.add_argument("--allow-pickle", action="store_true")
     pull.add_argument("--trust-remote-code", action="store_true")
+    pull.add_argument("--force", action="store_true", help="download even when no preset fits this machine")
 
     rm = sub.add_parser("rm", help="delete a downloaded model from the Hugging Face cache")
     rm.add_argument("model", help="catalog key or Hub repo id")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 from typing import TYPE_CHECKING
 
@@ -28,10 +29,21 @@ def _repo_of(ref: str, settings: Settings):
 
 
 def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
-    from .hub_download import download
+    from .hub_download import DownloadCancelled, WontFit, download, nothing_fits
     from .progress import ProgressBar
 
     source = _repo_of(args.model, settings)
+
+    def refuse_what_cannot_fit() -> None:
+        from .hardware import detect
+
+        reason = nothing_fits(source, detect())
+        if reason:
+            raise WontFit(
+                f"'{source.label}' fits no preset on this machine ({reason}); nothing was downloaded "
+                "(--force downloads it anyway)"
+            )
+
     bar = ProgressBar(source.label)
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
@@ -43,7 +55,12 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
             trust_remote_code=args.trust_remote_code,
             progress=bar.update,
             cancel=cancel,
+            before_fetch=None if args.force else refuse_what_cannot_fit,
         )
+    except DownloadCancelled as exc:
+        bar.close()
+        print(f"chatapp: {exc}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a tool stopped with Ctrl+C
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()

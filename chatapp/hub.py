@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,48 +48,31 @@ def _token() -> str | None:
     return get_token()
 
 
+def token_source() -> str:
+    """Where the token huggingface_hub sends comes from, in words for an error message."""
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(name, "").strip():
+            return f"the {name} environment variable"
+    if Path(constants.HF_TOKEN_PATH).is_file():
+        return f"the saved login ({constants.HF_TOKEN_PATH})"
+    return "huggingface_hub's login"
+
+
 @contextmanager
 def hub_errors(repo_id: str, revision: str | None = None):
     """Turn huggingface_hub's exceptions into our one-line errors."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         yield
     except ChatappError:
         raise
-    except GatedRepoError:
-        raise HubError(
-            f"'{repo_id}' is gated: accept its license at https://huggingface.co/{repo_id}, "
-            "then log in with `hf auth login` or set HF_TOKEN"
-        ) from None
-    except RepositoryNotFoundError as exc:
-        if getattr(exc.response, "status_code", None) == 401 and _token() is None:
-            raise HubError(
-                f"'{repo_id}' is not on the Hub, or it is private or gated and needs a login: "
-                f"accept its license at https://huggingface.co/{repo_id}, then `hf auth login` or set HF_TOKEN"
-            ) from None
-        raise ModelNotFound(
-            f"unknown model '{repo_id}': no such repo on the Hub (or it is private: log in with `hf auth login`)"
-        ) from None
-    except RevisionNotFoundError:
-        raise ModelNotFound(f"'{repo_id}' has no revision '{revision}'") from None
+    except HfHubHTTPError as exc:
+        raise _http_error(exc, repo_id, revision) from None
     except LocalEntryNotFoundError:
         raise offline_error(repo_id) from None
-    except HfHubHTTPError as exc:
-        status = getattr(exc.response, "status_code", None)
-        if status in (401, 403):
-            # A gated or private repo that didn't say so with X-Error-Code: the fix is the same.
-            raise HubError(
-                f"the Hub refused access to '{repo_id}' (HTTP {status}): if it is gated, accept its license at "
-                f"https://huggingface.co/{repo_id}; log in with `hf auth login` or set HF_TOKEN"
-            ) from None
-        raise HubError(f"talking to the Hub about '{repo_id}' failed: {first_line(exc)}") from None
     except OSError as exc:
         raise HubError(f"talking to the Hub about '{repo_id}' failed: {first_line(exc)}") from None
     except Exception as exc:
@@ -99,8 +83,87 @@ def hub_errors(repo_id: str, revision: str | None = None):
         raise
 
 
+def _http_error(exc, repo_id: str, revision: str | None) -> ChatappError:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    status = getattr(exc.response, "status_code", None)
+    if status == 401 and _token() is not None:
+        # The Hub answers 401 to a token it doesn't know, on every route, even a public repo's: that is the fault
+        # to name, not the gate or the missing repo it would otherwise look like.
+        return HubError(
+            f"the Hub rejected the token from {token_source()} (HTTP 401) while asking about '{repo_id}': "
+            "it is invalid or expired; set a valid one, unset it, or log in again with `hf auth login`"
+        )
+    if isinstance(exc, GatedRepoError):
+        return HubError(
+            f"'{repo_id}' is gated: accept its license at https://huggingface.co/{repo_id}, "
+            "then log in with `hf auth login` or set HF_TOKEN"
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        if status == 401:
+            return HubError(
+                f"'{repo_id}' is not on the Hub, or it is private or gated and needs a login: "
+                f"accept its license at https://huggingface.co/{repo_id}, then `hf auth login` or set HF_TOKEN"
+            )
+        return ModelNotFound(
+            f"unknown model '{repo_id}': no such repo on the Hub (or it is private: log in with `hf auth login`)"
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return ModelNotFound(f"'{repo_id}' has no revision '{revision}'")
+    if status in (401, 403):
+        # A gated or private repo that didn't say so with X-Error-Code: the fix is the same.
+        return HubError(
+            f"the Hub refused access to '{repo_id}' (HTTP {status}): if it is gated, accept its license at "
+            f"https://huggingface.co/{repo_id}; log in with `hf auth login` or set HF_TOKEN"
+        )
+    return HubError(f"talking to the Hub about '{repo_id}' failed: {first_line(exc)}")
+
+
 def matching(filename: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(filename, p) for p in patterns)
+
+
+#: Any one of these is enough for AutoTokenizer to build a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken", "tiktoken.model")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def missing_for_loading(names: set[str], shards: set[str] = frozenset(), *, allow_pickle: bool = True) -> str | None:
+    """What a set of repo files lacks before a model can load from it, in words, or None when nothing is missing.
+
+    shards: the files a weight index names (a sharded model), which must all be there too.
+    """
+    if "config.json" not in names:
+        return "config.json"
+    if lost := sorted(shards - names):
+        return f"{lost[0]} (one of {len(shards)} weight shards)"
+    weights = ["*.safetensors", "*.bin"] if allow_pickle else ["*.safetensors"]
+    if not any(matching(n, weights) and not n.endswith(".index.json") for n in names):
+        return "weights (*.safetensors)"
+    if not any(matching(Path(n).name, list(TOKENIZER_FILES)) for n in names):
+        return "tokenizer (tokenizer.json or tokenizer.model)"
+    return None
+
+
+def pickle_only(label: str, filename: str) -> str:
+    return (
+        f"'{label}' has only pickle weights ({filename}), which can run code when loaded; "
+        "pass --allow-pickle if you trust it"
+    )
+
+
+def folder_missing(folder: Path, *, allow_pickle: bool = True) -> str | None:
+    """missing_for_loading for a local folder: a snapshot that some other tool filled only in part (a config read
+    for planning) is not a model yet."""
+    names = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}  # is_file: no dangling links
+    shards: set[str] = set()
+    for index in WEIGHT_INDEXES:
+        if index in names:
+            try:
+                shards |= set(json.loads((folder / index).read_text())["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return f"readable {index}"
+    return missing_for_loading(names, shards, allow_pickle=allow_pickle)
 
 
 @dataclass(frozen=True)
@@ -112,7 +175,8 @@ class LocalModel:
 
 
 def list_local() -> list[LocalModel]:
-    """Models in the standard HF cache, biggest first."""
+    """Models in the standard HF cache that can load (some snapshot has config, weights and tokenizer), biggest
+    first. A snapshot that holds only what another tool read (config.json for a plan) is not listed."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
@@ -123,7 +187,7 @@ def list_local() -> list[LocalModel]:
     models = [
         LocalModel(r.repo_id, tuple(sorted(rev.commit_hash[:12] for rev in r.revisions)), r.size_on_disk, r.repo_path)
         for r in info.repos
-        if r.repo_type == "model"
+        if r.repo_type == "model" and any(folder_missing(rev.snapshot_path) is None for rev in r.revisions)
     ]
     return sorted(models, key=lambda m: -m.size_bytes)
 

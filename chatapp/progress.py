@@ -37,3 +37,4 @@ class ProgressBar:
         if self._shown:
             self.stream.write("\n")
             self.stream.flush()
+            self._shown = False

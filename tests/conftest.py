@@ -116,3 +116,21 @@ def hub_env(hub_server, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env.update(HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
     return env
+
+
+@pytest.fixture
+def huge_repo(hub_server, tiny_folder, tmp_path_factory):
+    """A repo whose headers say a trillion parameters (no machine fits it) but whose weights file is 1 MB: what a
+    pull fetches of it shows in the server's requests. Yields the server."""
+    from hubserver import HUGE_REPO, write_huge_safetensors
+
+    folder = tmp_path_factory.mktemp("huge-llama")
+    for path in tiny_folder.iterdir():
+        if path.is_file() and path.suffix != ".safetensors":
+            shutil.copy(path, folder / path.name)
+    write_huge_safetensors(folder / "model.safetensors")
+    server, _url = hub_server
+    server.add(HUGE_REPO, folder)
+    server.requests.clear()
+    yield server
+    del server.repos[HUGE_REPO]

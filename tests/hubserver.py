@@ -2,19 +2,27 @@
 
 It serves repos from local folders and answers what `huggingface_hub` calls: model info, the file tree,
 `resolve` with HEAD/GET (ETag, X-Repo-Commit, Content-Length, Range), and model search. Switches make a
-repo gated (401 with X-Error-Code: GatedRepo), or cut a connection mid-file, or send slowly.
+repo gated (401 with X-Error-Code: GatedRepo), refuse tokens the server doesn't know, cut a connection
+mid-file, or send slowly or at a crawl.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
+
+#: A repo of the tests (conftest's huge_repo) whose headers say a trillion parameters.
+HUGE_REPO = "TestOrg/huge-llama"
+
+#: Weights, which the Hub keeps in LFS with their sha256.
+LFS_SUFFIXES = (".safetensors", ".bin")
 
 
 @dataclass
@@ -50,7 +58,7 @@ def _etag(path: Path) -> str:
 def _sibling(folder: Path, path: Path) -> dict:
     """A file as the Hub lists it with files_metadata: weights are in LFS, with their sha256."""
     entry = {"rfilename": str(path.relative_to(folder)), "size": path.stat().st_size}
-    if path.suffix == ".safetensors":
+    if path.suffix in LFS_SUFFIXES:
         entry["lfs"] = {"sha256": _etag(path), "size": path.stat().st_size, "pointerSize": 134}
     return entry
 
@@ -63,7 +71,14 @@ class HubServer:
     drops: list[int] = field(default_factory=list)
     #: Sleep this long between 64 KiB blocks of a GET body, to test cancel and progress.
     block_delay_s: float = 0.0
+    #: A link that slows to a crawl: after the first fast_bytes of a GET body, send at most this many bytes a
+    #: second (0: no limit).
+    bytes_per_s: int = 0
+    fast_bytes: int = 0
     requests: list[str] = field(default_factory=list)
+    #: The tokens this Hub knows; as on the Hub, any other token sent is refused with a 401 on every route.
+    #: None: any token is good.
+    valid_tokens: set[str] | None = None
 
     def add(self, repo_id: str, folder: Path, **kwargs) -> Repo:
         self.repos[repo_id] = Repo(Path(folder), **kwargs)
@@ -143,6 +158,13 @@ class _Handler(BaseHTTPRequestHandler):
         ranged = self.headers.get("Range")
         state.requests.append(f"{self.command} {path}" + (f" Range:{ranged}" if ranged else ""))
         parts = path.strip("/").split("/")
+        token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+        if token and state.valid_tokens is not None and token not in state.valid_tokens:
+            return self._send_json(
+                {"error": "Invalid credentials in Authorization header"},
+                401,
+                {"X-Error-Message": "Invalid credentials in Authorization header"},
+            )
         if parts[:2] == ["api", "models"] and len(parts) == 2:
             return self._search(parse_qs(url.query))
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
@@ -190,7 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "size": p.stat().st_size,
                 "oid": hashlib.sha1(p.read_bytes()).hexdigest(),
             }
-            if p.suffix == ".safetensors":
+            if p.suffix in LFS_SUFFIXES:
                 entry["lfs"] = {"oid": _etag(p), "size": p.stat().st_size, "pointerSize": 134}
             entries.append(entry)
         self._send_json(entries)
@@ -254,7 +276,10 @@ class _Handler(BaseHTTPRequestHandler):
             handle.seek(start)
             remaining = end - start + 1
             while remaining > 0:
-                block = handle.read(min(65536, remaining))
+                crawling = state.bytes_per_s and sent >= state.fast_bytes
+                block = handle.read(min(256 if crawling else 65536, remaining))
+                if crawling:
+                    time.sleep(len(block) / state.bytes_per_s)
                 if limit is not None and sent + len(block) >= limit:
                     self.wfile.write(block[: limit - sent])
                     self.wfile.flush()
@@ -266,3 +291,23 @@ class _Handler(BaseHTTPRequestHandler):
                 remaining -= len(block)
                 if state.block_delay_s:
                     time.sleep(state.block_delay_s)
+
+
+def write_huge_safetensors(path: Path) -> None:
+    """A safetensors file whose header says a trillion parameters, followed by only 1 MB of data: enough for
+    get_safetensors_metadata, and a download of it shows as a read past the header."""
+    header = {"model.embed_tokens.weight": {"dtype": "BF16", "shape": [10**6, 10**6], "data_offsets": [0, 2 * 10**12]}}
+    data = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(data)) + data + bytes(1_000_000))
+
+
+def weight_reads(requests: list[str]) -> list[str]:
+    """The GETs of weight files among HubServer.requests."""
+    return [r for r in requests if r.startswith("GET") and r.split()[1].endswith((".safetensors", ".bin"))]
+
+
+def header_only(request: str) -> bool:
+    """A ranged read of at most the first 100 kB: get_safetensors_metadata reading a header, not the weights."""
+    _, _, rest = request.partition("Range:bytes=")
+    first, _, last = rest.partition("-")
+    return first == "0" and last.isdigit() and int(last) <= 100_000

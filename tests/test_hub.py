@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 
 def chatapp(env, *args, stdin=None):
@@ -66,3 +69,39 @@ def test_offline_mode_says_so_in_one_line(hub_env):
         "chatapp: error: 'TestOrg/tiny-llama' is not downloaded and the Hub can't be reached "
         "(offline, or HF_HUB_OFFLINE=1)"
     )
+
+
+@pytest.mark.parametrize("repo", ["TestOrg/tiny-llama", "TestOrg/gated-llama", "TestOrg/no-such-model"])
+@pytest.mark.parametrize("source", ["env", "saved login"])
+def test_a_rejected_token_is_named_with_where_it_came_from(hub_server, hub_env, repo, source):
+    """The Hub refuses a token it doesn't know with a 401 on every route: that is what to say, whatever the repo."""
+    server, _url = hub_server
+    env = {k: v for k, v in hub_env.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    if source == "env":
+        env["HF_TOKEN"] = "hf_not_a_real_token"
+        where = "the HF_TOKEN environment variable"
+    else:
+        token_file = Path(env["HF_HOME"]) / "token"
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        token_file.write_text("hf_not_a_real_token")
+        where = f"the saved login ({token_file})"
+    server.valid_tokens = {"hf_the_good_one"}
+    try:
+        out = chatapp(env, "pull", repo)
+    finally:
+        server.valid_tokens = None
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == (
+        f"chatapp: error: the Hub rejected the token from {where} (HTTP 401) while asking about '{repo}': "
+        "it is invalid or expired; set a valid one, unset it, or log in again with `hf auth login`"
+    )
+
+
+def test_a_good_token_still_opens_a_gated_repo(hub_server, hub_env):
+    server, _url = hub_server
+    server.valid_tokens = {"hf_the_good_one"}
+    try:
+        out = chatapp({**hub_env, "HF_TOKEN": "hf_the_good_one"}, "pull", "TestOrg/gated-llama")
+    finally:
+        server.valid_tokens = None
+    assert out.returncode == 0, out.stderr

@@ -54,6 +54,48 @@ def test_a_download_shows_progress_and_can_be_cancelled(hub_server, hub_env, tmp
         server.block_delay_s = 0.0
 
 
+def test_esc_stops_a_download_from_a_crawling_server_at_once(hub_server, hub_env, tmp_path):
+    server, _url = hub_server
+    server.fast_bytes, server.bytes_per_s = 2_000_000, 2_000  # then 2 kB/s
+    try:
+        scenario(hub_env, tmp_path, "cancel_crawling_download")
+    finally:
+        server.fast_bytes, server.bytes_per_s = 0, 0
+
+
+def test_quitting_the_app_never_waits_on_a_download(hub_server, hub_env, tmp_path):
+    server, _url = hub_server
+    server.fast_bytes, server.bytes_per_s = 2_000_000, 2_000
+    proc = subprocess.Popen(
+        [sys.executable, "tests/ui_hub_scenarios.py", "quit_during_download", str(tmp_path)],
+        env=hub_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip() == "QUIT":
+                break
+        assert lines and lines[-1].strip() == "QUIT", "".join(lines)[-3000:]
+        try:
+            proc.wait(timeout=10)  # a generous bound: it acts at once, but CI machines are busy
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the app did not exit within 10 s of quitting during a download") from None
+        assert proc.returncode == 0, proc.stdout.read()[-3000:]
+    finally:
+        server.fast_bytes, server.bytes_per_s = 0, 0
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_picker_asks_before_downloading_a_model_that_cannot_fit(huge_repo, hub_env, tmp_path):
+    scenario(hub_env, tmp_path, "cannot_fit")
+
+
 def test_a_gated_repo_shows_the_license_page_and_how_to_log_in(hub_env, tmp_path):
     scenario(hub_env, tmp_path, "gated")
 

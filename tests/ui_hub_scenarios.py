@@ -104,6 +104,66 @@ async def cancel_download(pilot):
     print("OK")
 
 
+async def start_download(pilot):
+    picker = await open_search(pilot, "SmolLM2")
+    await pilot.press("enter")
+    label = picker.query_one("#download-label")
+    await until(pilot, lambda: " MB · " in str(label.content), what="download progress")
+    await pilot.pause(0.5)  # the server is crawling by now
+    return picker
+
+
+async def cancel_crawling_download(pilot):
+    """The server sends 2 kB/s: Esc stops the download at once, and a second Esc leaves the picker."""
+    app = pilot.app
+    picker = await start_download(pilot)
+    await pilot.press("escape")
+    await until(pilot, lambda: picker.downloading is None, timeout=3, what="the cancel, within a few seconds")
+    error = str(picker.query_one("#picker-error").content)
+    assert "download stopped with " in error and " kept" in error, error
+    await pilot.press("escape")
+    await until(pilot, lambda: app.screen is app.chat, timeout=3, what="the picker to close")
+    print("OK")
+
+
+async def quit_during_download(pilot):
+    await start_download(pilot)
+    print("QUIT", flush=True)  # the test times the exit from here
+    pilot.app.exit()
+
+
+def weights_in_cache() -> int:
+    """Bytes of the huge repo's weights in the HF cache, whole or partial (its blobs over 100 kB)."""
+    from huggingface_hub import constants
+
+    blobs = Path(constants.HF_HUB_CACHE) / "models--TestOrg--huge-llama" / "blobs"
+    return sum(p.stat().st_size for p in blobs.glob("*") if p.stat().st_size > 100_000)
+
+
+async def asked_before_a_download_that_cannot_fit(pilot):
+    """A model that fits no preset here: the picker asks before downloading; No fetches nothing, Yes downloads."""
+    from chatapp.ui.screens.dialogs import ConfirmScreen
+
+    app = pilot.app
+    picker = await open_search(pilot, "huge")
+    assert picker.rows["search"][0].ref == "TestOrg/huge-llama"
+    await pilot.press("enter")
+    await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the question")
+    question = app.screen.question
+    assert "fits no preset on this machine" in question and "anyway?" in question, question
+    await pilot.press("escape")
+    await until(pilot, lambda: app.screen is picker and picker.downloading is None, what="back in the picker")
+    assert not picker.query_one("#download-box").display
+    assert weights_in_cache() == 0
+    picker.query_one("#table-search").focus()
+    await pilot.press("enter")
+    await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the question again")
+    await pilot.press("y")
+    await until(pilot, lambda: app.screen is app.chat, what="the forced download")
+    assert weights_in_cache() >= 1_000_000
+    print("OK")
+
+
 async def gated(pilot):
     picker = await open_search(pilot, "gated")
     await pilot.press("enter")
@@ -114,7 +174,14 @@ async def gated(pilot):
     print("OK")
 
 
-SCENARIOS = {"download_and_chat": download_and_chat, "cancel_download": cancel_download, "gated": gated}
+SCENARIOS = {
+    "download_and_chat": download_and_chat,
+    "cancel_download": cancel_download,
+    "cancel_crawling_download": cancel_crawling_download,
+    "quit_during_download": quit_during_download,
+    "gated": gated,
+    "cannot_fit": asked_before_a_download_that_cannot_fit,
+}
 
 
 async def main(name: str, data: Path) -> None:

@@ -13,6 +13,7 @@ from ..config import Settings, load_settings
 from ..errors import ChatappError, ModelLoadError, first_line
 from ..facts import facts_from_folder
 from ..hardware import GpuInfo, Hardware, detect, detect_cpu, flash_attn_installed
+from ..hub import pickle_only
 from ..refs import ModelSource, parse_ref
 from ..units import mb
 from .gguf import convert_gguf, is_converted
@@ -115,8 +116,10 @@ def materialize(
     trust_remote_code: bool = False,
     on_status: Callable[[str], None] | None = None,
     on_progress: Callable | None = None,
+    before_fetch: Callable[[], None] | None = None,
 ) -> Path:
-    """A local folder with config.json and weights for source, downloading or converting as needed."""
+    """A local folder with config.json and weights for source, downloading or converting as needed
+    (before_fetch: see hub_download.download)."""
     say = on_status or (lambda _text: None)
     if source.kind == "gguf":
         if not is_converted(source.path, settings.converted_dir):
@@ -129,6 +132,7 @@ def materialize(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
             progress=on_progress,
+            before_fetch=before_fetch,
         )
     return source.path
 
@@ -140,10 +144,7 @@ def check_weights(folder: Path, label: str, *, allow_pickle: bool) -> None:
     if pickles:
         if allow_pickle:
             return
-        raise ModelLoadError(
-            f"'{label}' has only pickle weights ({pickles[0]}), which can run code when loaded; "
-            "pass --allow-pickle if you trust it"
-        )
+        raise ModelLoadError(pickle_only(label, pickles[0]))
     raise ModelLoadError(f"'{label}' has no weights (no .safetensors files in {folder})")
 
 
@@ -218,6 +219,14 @@ def load_model(
     elif trust_remote_code:
         notes.append(f"trust_remote_code is on for '{source.label}' (--trust-remote-code): its own code runs")
 
+    def refuse_what_cannot_fit() -> None:
+        # auto refuses a model that fits no preset anyway: say so before its weights are downloaded, not after.
+        reason = hub_download.nothing_fits(source, detect_hardware(pick_device(device)))
+        if reason:
+            raise hub_download.WontFit(
+                f"'{source.label}' fits no preset on this machine: {reason}; nothing was downloaded"
+            )
+
     folder = materialize(
         source,
         settings,
@@ -225,6 +234,7 @@ def load_model(
         trust_remote_code=trust_remote_code,
         on_status=on_status,
         on_progress=on_progress,
+        before_fetch=refuse_what_cannot_fit if preset == "auto" else None,
     )
     check_weights(folder, source.label, allow_pickle=allow_pickle)
 

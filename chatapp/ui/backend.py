@@ -98,9 +98,10 @@ class DownloadUpdate(Message):
 class DownloadEnded(Message):
     """A download finished (error None) or stopped; a finished one is loaded next."""
 
-    def __init__(self, ref: str, error: str | None):
+    def __init__(self, ref: str, error: str | None, wont_fit: bool = False):
         super().__init__()
-        self.ref, self.error = ref, error
+        #: wont_fit: refused before any weights came, because no preset fits this machine (Target.force overrides).
+        self.ref, self.error, self.wont_fit = ref, error, wont_fit
 
 
 # -- the backend -----------------------------------------------------------------------------------
@@ -114,6 +115,8 @@ class Target:
     preset: str
     context_tokens: int | None = None
     attn_implementation: str | None = None
+    #: Download it even when the planner says no preset fits this machine.
+    force: bool = False
 
 
 class Backend:
@@ -183,7 +186,7 @@ class Backend:
         try:
             source = parse_ref(target.model, self.app.catalog())
             if source.kind == "hub":
-                self._download(source)
+                self._download(source, target.force)
         except ChatappError as exc:
             self.app.call_from_thread(self._not_prepared, target, str(exc))
             return
@@ -219,8 +222,8 @@ class Backend:
             )
         )
 
-    def _download(self, source) -> None:
-        from ..hub_download import download
+    def _download(self, source, force: bool) -> None:
+        from ..hub_download import WontFit, download, nothing_fits
 
         cancel = self.download_cancel = threading.Event()
         ref = source.label
@@ -228,10 +231,21 @@ class Backend:
         def progress(pr) -> None:
             self._post(DownloadUpdate, ref, pr.done_bytes, pr.total_bytes, pr.bytes_per_s)
 
+        def refuse_what_cannot_fit() -> None:
+            reason = nothing_fits(source, self.app.hardware)
+            if reason:
+                raise WontFit(f"'{ref}' fits no preset on this machine ({reason}); nothing was downloaded")
+
         try:
-            download(source.repo_id, source.revision, progress=progress, cancel=cancel)
+            download(
+                source.repo_id,
+                source.revision,
+                progress=progress,
+                cancel=cancel,
+                before_fetch=None if force else refuse_what_cannot_fit,
+            )
         except ChatappError as exc:
-            self._post(DownloadEnded, ref, str(exc))
+            self._post(DownloadEnded, ref, str(exc), isinstance(exc, WontFit))
             raise
         finally:
             self.download_cancel = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -42,8 +44,10 @@ class ModelPickerScreen(Screen):
     def __init__(self):
         super().__init__()
         self.rows: dict[str, list[choices.ModelRow]] = {tab: [] for tab in TABS}
-        #: The name of the model being downloaded from here, if any.
+        #: The name of the model being downloaded from here, if any; and its row and target, to ask about them.
         self.downloading: str | None = None
+        self.download_row: choices.ModelRow | None = None
+        self.download_target: Target | None = None
 
     def compose(self) -> ComposeResult:
         yield Label("Choose a model", id="picker-title", markup=False)
@@ -204,8 +208,12 @@ class ModelPickerScreen(Screen):
             self.app.backend.switch(target)
             self.dismiss_to_chat()
             return
-        # The backend downloads it, then loads it with this plan; the box below shows the progress.
-        self.downloading = row.name
+        self._download(row, target)
+
+    def _download(self, row: choices.ModelRow, target: Target) -> None:
+        # The backend downloads it, then loads it with this plan; the box below shows the progress. First it
+        # plans from the headers, and refuses (DownloadEnded.wont_fit) what can't fit: then the user is asked.
+        self.downloading, self.download_row, self.download_target = row.name, row, target
         self.query_one("#picker-error").display = False
         self.query_one("#download-box").display = True
         self.query_one("#download-label", Label).update(f"downloading {row.name}…")
@@ -233,9 +241,20 @@ class ModelPickerScreen(Screen):
             return
         if event.error:
             self.show_error(event.error, notify=False)  # the chat screen tells the user once
+            if event.wont_fit:
+                self._ask_to_force(self.download_row, self.download_target)
             return
         self.notify(f"Downloaded {name}.", timeout=4)
         self.dismiss_to_chat()
+
+    def _ask_to_force(self, row: choices.ModelRow, target: Target) -> None:
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self._download(row, replace(target, force=True))
+
+        size = f" (about {gb(row.download_bytes)})" if row.download_bytes else ""
+        question = f"{row.name} fits no preset on this machine, so it won't load here. Download it{size} anyway?"
+        self.app.push_screen(ConfirmScreen(question, yes="Download anyway"), confirmed)
 
     @on(Button.Pressed, "#download-cancel")
     def _cancel_pressed(self) -> None:
