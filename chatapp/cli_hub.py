@@ -29,20 +29,12 @@ def _repo_of(ref: str, settings: Settings):
 
 
 def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
-    from .hub_download import DownloadCancelled, WontFit, download, nothing_fits
+    from .hardware import detect
+    from .hub_download import DownloadCancelled, download, refuse_what_cannot_fit
     from .progress import ProgressBar
 
     source = _repo_of(args.model, settings)
-
-    def refuse_what_cannot_fit() -> None:
-        from .hardware import detect
-
-        reason = nothing_fits(source, detect())
-        if reason:
-            raise WontFit(
-                f"'{source.label}' fits no preset on this machine ({reason}); nothing was downloaded "
-                "(--force downloads it anyway)"
-            )
+    fit_check = refuse_what_cannot_fit(source, detect, " (--force downloads it anyway)")
 
     bar = ProgressBar(source.label)
     cancel = threading.Event()
@@ -55,7 +47,7 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
             trust_remote_code=args.trust_remote_code,
             progress=bar.update,
             cancel=cancel,
-            before_fetch=None if args.force else refuse_what_cannot_fit,
+            before_fetch=None if args.force else fit_check,
         )
     except DownloadCancelled as exc:
         bar.close()

@@ -56,6 +56,18 @@ def nothing_fits(source, hardware) -> str | None:
     return None if plan.choice else plan.reasons[-1]
 
 
+def refuse_what_cannot_fit(source, hardware: Callable[[], object], hint: str = "") -> Callable[[], None]:
+    """A before_fetch for download(): raises WontFit, naming the planner's reason (and `hint`), when no preset
+    fits. hardware() is asked only then, since detecting it may talk to the GPU driver."""
+
+    def check() -> None:
+        reason = nothing_fits(source, hardware())
+        if reason:
+            raise WontFit(f"'{source.label}' fits no preset on this machine ({reason}); nothing was downloaded{hint}")
+
+    return check
+
+
 @dataclass(frozen=True)
 class Progress:
     done_bytes: int

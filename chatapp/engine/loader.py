@@ -219,14 +219,8 @@ def load_model(
     elif trust_remote_code:
         notes.append(f"trust_remote_code is on for '{source.label}' (--trust-remote-code): its own code runs")
 
-    def refuse_what_cannot_fit() -> None:
-        # auto refuses a model that fits no preset anyway: say so before its weights are downloaded, not after.
-        reason = hub_download.nothing_fits(source, detect_hardware(pick_device(device)))
-        if reason:
-            raise hub_download.WontFit(
-                f"'{source.label}' fits no preset on this machine: {reason}; nothing was downloaded"
-            )
-
+    # auto refuses a model that fits no preset anyway: say so before its weights are downloaded, not after.
+    fit_check = hub_download.refuse_what_cannot_fit(source, lambda: detect_hardware(pick_device(device)))
     folder = materialize(
         source,
         settings,
@@ -234,7 +228,7 @@ def load_model(
         trust_remote_code=trust_remote_code,
         on_status=on_status,
         on_progress=on_progress,
-        before_fetch=refuse_what_cannot_fit if preset == "auto" else None,
+        before_fetch=fit_check if preset == "auto" else None,
     )
     check_weights(folder, source.label, allow_pickle=allow_pickle)
 

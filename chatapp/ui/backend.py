@@ -223,7 +223,7 @@ class Backend:
         )
 
     def _download(self, source, force: bool) -> None:
-        from ..hub_download import WontFit, download, nothing_fits
+        from ..hub_download import WontFit, download, refuse_what_cannot_fit
 
         cancel = self.download_cancel = threading.Event()
         ref = source.label
@@ -231,18 +231,13 @@ class Backend:
         def progress(pr) -> None:
             self._post(DownloadUpdate, ref, pr.done_bytes, pr.total_bytes, pr.bytes_per_s)
 
-        def refuse_what_cannot_fit() -> None:
-            reason = nothing_fits(source, self.app.hardware)
-            if reason:
-                raise WontFit(f"'{ref}' fits no preset on this machine ({reason}); nothing was downloaded")
-
         try:
             download(
                 source.repo_id,
                 source.revision,
                 progress=progress,
                 cancel=cancel,
-                before_fetch=None if force else refuse_what_cannot_fit,
+                before_fetch=None if force else refuse_what_cannot_fit(source, lambda: self.app.hardware),
             )
         except ChatappError as exc:
             self._post(DownloadEnded, ref, str(exc), isinstance(exc, WontFit))
