@@ -10,7 +10,7 @@ from typing import Any
 from .. import hub_download, planner
 from ..catalog import ModelSpec, load_catalog
 from ..config import Settings, load_settings
-from ..errors import ChatappError, ModelLoadError, first_line
+from ..errors import ModelLoadError, first_line
 from ..facts import facts_from_folder
 from ..hardware import GpuInfo, Hardware, detect, detect_cpu, flash_attn_installed
 from ..refs import ModelSource, parse_ref
@@ -235,8 +235,8 @@ def load_model(
     choice = None
     if preset == "auto" or context is None or attn_implementation is None:
         plan = _plan(folder, source.label, preset, device, context or settings.context_cap or None)
-        reasons.extend(plan.reasons if plan else ["no plan: the model's config lacks what the planner needs"])
-        choice = plan.choice if plan else None
+        reasons.extend(plan.reasons)
+        choice = plan.choice
     if preset == "auto":
         if choice is None:
             raise ModelLoadError(f"'{source.label}' fits no preset on this machine: {reasons[-1]}")
@@ -328,15 +328,10 @@ def _devices(model) -> str:
     return str(next(model.parameters()).device)
 
 
-def _plan(folder: Path, label: str, preset: str, device: str, context: int | None) -> planner.Plan | None:
-    """The planner's choice for this preset here; None when the config lacks what it needs (a concrete preset
-    then loads as asked, with the model's own context)."""
-    try:
-        facts = facts_from_folder(folder, label)
-    except (ChatappError, KeyError, TypeError, ValueError):
-        if preset == "auto":
-            raise
-        return None
+def _plan(folder: Path, label: str, preset: str, device: str, context: int | None) -> planner.Plan:
+    """The planner's choice for this preset here. A config.json or safetensors header it can't read is one line
+    naming the file, whatever the preset: loading it anyway would fail later with a library's traceback."""
+    facts = facts_from_folder(folder, label)
     return planner.choose(
         detect_hardware(device), facts, context=context, preset=preset, flash_attn_installed=flash_attn_installed()
     )
