@@ -42,6 +42,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickle .bin weights")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own Python code")
+    parser.add_argument("--force", action="store_true", help="load the preset even where the planner says it won't fit")
 
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -143,6 +144,7 @@ def _load(args: argparse.Namespace, settings: Settings):
             device=args.device,
             allow_pickle=args.allow_pickle,
             trust_remote_code=True if args.trust_remote_code else None,
+            force=args.force,
             on_status=_note,
             on_progress=bar.update,
         )

@@ -486,6 +486,18 @@ def choose(
     return Plan(facts, hardware, tuple(table), choice, tuple(reasons))
 
 
+def shortfall(plan: Plan, preset: str) -> str:
+    """Why `preset` doesn't fit, in one line with the numbers: what it needs at the plan's context (for auto, the
+    least of the presets it tries), and the most any device here has."""
+    tried = auto_ladder(plan.hardware) if preset == "auto" else (preset,)
+    need = min((est for est, _ in plan.presets if est.preset in tried), key=lambda est: est.total_bytes)
+    biggest = max(_targets(plan.hardware), key=lambda t: t.budget)
+    return (
+        f"{need.preset} needs {_gb(need.total_bytes)} at {need.context_tokens:,} tokens; "
+        f"{biggest.label} has {_gb(biggest.budget)} usable"
+    )
+
+
 def plan_dict(plan: Plan) -> dict:
     """The `chatapp plan --json` contract."""
     hw = plan.hardware

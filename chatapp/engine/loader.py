@@ -10,7 +10,7 @@ from typing import Any
 from .. import hub_download, planner
 from ..catalog import ModelSpec, load_catalog
 from ..config import Settings, load_settings
-from ..errors import ModelLoadError, first_line
+from ..errors import ChatappError, ModelLoadError, first_line
 from ..facts import facts_from_folder
 from ..hardware import GpuInfo, Hardware, detect, detect_cpu, flash_attn_installed
 from ..refs import ModelSource, parse_ref
@@ -200,6 +200,7 @@ def load_model(
     attn_implementation: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool | None = None,
+    force: bool = False,
     on_status: Callable[[str], None] | None = None,
     on_progress: Callable | None = None,
 ) -> LoadedModel:
@@ -231,12 +232,24 @@ def load_model(
     device = pick_device(device)
     device_type = device.split(":")[0]
     bf16_ok, capability = _device_facts(device)
-    reasons: list[str] = []
-    choice = None
-    if preset == "auto" or context is None or attn_implementation is None:
+    # Every preset is planned, not only auto: a preset named by hand that can't fit would otherwise allocate
+    # until the machine gives out (a config with 10^9 layers). `force` is the user's word that they know.
+    try:
         plan = _plan(folder, source.label, preset, device, context or settings.context_cap or None)
-        reasons.extend(plan.reasons)
-        choice = plan.choice
+    except ChatappError as exc:
+        if not force or preset == "auto":
+            raise
+        plan = None
+        notes.append(f"no plan ({exc}); loading {preset} as asked, as forced")
+    reasons: list[str] = list(plan.reasons) if plan else []
+    choice = plan.choice if plan else None
+    if plan is not None and choice is None and preset != "auto":
+        if not force:
+            raise ModelLoadError(
+                f"'{source.label}' won't fit with preset {preset}: {planner.shortfall(plan, preset)}; "
+                "force it to load anyway (--force; in the app, F4 and 'Load anyway')"
+            )
+        notes.append(f"{preset} won't fit ({planner.shortfall(plan, preset)}); loading it anyway, as forced")
     if preset == "auto":
         if choice is None:
             raise ModelLoadError(f"'{source.label}' fits no preset on this machine: {reasons[-1]}")
