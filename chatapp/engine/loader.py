@@ -15,6 +15,7 @@ from ..facts import facts_from_folder
 from ..hardware import GpuInfo, Hardware, detect, detect_cpu, flash_attn_installed
 from ..refs import ModelSource, parse_ref
 from ..units import mb
+from .checks import check_remote_code, check_weights, remote_code_refusal, tokenizer_problem
 from .gguf import convert_gguf, is_converted
 
 #: Used when a model ships no chat template. Plain "Role: text" blocks; documented in the README.
@@ -131,20 +132,6 @@ def materialize(
             progress=on_progress,
         )
     return source.path
-
-
-def check_weights(folder: Path, label: str, *, allow_pickle: bool) -> None:
-    if any(folder.glob("*.safetensors")):
-        return
-    pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-    if pickles:
-        if allow_pickle:
-            return
-        raise ModelLoadError(
-            f"'{label}' has only pickle weights ({pickles[0]}), which can run code when loaded; "
-            "pass --allow-pickle if you trust it"
-        )
-    raise ModelLoadError(f"'{label}' has no weights (no .safetensors files in {folder})")
 
 
 def _torch_dtype(name: str):
@@ -278,12 +265,16 @@ def load_model(
                 flash_attn_installed=flash_attn_installed(),
             ).value
 
-    attn_implementation, why = _supported_attention(folder, attn_implementation)
+    check_remote_code(folder, source.label, trust_remote_code=trust_remote_code)
+    attn_implementation, why = _supported_attention(folder, attn_implementation, trust_remote_code)
     if why:
         reasons.append(why)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as exc:
+        raise ModelLoadError(tokenizer_problem(folder, source.label, exc)) from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             folder,
             device_map=device_map,
@@ -295,6 +286,8 @@ def load_model(
     except ImportError as exc:
         raise ModelLoadError(f"can't load '{source.label}' with preset {preset}: {first_line(exc)}") from None
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(remote_code_refusal(source.label, "it")) from None
         raise ModelLoadError(f"can't load '{source.label}' ({preset}): {first_line(exc)}") from None
     model.eval()
 
@@ -350,14 +343,15 @@ def _plan(folder: Path, label: str, preset: str, device: str, context: int | Non
     )
 
 
-def _supported_attention(folder: Path, wanted: str) -> tuple[str, str]:
+def _supported_attention(folder: Path, wanted: str, trust_remote_code: bool = False) -> tuple[str, str]:
     """`wanted`, or the next best attention the model's class supports (Gemma 2 has no SDPA: its logits are
     soft-capped); and why it changed, or "". Remote-code classes are taken at their word."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(folder))]
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)  # never a prompt on stdin
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except (KeyError, ValueError, OSError):
         return wanted, ""
     order = ["flash_attention_2", "sdpa", "eager"]
