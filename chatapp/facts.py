@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -211,13 +212,16 @@ def facts_from_gguf(path: Path, name: str | None = None) -> ModelFacts:
     try:
         reader = GGUFReader(str(path))
         arch = reader.fields["general.architecture"].contents()
-    except (ValueError, KeyError, IndexError, OSError) as exc:
+    except (ValueError, KeyError, IndexError, OSError, struct.error) as exc:
         raise ModelLoadError(f"'{path}' is not a readable GGUF file ({first_line(exc)})") from None
-    fields = {key.removeprefix(f"{arch}."): item.contents() for key, item in reader.fields.items()}
+    # Only the numbers: reading every field would decode the whole vocabulary and merges too.
+    wanted = ("embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length")
+    wanted += ("block_count", "feed_forward_length", "vocab_size", "context_length")
+    fields = {key: reader.fields[f"{arch}.{key}"].contents() for key in wanted if f"{arch}.{key}" in reader.fields}
     where = f"'{path}'"
-    tokens = fields.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, list) and tokens:
-        fields["vocab_size"] = len(tokens)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens.data):
+        fields["vocab_size"] = len(tokens.data)
     hidden = _size(fields, "embedding_length", where)
     heads = _size(fields, "attention.head_count", where)
     names = {t.name for t in reader.tensors}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from brokenmodels import BROKEN_ENTRIES, BROKEN_FOLDERS, broken_catalog, broken_folder
@@ -104,3 +105,30 @@ def test_the_worker_refuses_a_broken_model_in_one_line(kind, preset, worker, tin
     answer = load_result(client, events, str(folder), preset)
     assert isinstance(answer, p.Error), answer
     assert f"'{name}'" in answer.message and words in answer.message and "\n" not in answer.message
+
+
+def starter_gguf() -> Path:
+    from chatapp.catalog import load_catalog
+    from chatapp.refs import parse_ref
+
+    return parse_ref("smollm2-135m-local", load_catalog()).path
+
+
+#: kind -> the file's bytes
+BROKEN_GGUF = {
+    "empty": lambda: b"",
+    "text": lambda: b"hello\n",
+    "an unknown version": lambda: b"GGUF" + b"x" * 60,
+    "cut short": lambda: starter_gguf().read_bytes()[:4096],
+}
+
+
+@pytest.mark.parametrize("command", ["plan", "ask"])
+@pytest.mark.parametrize("kind", list(BROKEN_GGUF))
+def test_a_broken_gguf_file_is_one_line_naming_it(kind, command, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(BROKEN_GGUF[kind]())
+    monkeypatch.setenv("CHATAPP_DATA_DIR", str(tmp_path / "data"))  # conversions go to this test's own folder
+    args = ["plan", str(path), "--no-gpu"] if command == "plan" else ["ask", "Hi", "-m", str(path), "-p", "fp32"]
+    assert main(args) == 1
+    assert f"'{path}'" in one_error_line(capsys)
