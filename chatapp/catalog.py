@@ -84,6 +84,8 @@ def _spec_from_table(key: str, table: dict, source: Path | Traversable) -> Model
             raise ConfigError(f"{source}: entry '{key}' field '{name}' must be {kind.__name__}, got {value!r}")
         if kind is dict:
             _check_architecture(key, value, source)
+        if name == "context_length" and value <= 0:
+            raise ConfigError(f"{source}: entry '{key}' field 'context_length' must be above 0, got {value!r}")
         values[name] = value
     if "name" not in values:
         raise ConfigError(f"{source}: entry '{key}' is missing field 'name'")
@@ -101,6 +103,10 @@ def _check_architecture(key: str, table: dict, source: Path | Traversable) -> No
             raise ConfigError(
                 f"{source}: entry '{key}' field 'architecture.{name}' must be {kind.__name__}, got {value!r}"
             )
+        # Sizes of zero or less make the planner's numbers nonsense (hidden_size 0 divides by zero).
+        if kind is int and value < (0 if name == "sliding_layers" else 1):
+            least = "0 or more" if name == "sliding_layers" else "above 0"
+            raise ConfigError(f"{source}: entry '{key}' field 'architecture.{name}' must be {least}, got {value!r}")
     missing = [n for n, (_kind, required) in ARCHITECTURE_FIELDS.items() if required and n not in table]
     if missing:
         raise ConfigError(f"{source}: entry '{key}' field 'architecture' is missing {', '.join(missing)}")

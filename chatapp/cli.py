@@ -50,17 +50,33 @@ def _as_text(text: str, where: str) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def _whole(least: int, hint: str = ""):
+    """An argparse type: a whole number of at least `least`; a nonsense count is refused before anything runs."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {least} or more{hint}, got {value}")
+        return value
+
+    return parse
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", help="catalog key, Hub repo id (Org/Name[@rev]), folder or .gguf file")
     parser.add_argument("--preset", "-p", choices=planner.PRESETS, help="precision/quantization (default: auto)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickle .bin weights")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own Python code")
+    parser.add_argument("--force", action="store_true", help="load the preset even where the planner says it won't fit")
 
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", "-s", help="system prompt")
-    parser.add_argument("--max-new-tokens", type=int, help="reply length cap in tokens")
+    parser.add_argument("--max-new-tokens", type=_whole(1), help="reply length cap in tokens")
     parser.add_argument("--temperature", type=float, help="0 means greedy")
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int)
@@ -86,12 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="cached session vs naive re-encode vs raw generate")
     _add_model_args(bench)
-    bench.add_argument("--turns", type=int, default=8)
-    bench.add_argument("--max-new-tokens", type=int, default=24)
-    bench.add_argument("--user-tokens", type=int, default=64, help="tokens per scripted user message")
+    bench.add_argument("--turns", type=_whole(1), default=8)
+    bench.add_argument("--max-new-tokens", type=_whole(1), default=24)
+    bench.add_argument("--user-tokens", type=_whole(1), default=64, help="tokens per scripted user message")
     bench.add_argument(
         "--doc-tokens",
-        type=int,
+        type=_whole(0),
         default=None,
         help="tokens of the document in the first message (default: 75%% of the context, at most 6144; 0: none)",
     )
@@ -102,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="what each preset needs on this machine, and which fits")
     plan.add_argument("model", help="catalog key, Hub repo id, folder or .gguf file")
-    plan.add_argument("--context", type=int, help="context length in tokens (default: the model's, lowered to fit)")
+    plan.add_argument(
+        "--context",
+        type=_whole(1, " (leave it out for the model's own)"),
+        help="context length in tokens (default: the model's, lowered to fit)",
+    )
     plan.add_argument("--preset", choices=planner.PRESETS, default="auto")
     plan.add_argument("--gpu", action="append", metavar="SPEC", help="'24GiB', 'RTX 3060:12GiB' or 'T4:16GiB:7.5'")
     plan.add_argument("--no-gpu", action="store_true", help="plan for this machine without its GPUs")
@@ -126,12 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = sub.add_parser("search", help="search the Hub for text-generation models")
     search.add_argument("text")
-    search.add_argument("--limit", type=int, default=20)
+    search.add_argument("--limit", type=_whole(1), default=20)
     search.add_argument("--json", action="store_true")
 
     cache = sub.add_parser("cache", help="the chats' KV cache snapshots on disk: list them, or clear them")
     cache.add_argument("action", nargs="?", choices=("list", "clear"), default="list")
-    cache.add_argument("--chat", type=int, help="clear: only this chat's snapshots (its number in the list)")
+    cache.add_argument("--chat", type=_whole(1), help="clear: only this chat's snapshots (its number in the list)")
     cache.add_argument("--model", help="clear: only this model's snapshots")
     cache.add_argument("--all", action="store_true", help="clear: every snapshot")
     cache.add_argument("--json", action="store_true", help="list: one JSON object")
@@ -158,6 +178,7 @@ def _load(args: argparse.Namespace, settings: Settings):
             device=args.device,
             allow_pickle=args.allow_pickle,
             trust_remote_code=True if args.trust_remote_code else None,
+            force=args.force,
             on_status=_note,
             on_progress=bar.update,
         )

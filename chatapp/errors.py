@@ -26,6 +26,11 @@ class ConfigError(ChatappError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, or its type's name when it has none."""
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
+    """The first non-empty line of an exception's message, or its type's name when it has none.
+
+    A first line that ends in a colon introduces the lines after it ("...from one of:"), so then they are all
+    joined into the one line: cut there, the message would stop short."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return " ".join(lines) if lines[0].endswith(":") else lines[0]

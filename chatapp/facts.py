@@ -7,12 +7,13 @@ through `get_safetensors_metadata`, which reads headers only), or a GGUF file's 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .catalog import ModelSpec
-from .errors import ModelLoadError, ModelNotFound
+from .errors import ModelLoadError, ModelNotFound, first_line
 from .refs import ModelSource
 
 
@@ -104,14 +105,60 @@ def facts_from_spec(spec: ModelSpec) -> ModelFacts | None:
     )
 
 
-def facts_from_config(name: str, config: dict, params: int) -> ModelFacts:
-    """ModelFacts from a transformers config.json (text part) and a parameter count."""
-    config = config.get("text_config", config)
-    hidden = config["hidden_size"]
-    heads = config["num_attention_heads"]
-    layers = config["num_hidden_layers"]
-    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-    layer_types = config.get("layer_types") or []
+#: Other names some architectures' config.json uses for the same numbers (transformers maps them with attribute_map).
+_ALIASES = {
+    "hidden_size": ("n_embd", "d_model"),
+    "num_hidden_layers": ("n_layer", "n_layers", "num_layers"),
+    "num_attention_heads": ("n_head", "n_heads", "num_heads"),
+    "max_position_embeddings": ("n_positions", "max_seq_len"),
+}
+
+
+def _size(config: dict, key: str, where: str, required: bool = True) -> int | None:
+    """config[key] (or an alias of it) as a size: a whole number above 0. A zero or negative size would give the
+    planner nonsense (or a division by zero), so it is refused here, naming the file."""
+    for name in (key, *_ALIASES.get(key, ())):
+        if config.get(name) is not None:
+            value = config[name]
+            break
+    else:
+        if required:
+            raise ModelLoadError(f"{where} has no '{key}', which chatapp needs to plan memory for the model")
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ModelLoadError(f"{where}: '{name}' must be a whole number above 0, got {value!r}")
+    return value
+
+
+def read_config(path: Path) -> dict:
+    """A config.json as a dict; a file that isn't a JSON object is one line naming it."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(
+            f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"'{path}' is not valid JSON (it is not UTF-8 text)") from None
+    except OSError as exc:
+        raise ModelLoadError(f"can't read '{path}': {exc.strerror or exc}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"'{path}' is not a JSON object of settings, so it is not a model's config.json")
+    return config
+
+
+def facts_from_config(name: str, config: dict, params: int, where: str | None = None) -> ModelFacts:
+    """ModelFacts from a transformers config.json (text part) and a parameter count; `where` names the file in
+    errors."""
+    where = where or f"the config.json of '{name}'"
+    if isinstance(config.get("text_config"), dict):
+        config, where = config["text_config"], f"{where} (text_config)"
+    hidden = _size(config, "hidden_size", where)
+    heads = _size(config, "num_attention_heads", where)
+    layers = _size(config, "num_hidden_layers", where)
+    window = _size(config, "sliding_window", where, False) if config.get("use_sliding_window", True) else None
+    layer_types = config.get("layer_types")
+    layer_types = layer_types if isinstance(layer_types, list) else []
     sliding_layers = (
         sum(1 for t in layer_types if t == "sliding_attention") if layer_types else (layers if window else 0)
     )
@@ -120,80 +167,76 @@ def facts_from_config(name: str, config: dict, params: int) -> ModelFacts:
         params=params,
         layers=layers,
         hidden_size=hidden,
-        intermediate_size=config.get("intermediate_size", 4 * hidden),
+        intermediate_size=_size(config, "intermediate_size", where, False) or 4 * hidden,
         attention_heads=heads,
-        kv_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or hidden // heads,
-        vocab_size=config["vocab_size"],
+        kv_heads=_size(config, "num_key_value_heads", where, False) or heads,
+        head_dim=_size(config, "head_dim", where, False) or max(1, hidden // heads),
+        vocab_size=_size(config, "vocab_size", where),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        max_context=config.get("max_position_embeddings") or 4096,
+        max_context=_size(config, "max_position_embeddings", where, False) or 4096,
         sliding_window=window,
         sliding_layers=sliding_layers if window else 0,
     )
 
 
 def safetensors_param_count(path: Path) -> int:
-    """Parameters in a .safetensors file, from its JSON header alone."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        head = handle.read(8)
-        (length,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
-        if length > size - 8:
-            raise ModelLoadError(f"can't load '{path}': not a safetensors file (its header runs past the file's end)")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError:
-            raise ModelLoadError(f"can't load '{path}': its safetensors header is not valid JSON") from None
-    total = 0
-    for key, info in header.items():
-        if key != "__metadata__":
-            count = 1
-            for dim in info["shape"]:
-                count *= dim
-            total += count
-    return total
+    """Parameters in a .safetensors file, from its header alone (safetensors checks the header against the file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "np") as handle:
+            return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+    except SafetensorError as exc:
+        reason = str(exc).removeprefix("Error while deserializing header: ")
+        raise ModelLoadError(
+            f"can't load '{path}': it is not a valid safetensors file ({reason}); "
+            "it may be cut short: download or copy it again"
+        ) from None
+    except OSError as exc:
+        raise ModelLoadError(f"can't read '{path}': {exc.strerror or exc}") from None
 
 
 def facts_from_folder(folder: Path, name: str | None = None) -> ModelFacts:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelNotFound(f"folder '{folder}' has no config.json, so it is not a Hugging Face model folder")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_config(config_path)
     params = sum(safetensors_param_count(p) for p in folder.glob("*.safetensors"))
-    return facts_from_config(name or folder.name, config, params)
+    return facts_from_config(name or folder.name, config, params, where=f"'{config_path}'")
 
 
 def facts_from_gguf(path: Path, name: str | None = None) -> ModelFacts:
     """Facts from a GGUF file's metadata and tensor shapes (the gguf package reads them without loading weights)."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
-
-    def field(key: str, default=None):
-        item = reader.fields.get(key)
-        if item is None:
-            return default
-        value = item.contents()
-        return value
-
-    arch = field("general.architecture")
-    heads = int(field(f"{arch}.attention.head_count"))
-    hidden = int(field(f"{arch}.embedding_length"))
-    vocab = len(field("tokenizer.ggml.tokens", []) or []) or int(field(f"{arch}.vocab_size", 0))
+    try:
+        reader = GGUFReader(str(path))
+        arch = reader.fields["general.architecture"].contents()
+    except (ValueError, KeyError, IndexError, OSError, struct.error) as exc:
+        raise ModelLoadError(f"'{path}' is not a readable GGUF file ({first_line(exc)})") from None
+    # Only the numbers: reading every field would decode the whole vocabulary and merges too.
+    wanted = ("embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length")
+    wanted += ("block_count", "feed_forward_length", "vocab_size", "context_length")
+    fields = {key: reader.fields[f"{arch}.{key}"].contents() for key in wanted if f"{arch}.{key}" in reader.fields}
+    where = f"'{path}'"
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens.data):
+        fields["vocab_size"] = len(tokens.data)
+    hidden = _size(fields, "embedding_length", where)
+    heads = _size(fields, "attention.head_count", where)
     names = {t.name for t in reader.tensors}
-    params = sum(int(t.n_elements) for t in reader.tensors)
     return ModelFacts(
         name=name or path.stem,
-        params=params,
-        layers=int(field(f"{arch}.block_count")),
+        params=sum(int(t.n_elements) for t in reader.tensors),
+        layers=_size(fields, "block_count", where),
         hidden_size=hidden,
-        intermediate_size=int(field(f"{arch}.feed_forward_length", 4 * hidden)),
+        intermediate_size=_size(fields, "feed_forward_length", where, False) or 4 * hidden,
         attention_heads=heads,
-        kv_heads=int(field(f"{arch}.attention.head_count_kv", heads)),
-        head_dim=int(field(f"{arch}.attention.key_length", hidden // heads)),
-        vocab_size=vocab,
+        kv_heads=_size(fields, "attention.head_count_kv", where, False) or heads,
+        head_dim=_size(fields, "attention.key_length", where, False) or max(1, hidden // heads),
+        vocab_size=_size(fields, "vocab_size", where),
         tied_embeddings="output.weight" not in names,
-        max_context=int(field(f"{arch}.context_length", 4096)),
+        max_context=_size(fields, "context_length", where, False) or 4096,
     )
 
 

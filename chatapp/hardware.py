@@ -168,7 +168,10 @@ def parse_size(text: str) -> int:
     unit = match.group(2).upper() if match else None
     if not match or unit not in _UNITS:
         raise ValueError(f"'{text}' is not a size like 24GiB, 12GB or 8192MiB")
-    return int(float(match.group(1)) * _UNITS[unit])
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"'{text}' is no memory at all: give a size above 0, like 24GiB")
+    return size
 
 
 def parse_gpu(text: str, index: int) -> GpuInfo:

@@ -250,9 +250,9 @@ def model_facts(repo_id: str, revision: str | None = None):
     """Planner facts from config.json (a few KB) and the safetensors headers: no weights are downloaded."""
     from huggingface_hub import get_safetensors_metadata, hf_hub_download
 
-    from .facts import facts_from_config
+    from .facts import facts_from_config, read_config
 
     with hub_errors(repo_id, revision):
-        config = json.loads(Path(hf_hub_download(repo_id, "config.json", revision=revision)).read_text())
+        config = read_config(Path(hf_hub_download(repo_id, "config.json", revision=revision)))
         metadata = get_safetensors_metadata(repo_id, revision=revision)
     return facts_from_config(repo_id, config, sum(metadata.parameter_count.values()))

@@ -210,7 +210,9 @@ def _targets(hardware: Hardware) -> list[_Target]:
         _Target(f"GPU {best.index} ({best.name})", f"cuda:{best.index}", usable_bytes(best.free_bytes), "cuda", 1)
     ]
     if len(hardware.gpus) > 1:
-        pool = sum(usable_bytes(g.free_bytes) for g in hardware.gpus) - (len(hardware.gpus) - 1) * CUDA_OVERHEAD_BYTES
+        pool = max(
+            0, sum(usable_bytes(g.free_bytes) for g in hardware.gpus) - (len(hardware.gpus) - 1) * CUDA_OVERHEAD_BYTES
+        )
         targets.append(_Target(f"{len(hardware.gpus)} GPUs", "auto", pool, "cuda", len(hardware.gpus)))
     return targets
 
@@ -334,7 +336,8 @@ def decode_tokens_per_s(
 
 
 def _max_memory(hardware: Hardware, cpu_bytes: int | None = None) -> dict:
-    memory: dict = {g.index: usable_bytes(g.free_bytes) - CUDA_OVERHEAD_BYTES for g in hardware.gpus}
+    # A GPU with less free memory than its CUDA context takes holds no weights, rather than a negative amount.
+    memory: dict = {g.index: max(0, usable_bytes(g.free_bytes) - CUDA_OVERHEAD_BYTES) for g in hardware.gpus}
     if cpu_bytes is not None:
         memory["cpu"] = cpu_bytes
     return memory
@@ -432,7 +435,7 @@ def choose(
         half = ("bf16" if bf16 else "fp16") if preset == "auto" else preset
         est = estimate(facts, half, floor, device_type="cuda", bf16_supported=bf16)
         cpu = usable_bytes(hardware.cpu.ram_available_bytes)
-        gpu = sum(usable_bytes(g.free_bytes) - CUDA_OVERHEAD_BYTES for g in hardware.gpus)
+        gpu = sum(_max_memory(hardware).values())
         if est.total_bytes <= gpu + cpu:
             reasons.append(
                 f"splitting {half} weights over the GPU ({_gb(gpu)}) and CPU RAM ({_gb(cpu)}) with "
@@ -484,6 +487,18 @@ def choose(
         where = next((t.label for t in targets if est.total_bytes <= t.budget), None)
         table.append((est, where))
     return Plan(facts, hardware, tuple(table), choice, tuple(reasons))
+
+
+def shortfall(plan: Plan, preset: str) -> str:
+    """Why `preset` doesn't fit, in one line with the numbers: what it needs at the plan's context (for auto, the
+    least of the presets it tries), and the most any device here has."""
+    tried = auto_ladder(plan.hardware) if preset == "auto" else (preset,)
+    need = min((est for est, _ in plan.presets if est.preset in tried), key=lambda est: est.total_bytes)
+    biggest = max(_targets(plan.hardware), key=lambda t: t.budget)
+    return (
+        f"{need.preset} needs {_gb(need.total_bytes)} at {need.context_tokens:,} tokens; "
+        f"{biggest.label} has {_gb(biggest.budget)} usable"
+    )
 
 
 def plan_dict(plan: Plan) -> dict:

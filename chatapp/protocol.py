@@ -58,6 +58,8 @@ class Load:
     cache_budget_bytes: int | None = None
     #: Bytes of caches evicted from a GPU that may wait in CPU RAM before going to disk (None: the planner's).
     parked_budget_bytes: int | None = None
+    #: Load the preset even where the planner says it won't fit (the user said so); else such a load is refused.
+    force: bool = False
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
 from pathlib import Path
 
 from ..errors import ModelLoadError, first_line
@@ -45,7 +46,7 @@ def convert_gguf(gguf: Path, root: Path) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / _DONE_MARKER).write_text(str(gguf.resolve()))
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+    except (ValueError, OSError, KeyError, RuntimeError, struct.error) as exc:  # struct: a file cut short
         shutil.rmtree(staging, ignore_errors=True)
         raise ModelLoadError(f"could not convert '{gguf}': {first_line(exc)}") from None
     shutil.rmtree(target, ignore_errors=True)

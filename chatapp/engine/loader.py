@@ -13,9 +13,9 @@ from ..config import Settings, load_settings
 from ..errors import ChatappError, ModelLoadError, first_line
 from ..facts import facts_from_folder
 from ..hardware import GpuInfo, Hardware, detect, detect_cpu, flash_attn_installed
-from ..hub import pickle_only
 from ..refs import ModelSource, parse_ref
 from ..units import mb
+from .checks import check_remote_code, check_weights, remote_code_refusal, tokenizer_problem
 from .gguf import convert_gguf, is_converted
 
 #: Used when a model ships no chat template. Plain "Role: text" blocks; documented in the README.
@@ -137,17 +137,6 @@ def materialize(
     return source.path
 
 
-def check_weights(folder: Path, label: str, *, allow_pickle: bool) -> None:
-    if any(folder.glob("*.safetensors")):
-        return
-    pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-    if pickles:
-        if allow_pickle:
-            return
-        raise ModelLoadError(pickle_only(label, pickles[0]))
-    raise ModelLoadError(f"'{label}' has no weights (no .safetensors files in {folder})")
-
-
 def _torch_dtype(name: str):
     import torch
 
@@ -201,6 +190,7 @@ def load_model(
     attn_implementation: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool | None = None,
+    force: bool = False,
     on_status: Callable[[str], None] | None = None,
     on_progress: Callable | None = None,
 ) -> LoadedModel:
@@ -235,12 +225,24 @@ def load_model(
     device = pick_device(device)
     device_type = device.split(":")[0]
     bf16_ok, capability = _device_facts(device)
-    reasons: list[str] = []
-    choice = None
-    if preset == "auto" or context is None or attn_implementation is None:
+    # Every preset is planned, not only auto: a preset named by hand that can't fit would otherwise allocate
+    # until the machine gives out (a config with 10^9 layers). `force` is the user's word that they know.
+    try:
         plan = _plan(folder, source.label, preset, device, context or settings.context_cap or None)
-        reasons.extend(plan.reasons if plan else ["no plan: the model's config lacks what the planner needs"])
-        choice = plan.choice if plan else None
+    except ChatappError as exc:
+        if not force or preset == "auto":
+            raise
+        plan = None
+        notes.append(f"no plan ({exc}); loading {preset} as asked, as forced")
+    reasons: list[str] = list(plan.reasons) if plan else []
+    choice = plan.choice if plan else None
+    if plan is not None and choice is None and preset != "auto":
+        if not force:
+            raise ModelLoadError(
+                f"'{source.label}' won't fit with preset {preset}: {planner.shortfall(plan, preset)}; "
+                "force it to load anyway (--force; in the app, F4 and 'Load anyway')"
+            )
+        notes.append(f"{preset} won't fit ({planner.shortfall(plan, preset)}); loading it anyway, as forced")
     if preset == "auto":
         if choice is None:
             raise ModelLoadError(f"'{source.label}' fits no preset on this machine: {reasons[-1]}")
@@ -269,12 +271,16 @@ def load_model(
                 flash_attn_installed=flash_attn_installed(),
             ).value
 
-    attn_implementation, why = _supported_attention(folder, attn_implementation)
+    check_remote_code(folder, source.label, trust_remote_code=trust_remote_code)
+    attn_implementation, why = _supported_attention(folder, attn_implementation, trust_remote_code)
     if why:
         reasons.append(why)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as exc:
+        raise ModelLoadError(tokenizer_problem(folder, source.label, exc)) from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             folder,
             device_map=device_map,
@@ -286,6 +292,8 @@ def load_model(
     except ImportError as exc:
         raise ModelLoadError(f"can't load '{source.label}' with preset {preset}: {first_line(exc)}") from None
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(remote_code_refusal(source.label, "it")) from None
         raise ModelLoadError(f"can't load '{source.label}' ({preset}): {first_line(exc)}") from None
     model.eval()
 
@@ -332,28 +340,24 @@ def _devices(model) -> str:
     return str(next(model.parameters()).device)
 
 
-def _plan(folder: Path, label: str, preset: str, device: str, context: int | None) -> planner.Plan | None:
-    """The planner's choice for this preset here; None when the config lacks what it needs (a concrete preset
-    then loads as asked, with the model's own context)."""
-    try:
-        facts = facts_from_folder(folder, label)
-    except (ChatappError, KeyError, TypeError, ValueError):
-        if preset == "auto":
-            raise
-        return None
+def _plan(folder: Path, label: str, preset: str, device: str, context: int | None) -> planner.Plan:
+    """The planner's choice for this preset here. A config.json or safetensors header it can't read is one line
+    naming the file, whatever the preset: loading it anyway would fail later with a library's traceback."""
+    facts = facts_from_folder(folder, label)
     return planner.choose(
         detect_hardware(device), facts, context=context, preset=preset, flash_attn_installed=flash_attn_installed()
     )
 
 
-def _supported_attention(folder: Path, wanted: str) -> tuple[str, str]:
+def _supported_attention(folder: Path, wanted: str, trust_remote_code: bool = False) -> tuple[str, str]:
     """`wanted`, or the next best attention the model's class supports (Gemma 2 has no SDPA: its logits are
     soft-capped); and why it changed, or "". Remote-code classes are taken at their word."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(folder))]
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)  # never a prompt on stdin
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except (KeyError, ValueError, OSError):
         return wanted, ""
     order = ["flash_attention_2", "sdpa", "eager"]

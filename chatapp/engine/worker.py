@@ -148,6 +148,7 @@ class Worker:
                 settings=self.settings,
                 context=request.context_tokens,
                 attn_implementation=request.attn_implementation,
+                force=request.force,
                 on_status=lambda text: self.send(p.Status(text)),
                 on_progress=lambda pr: self.send(p.DownloadProgress(pr.done_bytes, pr.total_bytes, pr.bytes_per_s)),
             )
@@ -317,14 +318,19 @@ class Worker:
         self.disk.flush()
 
 
-def _cache_budgets(loaded) -> tuple[int, int]:
+def _cache_budgets(loaded) -> tuple[int | None, int]:
     """(live, parked) KV bytes for all chats, sized by the planner from the memory left after loading; its KV
     formula gives the bytes of one cache filled to the whole context."""
+    from ..errors import ChatappError
     from ..facts import facts_from_config
     from ..hardware import detect_cpu
     from ..planner import activation_bytes, cache_budgets, kv_cache_bytes, usable_bytes
 
-    facts = facts_from_config(loaded.source.label, loaded.model.config.to_dict(), params=0)
+    try:
+        facts = facts_from_config(loaded.source.label, loaded.model.config.to_dict(), params=0)
+    except ChatappError as exc:  # a forced load of a model the planner can't read: no budget, no eviction
+        print(f"no KV cache budget: {exc}", flush=True)
+        return None, 0
     per_context = kv_cache_bytes(facts, loaded.context_length, loaded.dtype)
     device_type = loaded.device.split(":")[0]
     ram = detect_cpu().ram_available_bytes

@@ -171,7 +171,7 @@ class ChatApp(App):
             why = plan.reasons[-1] if plan.reasons else "the planner found no room for it"
             self.push_screen(
                 ConfirmScreen(f"{preset} won't fit on this machine: {why}. Load it anyway?", yes="Load anyway"),
-                lambda yes: yes and self.backend.switch(Target(model, preset)),
+                lambda yes: yes and self.backend.switch(Target(model, preset, force=True)),
             )
 
         self.push_screen(PresetScreen(model, list(options.items()), current, self.chat.switch_cost()), chosen)

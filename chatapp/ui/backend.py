@@ -115,7 +115,8 @@ class Target:
     preset: str
     context_tokens: int | None = None
     attn_implementation: str | None = None
-    #: Download it even when the planner says no preset fits this machine.
+    #: The user chose to go ahead though the planner says it won't fit here: no refusal before the download
+    #: or the load.
     force: bool = False
 
 
@@ -129,8 +130,8 @@ class Backend:
             lambda event: app.post_message(WorkerEvent(event)),
             log_path=app.settings.data_dir / "worker.log",
         )
-        #: What is loaded, or being loaded.
-        self.model, self.preset = model, preset
+        #: What is loaded, or being loaded (force: though the planner said it won't fit).
+        self.model, self.preset, self.force = model, preset, False
         self.loaded: p.Loaded | None = None
         #: What to load again if loading the newly chosen model fails.
         self.fallback: Target | None = None
@@ -163,7 +164,7 @@ class Backend:
         """The one sequence for starting, restarting and switching: start the worker if it isn't running,
         download the model if it isn't here, then ask the worker to load it. What is loaded stays usable
         until the worker is asked."""
-        self.model, self.preset = target.model, target.preset
+        self.model, self.preset, self.force = target.model, target.preset, target.force
         self._pending = target
         self._post(ModelLoading, f"loading {target.model} ({target.preset})…")
         self.app.run_worker(lambda: self._prepare(target), thread=True, group="load", exclusive=True)
@@ -173,11 +174,11 @@ class Backend:
         if self.loaded is not None and (target.model, target.preset) == (self.model, self.preset):
             return
         if self.loaded is not None:
-            self.fallback = Target(self.model, self.preset)
+            self.fallback = Target(self.model, self.preset, force=self.force)
         self.load(target)
 
     def restart(self) -> None:
-        self.load(Target(self.model, self.preset))
+        self.load(Target(self.model, self.preset, force=self.force))
 
     def _prepare(self, target: Target) -> None:
         """In a thread: what the reference names, and a download when it is a Hub model not yet here."""
@@ -202,7 +203,7 @@ class Backend:
         # The worker was never asked, so what it has loaded is still there.
         back, self.fallback = self.fallback, None
         if back is not None:
-            self.model, self.preset = back.model, back.preset
+            self.model, self.preset, self.force = back.model, back.preset, back.force
         self._post(ModelLoadFailed, error, None, self.loaded)
 
     def _send_load(self, target: Target) -> None:
@@ -219,6 +220,7 @@ class Backend:
                 context_tokens=target.context_tokens,
                 attn_implementation=target.attn_implementation,
                 cache_budget_bytes=self.cache_budget_bytes,
+                force=target.force,
             )
         )
 
