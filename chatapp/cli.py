@@ -83,8 +83,15 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", action="store_true", help="print turn statistics after each reply")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, as all of ours are: its usage block would bury the reason."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} -h` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chatapp", description="Chat with local Hugging Face models.")
+    parser = _Parser(prog="chatapp", description="Chat with local Hugging Face models.")
     sub = parser.add_subparsers(dest="command")
 
     ask = sub.add_parser("ask", help="one reply, streamed to stdout")

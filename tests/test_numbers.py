@@ -31,8 +31,8 @@ def test_a_count_of_zero_or_less_is_one_line(args, flag, capsys):
         main(args)
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and f"argument {flag}: " in errors[0] and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"error: argument {flag}: " in lines[0], err
 
 
 #: (arguments, the size the error quotes)
