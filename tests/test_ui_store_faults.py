@@ -171,3 +171,24 @@ def test_the_app_ends_non_zero_after_a_crash(settings, tmp_path):
     with pytest.raises(ZeroDivisionError):  # run_test hands the app's crash to the test as well
         run(app, scenario)
     assert exit_status(app) == 1
+
+
+def test_quitting_with_a_reply_the_disk_had_no_room_for_asks_first(full_disk_app):
+    app, disk = full_disk_app(lambda s: long_reply_app(s, s.data_dir.parent, "Tell me everything"))
+
+    async def scenario(pilot):
+        await loaded(pilot)
+        chat = app.chat
+        await start_long_reply(pilot, "Tell me everything", min_chars=6000)
+        disk.fill()
+        await pilot.press("escape")
+        await until(pilot, lambda: chat.turn is None, what="the stop")
+        await pilot.press("ctrl+q")
+        await pilot.pause(0.2)
+        assert app.is_running and "1 reply(ies) are not saved yet" in notice(app)
+        disk.free()
+        await pilot.press("ctrl+q")  # now there is room: the reply is saved on the way out
+
+    run(app, scenario)
+    conversation = app.store.conversations()[0]
+    assert [m.role for m in app.store.messages(conversation.id)] == ["user", "assistant"]

@@ -75,6 +75,7 @@ class ChatApp(App):
         self._catalog_problem: str | None = None
         #: Why the app ended early, in one line (the store found its file damaged), for `run` to print.
         self.fatal: str | None = None
+        self._quit_asked = False
 
     def on_mount(self) -> None:
         errors = self.startup_errors + register_themes(self, self.settings.themes_dir)
@@ -212,6 +213,19 @@ class ChatApp(App):
 
     def on_unmount(self) -> None:
         self.backend.stop()
+
+    async def action_quit(self) -> None:
+        if self.chat.save_unsaved() or self._quit_asked:
+            self.exit()
+            return
+        # A reply the disk had no room for lives only on screen: quitting now would lose it, so ask once.
+        self._quit_asked = True
+        self.notify(
+            f"{len(self.chat.unsaved)} reply(ies) are not saved yet: the disk is still full. Free some space and "
+            "quit again to keep them, or press Ctrl+Q again to quit without them.",
+            severity="warning",
+            timeout=15,
+        )
 
     def _handle_exception(self, error: Exception) -> None:
         if isinstance(error, StoreDamaged):

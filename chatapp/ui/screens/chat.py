@@ -186,10 +186,7 @@ class ChatScreen(ChatManagement, Screen):
     async def send_user_message(self, conversation_id: int, text: str) -> None:
         """Store the message (and any reply the disk had no room for before it), then ask for a reply.
         Raises StoreFull, having stored nothing of `text`."""
-        while self.unsaved:
-            reply_to, reply, about = self.unsaved[0]
-            self.store.add_message(reply_to, "assistant", reply, **about)
-            self.unsaved.pop(0)
+        self._save_unsaved()
         stored = self.store.add_message(conversation_id, "user", text)
         conversation = self.store.conversation(conversation_id)
         if conversation.title == "New chat" and stored.position == 0:
@@ -202,6 +199,21 @@ class ChatScreen(ChatManagement, Screen):
             await box.mount(MessageView("user", text, position=stored.position))
         await self.refresh_chats()
         await self.generate(conversation_id)
+
+    def _save_unsaved(self) -> None:
+        """Store the replies the disk had no room for, oldest first; raises StoreFull if it still has none."""
+        while self.unsaved:
+            reply_to, reply, about = self.unsaved[0]
+            self.store.add_message(reply_to, "assistant", reply, **about)
+            self.unsaved.pop(0)
+
+    def save_unsaved(self) -> bool:
+        """Whether every reply is stored now (the app asks before quitting otherwise)."""
+        try:
+            self._save_unsaved()
+        except StoreFull:
+            return False
+        return True
 
     async def generate(self, conversation_id: int) -> None:
         conversation = self.store.conversation(conversation_id)
