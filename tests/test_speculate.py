@@ -250,3 +250,14 @@ def test_a_cache_that_cannot_be_cropped_gets_no_drafts(chain_fp32):
 def test_an_unknown_speculative_mode_is_refused_in_one_line(chain_fp32):
     with pytest.raises(ValueError, match="speculative must be one of ngram, off, got 'fast'"):
         ChatSession(chain_fp32, speculative="fast")
+
+
+def test_stats_stored_before_drafts_still_load_and_show():
+    from chatapp.protocol import TurnStats
+    from chatapp.ui.widgets import stats_line
+
+    new = TurnStats(100, 10, 20, 0.1, 30.0, 119, "stop", drafted_tokens=18, accepted_tokens=12).as_dict()
+    old = {k: v for k, v in new.items() if k not in ("drafted_tokens", "accepted_tokens")}
+    assert TurnStats(**old).drafted_tokens == 0
+    assert "drafts" not in stats_line(old, 2048)
+    assert stats_line(new, 2048).endswith("· drafts 12/18 kept")
