@@ -303,7 +303,7 @@ class ChatSession:
                         self._feed_rows,
                         self._drop,
                         stop,
-                        speculate.Drafter(self._cache_ids),
+                        self._cache_ids,
                         self._gate,
                         tally,
                     )

@@ -131,21 +131,25 @@ def stream(
     feed_rows: Callable[[list[int]], torch.Tensor],
     drop: Callable[[int], None],
     stop: Callable[[int], str | None],
-    drafter: Drafter,
+    ids: list[int],
     gate: Gate,
     tally: Tally,
 ) -> Iterator[tuple[int, str | None]]:
     """generate.stream with drafts: yields each token with stop's reason, and ends at the first reason.
 
     feed runs one token into the cache, feed_rows several (the logits of every position), drop forgets
-    the cache's last n tokens. As in generate.stream, the last token yielded is never in the cache: when
-    stop ends the reply inside a verified run, or the caller stops iterating (close), the accepted tokens
-    from there on are cropped too. stop is asked about each token just before it is yielded, so a cancel
-    acts at the next token, as without drafts.
+    the cache's last n tokens. ids are the ones the cache holds; they are indexed for drafts only after the
+    first token is out, so a long chat's time to first token doesn't grow. As in generate.stream, the last
+    token yielded is never in the cache: when stop ends the reply inside a verified run, or the caller stops
+    iterating (close), the accepted tokens from there on are cropped too. stop is asked about each token
+    just before it is yielded, so a cancel acts at the next token, as without drafts.
     """
     token = sampler(logits)
     reason = stop(token)
     yield token, reason
+    if reason is not None:
+        return
+    drafter = Drafter(ids)
     while reason is None:
         drafter.push(token)
         draft = drafter.propose() if gate.open() else []
