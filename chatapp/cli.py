@@ -118,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tokens of the document in the first message (default: 75%% of the context, at most 6144; 0: none)",
     )
+    bench.add_argument(
+        "--speculative",
+        choices=("ngram", "off"),
+        default="ngram",
+        help="prompt-lookup drafts in the cached chat (default ngram, as the app); ngram also runs it without",
+    )
+    bench.add_argument(
+        "--scenario",
+        choices=("chat", "quote"),
+        default="chat",
+        help="chat: a document, then --user-tokens messages; quote: a document, then asks to quote it",
+    )
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout")
     bench.add_argument(
         "--restart", action="store_true", help="also: the next message after a quit, from a snapshot and cold"
@@ -242,6 +254,7 @@ def format_stats(stats) -> str:
         f"prompt {stats.prompt_tokens} tok, prefilled {stats.prefilled_tokens}, "
         f"generated {stats.generated_tokens}, ttft {stats.ttft_s:.2f}s, "
         f"{stats.decode_tokens_per_s:.1f} tok/s, cache {stats.cache_tokens}, {stats.finish_reason}"
+        + (f", drafted {stats.drafted_tokens}, accepted {stats.accepted_tokens}" if stats.drafted_tokens else "")
     )
 
 
@@ -318,6 +331,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         doc_tokens=args.doc_tokens,
         progress=_note,
         restart=args.restart,
+        speculative=args.speculative,
+        scenario=args.scenario,
     )
     print(json.dumps(result) if args.json else format_table(result))
     return 0

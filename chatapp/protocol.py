@@ -32,6 +32,9 @@ class TurnStats:
     dropped_messages: int = 0
     #: One line about the cache this turn, for the status bar: restored from disk, or rebuilt ("" if neither).
     cache_note: str = ""
+    #: Tokens proposed by speculative decoding this turn, and how many of them the model kept (0 when off).
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def reused_tokens(self) -> int:

@@ -138,3 +138,29 @@ def build_family_model(starter: Path, out: Path, family: str, *, words_only: boo
         tokenizer.chat_template = template
     tokenizer.save_pretrained(out)
     return out
+
+
+def build_chain_model(starter: Path, out: Path, chain: list[int]) -> Path:
+    """A tiny Llama whose next token depends on the current token alone, and follows `chain` where it is in it.
+
+    Attention and MLP outputs are zeroed, so the last hidden state is the current token's embedding: a bigram
+    model. Each chain token's embedding is its own axis, and the next chain token's output row points along
+    it, so greedy (and any temperature near 1) walks chain[0] -> chain[1] -> ... by a margin of hundreds of
+    logits. Replies are then known in advance, which lets a test put a stop token inside an accepted draft.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    build_family_model(starter, out, "llama")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.zero_()
+        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        for axis, (token, successor) in enumerate(zip(chain, chain[1:], strict=False)):
+            embed[token] = 0.0
+            embed[token, axis] = 1.0
+            head[successor, axis] = 100.0
+    model.save_pretrained(out)
+    return out

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from chatapp.engine.bench import app_decode, prompt_cache
@@ -78,6 +79,46 @@ def test_bench_json_contract(tiny_folder):
     assert all(c["prefilled_tokens"] < 60 for c in cached[1:])
     assert all(n["prefilled_tokens"] == n["prompt_tokens"] for n in naive)
     assert [c["prompt_tokens"] for c in cached] == [n["prompt_tokens"] for n in naive]
+    _check_speculative(result, "ngram")
+
+
+def _check_speculative(result: dict, mode: str) -> None:
+    spec = result["speculative"]
+    assert set(spec) >= {"mode", "drafted", "accepted", "decode_tokens_per_s", "identical_outputs"}
+    assert spec["mode"] == mode
+    assert spec["identical_outputs"] is True  # greedy: drafts change no token
+    assert spec["drafted"] == sum(c["drafted_tokens"] for c in result["cached"])
+    assert spec["accepted"] == sum(c["accepted_tokens"] for c in result["cached"])
+    assert 0 <= spec["accepted"] <= spec["drafted"]
+    assert spec["decode_tokens_per_s"] > 0 and spec["plain_decode_tokens_per_s"] > 0
+    if mode == "off":
+        assert spec["drafted"] == 0 and spec["decode_tokens_per_s"] == spec["plain_decode_tokens_per_s"]
+
+
+@pytest.mark.parametrize("mode", ["ngram", "off"])
+def test_bench_quote_scenario_asks_to_quote_a_document(tiny_folder, mode):
+    out = chatapp(
+        *("bench", "--model", str(tiny_folder), "--preset", "fp32", "--turns", "3", "--max-new-tokens", "8"),
+        *("--doc-tokens", "150", "--scenario", "quote", "--speculative", mode, "--json"),
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["scenario"] == "quote" and result["identical_outputs"] is True
+    cached = result["cached"]
+    assert cached[0]["prompt_tokens"] >= 150
+    # Each later message is one short question about the document.
+    assert all(c["prefilled_tokens"] < 40 for c in cached[1:])
+    _check_speculative(result, mode)
+
+
+def test_quote_messages_ask_for_sentences_the_document_has(tiny_fp32):
+    from chatapp.engine.bench import quote_messages
+
+    messages = quote_messages(tiny_fp32.tokenizer, 4, 200)
+    document = messages[0].split("\nQuote")[0]
+    for message in messages:
+        word = message.split("'")[-2]
+        assert "Quote, word for word" in message and word in document
 
 
 def test_bench_table(tiny_folder):

@@ -165,3 +165,27 @@ def test_a_model_without_sdpa_loads_with_the_attention_it_supports(family_fp32):
     assert family_fp32.attn_implementation == expected
     if expected == "eager":
         assert "attention: eager (Gemma2ForCausalLM does not support sdpa)" in family_fp32.reasons
+
+
+_QUOTED = (
+    "The river town kept its market on the old stone bridge, where traders sold wool, salt and dried fish. "
+    "Every spring the floods reached the lower streets."
+)
+QUOTING = [f"Repeat this exactly: {_QUOTED}", f"Again, repeat: {_QUOTED}", _question(0), _question(1)]
+
+
+def test_speculative_drafts_change_no_token_and_no_prefill_count_on_each_family(family_fp32):
+    """Prompt-lookup drafts on and off, turn by turn: the same replies, the same cache, the same prefill.
+
+    The tiny random models loop on phrases and these messages repeat text, so drafts get accepted too."""
+    spec, plain = Chat(family_fp32, speculative="ngram"), Chat(family_fp32, speculative="off")
+    drafted = accepted = 0
+    for i, text in enumerate(QUOTING):
+        turn, expected = spec.send(text, max_new_tokens=40), plain.send(text, max_new_tokens=40)
+        assert turn.tokens == expected.tokens, f"turn {i + 1}"
+        assert turn.stats.prefilled_tokens == expected.stats.prefilled_tokens
+        assert spec.session.cache_ids == plain.session.cache_ids
+        assert turn.stats.accepted_tokens <= turn.stats.drafted_tokens
+        drafted += turn.stats.drafted_tokens
+        accepted += turn.stats.accepted_tokens
+    assert drafted > 0 and accepted > 0

@@ -66,6 +66,20 @@ def scripted_messages(tokenizer, turns: int, user_tokens: int, doc_tokens: int =
     return messages
 
 
+#: Words the notes mention, one per question of the quote scenario.
+_QUOTE_WORDS = ("river", "bridge", "spring", "clock", "station", "library", "glass", "summer", "mill", "snow")
+
+
+def quote_messages(tokenizer, turns: int, doc_tokens: int) -> list[str]:
+    """A document, then questions whose answers quote it: the chat prompt-lookup drafting is for."""
+    messages = []
+    for turn in range(turns):
+        word = _QUOTE_WORDS[turn % len(_QUOTE_WORDS)]
+        question = f"Quote, word for word, every sentence of the notes that mentions '{word}'."
+        messages.append(_padded(tokenizer, "Notes:", "\n" + question, doc_tokens, 0) if turn == 0 else question)
+    return messages
+
+
 #: Decode rates are measured over at least this many tokens.
 RATE_TOKENS = 48
 
@@ -148,6 +162,46 @@ def _reply_text(loaded: LoadedModel, ids: list[int]) -> str:
     return loaded.tokenizer.decode(content, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+def cached_chat(
+    loaded: LoadedModel, script: list[str], max_new_tokens: int, speculative: str, say: Callable[[str], None]
+) -> tuple[ChatSession, list[dict], list[list[int]], float]:
+    """The scripted chat through one session: the session, each turn's stats, its ids, and the wall time."""
+    session = ChatSession(loaded, speculative=speculative)
+    rows, replies, wall = [], [], 0.0
+    for turn, text in enumerate(script, 1):
+        t = time.perf_counter()
+        ids, stats = cached_turn(session, [*session.messages, Message("user", text)], max_new_tokens)
+        wall += time.perf_counter() - t
+        rows.append({"turn": turn, **stats.as_dict()})
+        replies.append(ids)
+        say(
+            f"cached turn {turn} (speculative {speculative}): prefilled {stats.prefilled_tokens}/"
+            f"{stats.prompt_tokens}, ttft {stats.ttft_s:.2f}s, drafted {stats.drafted_tokens}, "
+            f"accepted {stats.accepted_tokens}"
+        )
+    return session, rows, replies, wall
+
+
+def chat_decode_rate(rows: list[dict]) -> float:
+    """Tokens per second over every turn's decode (each turn's first token is the prefill's)."""
+    tokens = sum(max(r["generated_tokens"] - 1, 0) for r in rows)
+    seconds = sum((r["generated_tokens"] - 1) / r["decode_tokens_per_s"] for r in rows if r["decode_tokens_per_s"])
+    return tokens / seconds if seconds else 0.0
+
+
+def speculative_result(mode: str, rows: list[dict], replies: list[list[int]], plain: tuple | None) -> dict:
+    """The bench's "speculative" entry; plain is (rows, replies) of the same chat without drafts, or None."""
+    plain_rows, plain_replies = plain or (rows, replies)
+    return {
+        "mode": mode,
+        "drafted": sum(r["drafted_tokens"] for r in rows),
+        "accepted": sum(r["accepted_tokens"] for r in rows),
+        "decode_tokens_per_s": chat_decode_rate(rows),
+        "plain_decode_tokens_per_s": chat_decode_rate(plain_rows),
+        "identical_outputs": replies == plain_replies,
+    }
+
+
 def cached_turn(session: ChatSession, messages: list[Message], max_new_tokens: int) -> tuple[list[int], TurnStats]:
     """One greedy reply through the session (the app's path): the sampled ids, and the stats."""
     ids, stats = [], None
@@ -199,22 +253,23 @@ def run_bench(
     repeats: int = 2,
     progress: Callable[[str], None] | None = None,
     restart: bool = False,
+    speculative: str = "ngram",
+    scenario: str = "chat",
 ) -> dict:
     say = progress or (lambda _text: None)
     if doc_tokens is None:
         doc_tokens = default_doc_tokens(loaded.context_length)
-    script = scripted_messages(loaded.tokenizer, turns, user_tokens, doc_tokens)
+    if scenario == "quote":
+        script = quote_messages(loaded.tokenizer, turns, doc_tokens)
+    else:
+        script = scripted_messages(loaded.tokenizer, turns, user_tokens, doc_tokens)
     naive_turn(loaded, [Message("user", "Hello")], 4)  # warm-up, so neither path pays first-call costs
 
-    session = ChatSession(loaded)
-    cached, cached_ids, cached_wall = [], [], 0.0
-    for turn, text in enumerate(script, 1):
-        t = time.perf_counter()
-        ids, stats = cached_turn(session, [*session.messages, Message("user", text)], max_new_tokens)
-        cached_wall += time.perf_counter() - t
-        cached.append({"turn": turn, **stats.as_dict()})
-        cached_ids.append(ids)
-        say(f"cached turn {turn}: prefilled {stats.prefilled_tokens}/{stats.prompt_tokens}, ttft {stats.ttft_s:.2f}s")
+    session, cached, cached_ids, cached_wall = cached_chat(loaded, script, max_new_tokens, speculative, say)
+    plain = None
+    if speculative != "off":
+        _session, plain_rows, plain_ids, _wall = cached_chat(loaded, script, max_new_tokens, "off", say)
+        plain = (plain_rows, plain_ids)
 
     messages: list[Message] = []
     naive, naive_ids, naive_wall = [], [], 0.0
@@ -244,6 +299,7 @@ def run_bench(
         "device": loaded.device,
         "dtype": loaded.dtype,
         "attn_implementation": loaded.attn_implementation,
+        "scenario": scenario,
         "user_tokens": user_tokens,
         "doc_tokens": doc_tokens,
         "cached": cached,
@@ -254,6 +310,7 @@ def run_bench(
         "cached_total_s": cached_wall,
         "naive_total_s": naive_wall,
         "speedup": naive_wall / cached_wall if cached_wall else 0.0,
+        "speculative": speculative_result(speculative, cached, cached_ids, plain),
     }
     if restart:
         say("restart: writing the snapshot as a quit would, then a fresh process answers the next message")
@@ -317,6 +374,14 @@ def format_table(result: dict) -> str:
         f"decode on the first prompt: app {result['app_tok_s']:.1f} tok/s, "
         f"raw generate {result['raw_generate_tok_s']:.1f} tok/s",
     ]
+    spec = result["speculative"]
+    if spec["mode"] != "off":
+        share = spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0
+        lines.append(
+            f"speculative {spec['mode']}: drafted {spec['drafted']}, accepted {spec['accepted']} ({share:.0%}); "
+            f"decode {spec['decode_tokens_per_s']:.1f} tok/s, without drafts {spec['plain_decode_tokens_per_s']:.1f}; "
+            f"identical outputs: {spec['identical_outputs']}"
+        )
     if "restart" in result:
         r = result["restart"]
         cold, restored = r["cold"], r["restored"]

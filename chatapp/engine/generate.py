@@ -29,14 +29,15 @@ class GenerationResponse:
     stats: TurnStats | None = None
 
 
-def forward(model, cache, ids: list[int]) -> torch.Tensor:
-    """Run ids through the model on top of cache; the float32 logits of the last position, shape (1, vocab).
+def forward(model, cache, ids: list[int], rows: int = 1) -> torch.Tensor:
+    """Run ids through the model on top of cache; the float32 logits of the last `rows` positions, (rows, vocab).
 
-    logits_to_keep=1 spares computing vocabulary logits for every prefill position.
+    logits_to_keep spares computing vocabulary logits for every prefill position; a speculative verify
+    keeps one row per drafted position.
     """
     input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
-    out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1, :].float()
+    out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=rows)
+    return out.logits[0, -rows:, :].float()
 
 
 def prefill(model, cache, ids: list[int]) -> torch.Tensor:
@@ -84,6 +85,7 @@ class Sampler:
     def __init__(self, params: SamplingParams, device="cpu"):
         self.temperature = params.temperature
         self.top_p = params.top_p
+        self.greedy = params.greedy
         self.generator = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
@@ -104,6 +106,15 @@ class Sampler:
             choice = torch.multinomial(sorted_probs, 1, generator=self.generator)
             return int(order.gather(-1, choice).item())
         return int(torch.multinomial(probs, 1, generator=self.generator).item())
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """The probabilities __call__ samples from when not greedy, shape (1, vocab): what a verify accepts by."""
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > self.top_p
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        return probs / probs.sum(dim=-1, keepdim=True)
 
 
 class StreamDecoder:

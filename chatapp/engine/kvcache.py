@@ -28,15 +28,26 @@ def _kept(layer) -> int:
     return 0 if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0 else layer.keys.shape[-2]
 
 
+def rewindable(cache) -> bool:
+    """Whether every layer can forget tokens it took since the turn began (what speculative drafts need).
+
+    A quantized, offloaded or remote-code layer can't be cropped safely, nor a sliding one without past recording.
+    """
+    return all(
+        type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer and layer.record_past)
+        for layer in cache.layers
+    )
+
+
 def can_drop(cache, tokens: int) -> bool:
     """Whether every layer can forget its last `tokens` tokens and still hold all that the next forward needs."""
     if tokens == 0:
         return True
+    if not rewindable(cache):
+        return False
     for layer in cache.layers:
         if type(layer) is DynamicLayer:
             continue
-        if type(layer) is not DynamicSlidingWindowLayer or not layer.record_past:
-            return False  # a quantized, offloaded or remote-code layer: no safe rollback
         seen = layer.cumulative_length
         if seen < layer.sliding_window:
             continue  # not full yet: it holds every token, like a full layer

@@ -14,8 +14,8 @@ import torch
 from ..errors import ContextOverflow
 from ..protocol import TurnStats
 from ..sampling import DEFAULTS, SamplingParams
-from . import kvcache
-from .generate import GenerationResponse, ReplyText, Sampler, StreamDecoder, decode_step, prefill, stream
+from . import kvcache, speculate
+from .generate import GenerationResponse, ReplyText, Sampler, StreamDecoder, decode_step, forward, prefill, stream
 from .loader import LoadedModel
 
 
@@ -116,9 +116,14 @@ class ChatSession:
     prefills only the rest and streams the reply. Greedy replies are token-identical to a full re-encode.
     """
 
-    def __init__(self, loaded: LoadedModel, *, context_length: int | None = None):
+    def __init__(self, loaded: LoadedModel, *, context_length: int | None = None, speculative: str = "ngram"):
+        if speculative not in SPECULATIVE:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {speculative!r}")
         self.loaded = loaded
         self.context_length = context_length or loaded.context_length
+        #: "ngram": prompt-lookup drafts while they pay (see speculate.Gate); "off": one token per step.
+        self.speculative = speculative
+        self._gate = speculate.Gate()
         #: The conversation as of the last turn, its reply included.
         self.messages: list[Message] = []
         #: Non-system messages dropped from the front of the context to make the conversation fit.
@@ -180,7 +185,7 @@ class ChatSession:
         The copy's next turn crops the cache to what the branch shares with this conversation, as any turn
         does, so only what the branch adds is prefilled; this session and its cache go on untouched.
         """
-        twin = ChatSession(self.loaded, context_length=self.context_length)
+        twin = ChatSession(self.loaded, context_length=self.context_length, speculative=self.speculative)
         twin.messages = [replace(m) for m in self.messages]
         twin.dropped_messages = self.dropped_messages
         twin._cache = deepcopy(self._cache)
@@ -218,14 +223,16 @@ class ChatSession:
         self._cache_ids = []
         return 0
 
-    def _feed(self, ids: list[int]) -> torch.Tensor:
-        """Run ids into the cache, keeping _cache_ids in step with it."""
+    def _feed(self, ids: list[int], rows: bool = False) -> torch.Tensor:
+        """Run ids into the cache, keeping _cache_ids in step with it; rows: the logits of every position."""
+        model = self.loaded.model
         try:
-            logits = (
-                prefill(self.loaded.model, self._cache, ids)
-                if len(ids) > 1
-                else (decode_step(self.loaded.model, self._cache, ids[0]))
-            )
+            if rows:
+                logits = forward(model, self._cache, ids, rows=len(ids))
+            elif len(ids) > 1:
+                logits = prefill(model, self._cache, ids)
+            else:
+                logits = decode_step(model, self._cache, ids[0])
         except BaseException:
             # A failed forward may have updated some layers and not others: don't trust the cache again.
             self._cache = None
@@ -283,12 +290,31 @@ class ChatSession:
             return "cancelled" if cancel.is_set() else None
 
         finish = None
+        tally = speculate.Tally()
         try:
             with torch.inference_mode():
                 logits = self._feed(ids[keep:])
-                for token, reason in stream(logits, Sampler(params, loaded.model.device), self._feed_one, stop):
-                    finish = reason
-                    yield GenerationResponse(reply.take(), token)
+                sampler = Sampler(params, loaded.model.device)
+                if self.speculative == "ngram" and kvcache.rewindable(self._cache):
+                    tokens = speculate.stream(
+                        logits,
+                        sampler,
+                        self._feed_one,
+                        self._feed_rows,
+                        self._drop,
+                        stop,
+                        self._cache_ids,
+                        self._gate,
+                        tally,
+                    )
+                else:
+                    tokens = stream(logits, sampler, self._feed_one, stop)
+                try:
+                    for token, reason in tokens:
+                        finish = reason
+                        yield GenerationResponse(reply.take(), token)
+                finally:
+                    tokens.close()  # here, in inference mode: a speculative stream crops the cache as it closes
             reply.add(decoder.finish())
         finally:
             # Runs on normal end, on cancel, and when the caller stops iterating (GeneratorExit):
@@ -312,8 +338,27 @@ class ChatSession:
             trimmed_messages=trimmed,
             dropped_messages=self.dropped_messages,
             cache_note=self.note,
+            drafted_tokens=tally.drafted,
+            accepted_tokens=tally.accepted,
         )
         yield GenerationResponse(reply.take(final=True), finish_reason=finish, stats=stats)
 
     def _feed_one(self, token: int) -> torch.Tensor:
         return self._feed([token])
+
+    def _feed_rows(self, tokens: list[int]) -> torch.Tensor:
+        return self._feed(tokens, rows=True)
+
+    def _drop(self, tokens: int) -> None:
+        """Forget the cache's last `tokens` (drafts that were rejected)."""
+        if not tokens:
+            return
+        if not kvcache.can_drop(self._cache, tokens):
+            self._cache, self._cache_ids = None, []  # the next turn re-reads the chat
+            raise RuntimeError(f"the KV cache could not forget {tokens} rejected draft tokens")
+        kvcache.drop(self._cache, tokens)
+        del self._cache_ids[-tokens:]
+
+
+#: The values of ChatSession's speculative option.
+SPECULATIVE = ("ngram", "off")

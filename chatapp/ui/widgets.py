@@ -176,9 +176,12 @@ def loaded_line(loaded) -> str:
 def stats_line(stats: dict, context_length: int | None) -> str:
     used = stats["prompt_tokens"] + stats["generated_tokens"]
     context = f"ctx {used:,}/{context_length:,}" if context_length else f"ctx {used:,}"
+    # Stats stored before speculative decoding have no draft counts.
+    drafts = stats.get("drafted_tokens") or 0
+    kept = f" · drafts {stats['accepted_tokens']:,}/{drafts:,} kept" if drafts else ""
     return (
         f"{context} · cached {stats['cache_tokens']:,} · prefilled {stats['prefilled_tokens']:,} · "
-        f"TTFT {stats['ttft_s']:.2f}s · {stats['decode_tokens_per_s']:.1f} tok/s"
+        f"TTFT {stats['ttft_s']:.2f}s · {stats['decode_tokens_per_s']:.1f} tok/s{kept}"
     )
 
 
