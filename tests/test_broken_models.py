@@ -4,13 +4,13 @@ in `plan`, in `ask` (auto and an explicit preset), in the TUI's preset picker (F
 from __future__ import annotations
 
 import queue
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from brokenmodels import BROKEN_ENTRIES, BROKEN_FOLDERS, broken_catalog, broken_folder
 from uihelpers import make_app, make_settings, run, until
+from workerhelpers import load_result
 
 from chatapp import protocol as p
 from chatapp.cli import main
@@ -82,27 +82,13 @@ def worker(settings, tmp_path_factory):
     client.stop()
 
 
-def load_result(client, events, model: str, preset: str, timeout: float = 120):
-    """What the worker answers to a Load: Loaded or Error (the status lines before it are skipped)."""
-    client.send(p.Load(model, preset))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            event = events.get(timeout=0.1)
-        except queue.Empty:
-            continue
-        if isinstance(event, (p.Loaded, p.Error, p.WorkerDied)):
-            return event
-    raise AssertionError("the worker gave no answer to the Load")
-
-
 @pytest.mark.parametrize("preset", ["auto", "fp32"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_worker_refuses_a_broken_model_in_one_line(kind, preset, worker, tiny_folder, tmp_path):
     """The load the TUI's F4 and model picker ask for: the worker stays up and answers in one line."""
     client, events = worker
     folder, name, words = broken_folder(tiny_folder, kind, tmp_path / "model")
-    answer = load_result(client, events, str(folder), preset)
+    answer = load_result(client, events, p.Load(str(folder), preset))
     assert isinstance(answer, p.Error), answer
     assert f"'{name}'" in answer.message and words in answer.message and "\n" not in answer.message
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import queue
 import resource
-import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from uihelpers import make_app, make_settings, run, until
+from workerhelpers import load_result
 
 from chatapp import protocol as p
 from chatapp.cli import main
@@ -105,19 +105,6 @@ def worker(settings, tmp_path_factory):
         client.start()
     yield client, events
     client.stop()
-
-
-def load_result(client, events, request: p.Load, timeout: float = 120):
-    client.send(request)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            event = events.get(timeout=0.1)
-        except queue.Empty:
-            continue
-        if isinstance(event, (p.Loaded, p.Error, p.WorkerDied)):
-            return event
-    raise AssertionError("the worker gave no answer to the Load")
 
 
 @pytest.mark.parametrize("preset", PRESETS)

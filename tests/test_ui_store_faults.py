@@ -82,16 +82,21 @@ def test_a_message_sent_on_a_full_disk_stays_in_the_prompt_and_is_sent_again(ful
     assert exit_status(app) == 0
 
 
+async def stop_a_long_reply_on_a_full_disk(pilot, disk) -> None:
+    """Stop a reply of more than a page (so storing it needs room) once the disk has filled up under it."""
+    await loaded(pilot)
+    await start_long_reply(pilot, "Tell me everything", min_chars=6000)
+    disk.fill()
+    await pilot.press("escape")
+    await until(pilot, lambda: pilot.app.chat.turn is None, what="the stop")
+
+
 def test_a_reply_finished_on_a_full_disk_is_kept_and_saved_with_the_next_message(full_disk_app):
     app, disk = full_disk_app(lambda s: long_reply_app(s, s.data_dir.parent, "Tell me everything"))
 
     async def scenario(pilot):
-        await loaded(pilot)
+        await stop_a_long_reply_on_a_full_disk(pilot, disk)
         chat = app.chat
-        await start_long_reply(pilot, "Tell me everything", min_chars=6000)  # more than a page
-        disk.fill()
-        await pilot.press("escape")
-        await until(pilot, lambda: chat.turn is None, what="the stop")
         assert "It is kept, and saved with your next message." in " ".join(app.notices)
         assert [m.role for m in app.store.messages(chat.conversation_id)] == ["user"]
         kept = chat.unsaved[0][1]
@@ -177,12 +182,7 @@ def test_quitting_with_a_reply_the_disk_had_no_room_for_asks_first(full_disk_app
     app, disk = full_disk_app(lambda s: long_reply_app(s, s.data_dir.parent, "Tell me everything"))
 
     async def scenario(pilot):
-        await loaded(pilot)
-        chat = app.chat
-        await start_long_reply(pilot, "Tell me everything", min_chars=6000)
-        disk.fill()
-        await pilot.press("escape")
-        await until(pilot, lambda: chat.turn is None, what="the stop")
+        await stop_a_long_reply_on_a_full_disk(pilot, disk)
         await pilot.press("ctrl+q")
         await pilot.pause(0.2)
         assert app.is_running and "1 reply(ies) are not saved yet" in notice(app)
