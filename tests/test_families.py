@@ -69,6 +69,14 @@ def test_a_regenerate_and_an_edit_of_the_last_message_reuse_the_cache_past_the_w
     assert edited.stats.prefilled_tokens < 30 and edited.stats.cache_note == ""
 
 
+def test_each_family_keeps_the_contract_when_its_cache_grows_every_few_tokens(family_fp32, monkeypatch):
+    from chatapp.engine import kvcache
+
+    monkeypatch.setattr(kvcache, "STEP", 5)  # many growths, and rollbacks and window moves across them
+    test_each_family_reuses_its_cache_and_matches_a_full_reencode(family_fp32)
+    test_a_regenerate_and_an_edit_of_the_last_message_reuse_the_cache_past_the_window(family_fp32)
+
+
 @pytest.fixture(scope="module")
 def gemma3_fp32(starter_folder, tmp_path_factory, settings):
     from chatapp.engine import load_model
@@ -135,12 +143,19 @@ def test_a_thinking_template_costs_the_last_reply_without_its_thinking_plus_the_
     assert second.stats.reused_tokens >= first.stats.prompt_tokens - len(think) - 1
 
 
-def test_a_cache_that_cannot_roll_back_is_rebuilt_and_counted(tiny_fp32):
-    from transformers.cache_utils import QuantizedLayer
+def _foreign(layer):
+    """The same keys and values in a layer kind kvcache doesn't know (as a quantized or offloaded cache's)."""
+    from transformers.cache_utils import DynamicLayer
 
+    other = DynamicLayer()
+    other.update(layer.keys.clone(), layer.values.clone())
+    return other
+
+
+def test_a_cache_that_cannot_roll_back_is_rebuilt_and_counted(tiny_fp32):
     chat = Chat(tiny_fp32)
     chat.send("Hello there.", max_new_tokens=6)
-    chat.session._cache.layers[0].__class__ = QuantizedLayer  # as a quantized cache's layer: no rollback
+    chat.session._cache.layers[0] = _foreign(chat.session._cache.layers[0])
     regenerated = chat.regenerate(max_new_tokens=6)
     assert regenerated.stats.prefilled_tokens == regenerated.stats.prompt_tokens
     assert "could not roll back" in regenerated.stats.cache_note
@@ -148,7 +163,6 @@ def test_a_cache_that_cannot_roll_back_is_rebuilt_and_counted(tiny_fp32):
 
 def test_can_drop_refuses_layers_it_does_not_know(tiny_fp32):
     import torch
-    from transformers.cache_utils import QuantizedLayer
 
     from chatapp.engine import kvcache
 
@@ -156,7 +170,7 @@ def test_can_drop_refuses_layers_it_does_not_know(tiny_fp32):
     with torch.inference_mode():
         tiny_fp32.model(input_ids=torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True)
     assert kvcache.can_drop(cache, 2)
-    cache.layers[0].__class__ = QuantizedLayer
+    cache.layers[0] = _foreign(cache.layers[0])
     assert kvcache.can_drop(cache, 0) and not kvcache.can_drop(cache, 1)
 
 

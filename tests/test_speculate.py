@@ -236,12 +236,17 @@ class RemoteLayer(DynamicLayer):
     """A cache layer of a type chatapp doesn't know (as remote code brings): it must not be cropped."""
 
 
+def _remote(layer) -> RemoteLayer:
+    other = RemoteLayer()
+    other.update(layer.keys.clone(), layer.values.clone())
+    return other
+
+
 def test_a_cache_that_cannot_be_cropped_gets_no_drafts(chain_fp32):
     chat = Chat(chain_fp32)
     first = chat.send(ASK, max_new_tokens=50)
     assert first.stats.drafted_tokens > 0 and first.stats.finish_reason == "stop"
-    for layer in chat.session._cache.layers:
-        layer.__class__ = RemoteLayer
+    chat.session._cache.layers = [_remote(layer) for layer in chat.session._cache.layers]
     second = chat.send(ASK, max_new_tokens=50)
     assert second.stats.reused_tokens > first.stats.prompt_tokens  # the same cache went on
     assert second.stats.drafted_tokens == 0

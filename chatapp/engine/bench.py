@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from ..protocol import TurnStats
 from ..sampling import GREEDY
+from . import kvcache
 from .generate import decode_step, prefill, stream
 from .loader import LoadedModel
 from .session import ChatSession, Message, render_ids
@@ -214,7 +215,7 @@ def cached_turn(session: ChatSession, messages: list[Message], max_new_tokens: i
 
 def prompt_cache(loaded: LoadedModel, prompt: list[int]) -> DynamicCache:
     """A cache holding all of prompt but its last token, which each decode run feeds again for its logits."""
-    cache = DynamicCache(config=loaded.model.config)
+    cache = kvcache.new_cache(loaded.model.config)
     with torch.inference_mode():
         prefill(loaded.model, cache, prompt[:-1])
     return cache

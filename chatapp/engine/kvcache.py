@@ -1,11 +1,16 @@
 """How a chat's KV cache is made, rolled back, and taken apart for a snapshot.
 
+Each layer keeps its keys and values in a buffer that grows in steps of STEP tokens, as mlx-lm's cache
+does, and hands attention a view of the part in use. transformers' DynamicCache concatenates instead,
+copying every layer's whole cache on every token: at 6k tokens that copy took 40% of a decode step here.
+Rolling back is moving the end of the view; the next token overwrites what was dropped.
+
 Sliding-window layers (Gemma 2 and 3) keep only their last `window - 1` tokens, so once full they can't be
-rolled back. We switch on transformers' past recording for them and restrict them to the window ourselves
-at the start of each turn (`settle`): within a turn they keep every token, so the next turn can roll back
-anywhere inside the last one (a template that rewrites the last reply, a regenerate, an edit of the last
-message) and only a rollback further back than that rebuilds the cache. The cost is memory: until the next
-turn starts, a sliding layer holds the window plus the whole last turn.
+rolled back. We restrict them to the window ourselves at the start of each turn (`settle`): within a turn
+they keep every token, so the next turn can roll back anywhere inside the last one (a template that rewrites
+the last reply, a regenerate, an edit of the last message) and only a rollback further back than that
+rebuilds the cache. The cost is memory: until the next turn starts, a sliding layer holds the window plus
+the whole last turn.
 """
 
 from __future__ import annotations
@@ -14,13 +19,104 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+#: Tokens a layer's buffer grows by: a growth copies the layer about once per STEP tokens, and at most
+#: STEP - 1 tokens' room sits unused.
+STEP = 256
+
+
+class _Buffered:
+    """The buffer both layer kinds share: `keys`/`values` are always views of its first `length` tokens."""
+
+    _k: torch.Tensor | None = None
+    _v: torch.Tensor | None = None
+    length = 0
+
+    @torch.inference_mode()
+    def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        end = self.length + keys.shape[-2]
+        if self._k is None or end > self._k.shape[-2]:
+            room = -(-end // STEP) * STEP
+            grown_k = keys.new_empty((*keys.shape[:-2], room, keys.shape[-1]))
+            grown_v = values.new_empty((*values.shape[:-2], room, values.shape[-1]))
+            if self.length:
+                grown_k[..., : self.length, :] = self._k[..., : self.length, :]
+                grown_v[..., : self.length, :] = self._v[..., : self.length, :]
+            self._k, self._v = grown_k, grown_v
+        self._k[..., self.length : end, :] = keys
+        self._v[..., self.length : end, :] = values
+        self._set_length(end)
+
+    def _set_length(self, length: int) -> None:
+        self.length = length
+        self.keys = self._k[..., :length, :]
+        self.values = self._v[..., :length, :]
+
+    def forget(self, tokens: int) -> None:
+        """Drop the last `tokens` tokens; the next ones written take their place."""
+        self._set_length(max(self.length - tokens, 0))
+
+    @torch.inference_mode()  # the buffers were made in inference mode, where forwards run
+    def keep_last(self, tokens: int) -> None:
+        """Keep only the last `tokens` tokens, moved to the front of the buffer."""
+        if tokens < self.length:
+            self._k[..., :tokens, :] = self._k[..., self.length - tokens : self.length, :].clone()
+            self._v[..., :tokens, :] = self._v[..., self.length - tokens : self.length, :].clone()
+            self._set_length(tokens)
+
+    def to_device(self, device) -> None:
+        if self._k is not None:
+            self._k, self._v = self._k.to(device), self._v.to(device)
+            self._set_length(self.length)
+            self.device = self._k.device
+
+    def buffer_bytes(self) -> int:
+        return 0 if self._k is None else self._k.nbytes + self._v.nbytes
+
+
+class GrowingLayer(_Buffered, DynamicLayer):
+    """A full-attention layer on a growing buffer."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._append(key_states, value_states)
+        return self.keys, self.values
+
+
+class GrowingSlidingLayer(_Buffered, DynamicSlidingWindowLayer):
+    """A sliding-window layer on a growing buffer that keeps the whole turn until `settle` (past recording)."""
+
+    def __init__(self, sliding_window: int, **kwargs):
+        super().__init__(sliding_window=sliding_window, **kwargs)
+        self.record_past = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        self._append(key_states, value_states)
+        # What the mask advertises (get_mask_sizes): the window before the new tokens, and the new tokens.
+        visible = self.sliding_window - 1 + key_states.shape[-2]
+        return self.keys[..., -visible:, :], self.values[..., -visible:, :]
+
+    def forget(self, tokens: int) -> None:
+        super().forget(tokens)
+        self.cumulative_length -= tokens
+
 
 def new_cache(config) -> DynamicCache:
     cache = DynamicCache(config=config)
-    for layer in cache.layers:
-        if isinstance(layer, DynamicSlidingWindowLayer):
-            layer.activate_past_recording()
+    cache.layers = [_growing(layer) for layer in cache.layers]
     return cache
+
+
+def _growing(layer):
+    """Our buffered twin of one of DynamicCache's layers; a kind we don't know stays as it is (and can't roll back)."""
+    if type(layer) is DynamicLayer:
+        return GrowingLayer()
+    if type(layer) is DynamicSlidingWindowLayer:
+        return GrowingSlidingLayer(sliding_window=layer.sliding_window)
+    return layer
 
 
 def _kept(layer) -> int:
@@ -31,12 +127,9 @@ def _kept(layer) -> int:
 def rewindable(cache) -> bool:
     """Whether every layer can forget tokens it took since the turn began (what speculative drafts need).
 
-    A quantized, offloaded or remote-code layer can't be cropped safely, nor a sliding one without past recording.
+    A quantized, offloaded or remote-code layer can't be cropped safely.
     """
-    return all(
-        type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer and layer.record_past)
-        for layer in cache.layers
-    )
+    return all(isinstance(layer, _Buffered) for layer in cache.layers)
 
 
 def can_drop(cache, tokens: int) -> bool:
@@ -46,7 +139,7 @@ def can_drop(cache, tokens: int) -> bool:
     if not rewindable(cache):
         return False
     for layer in cache.layers:
-        if type(layer) is DynamicLayer:
+        if not isinstance(layer, GrowingSlidingLayer):
             continue
         seen = layer.cumulative_length
         if seen < layer.sliding_window:
@@ -60,57 +153,50 @@ def can_drop(cache, tokens: int) -> bool:
 def drop(cache, tokens: int) -> None:
     """Forget the last `tokens` tokens (check can_drop first).
 
-    Sliding layers are cut here rather than by their own `crop`, which also restricts them to the window
-    and so would end the room to roll back further (a regenerate, then an edit of the message it answered).
+    Sliding layers keep the room to roll back further (a regenerate, then an edit of the message it
+    answered), which their own `crop`, restricting them to the window, would end.
     """
     if not tokens:
         return
     for layer in cache.layers:
-        if not layer.is_initialized:
-            continue
-        keep = max(_kept(layer) - tokens, 0)
-        layer.keys, layer.values = layer.keys[..., :keep, :], layer.values[..., :keep, :]
-        if isinstance(layer, DynamicSlidingWindowLayer):
-            layer.cumulative_length -= tokens
+        if layer.is_initialized:
+            layer.forget(tokens)
 
 
 def settle(cache) -> None:
     """Restrict full sliding layers back to their window, ending the rollback room of the turn before."""
     for layer in cache.layers:
-        if isinstance(layer, DynamicSlidingWindowLayer) and layer.cumulative_length >= layer.sliding_window:
-            if _kept(layer) > layer.sliding_window - 1:
-                layer.keys = layer.keys[:, :, -layer.sliding_window + 1 :, :]
-                layer.values = layer.values[:, :, -layer.sliding_window + 1 :, :]
+        if isinstance(layer, GrowingSlidingLayer) and layer.cumulative_length >= layer.sliding_window:
+            layer.keep_last(layer.sliding_window - 1)
 
 
 def move(cache, device) -> None:
     for layer in cache.layers:
-        if layer.is_initialized and layer.keys is not None:
-            layer.keys, layer.values = layer.keys.to(device), layer.values.to(device)
-            layer.device = layer.keys.device
-            if isinstance(layer, DynamicSlidingWindowLayer):
+        if layer.is_initialized and isinstance(layer, _Buffered):
+            layer.to_device(device)
+            if isinstance(layer, GrowingSlidingLayer):
                 layer._sliding_window_tensor = layer._sliding_window_tensor.to(layer.device)
 
 
 def nbytes(cache) -> int:
+    """Bytes the cache has taken, room for the tokens still to come included."""
     if cache is None:
         return 0
-    return sum(
-        t.nbytes for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values) if t is not None
-    )
+    return sum(layer.buffer_bytes() for layer in cache.layers if isinstance(layer, _Buffered))
 
 
 def tensors(cache) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """The cache as named tensors (`k.<layer>`, `v.<layer>`) and each layer's count of tokens seen.
+    """A copy of the cache, in CPU memory, as named tensors (`k.<layer>`, `v.<layer>`), and each layer's count of
+    tokens seen.
 
-    The tensors are the layers' own (no copy): a DynamicCache replaces its tensors instead of writing
-    into them, so these stay as they are while the chat goes on.
+    A copy, because the layers write into their buffers: a snapshot being saved while the chat goes on
+    would otherwise see a rollback's tokens overwritten.
     """
     out, seen = {}, []
     for i, layer in enumerate(cache.layers):
         if _kept(layer):
-            out[f"k.{i}"] = layer.keys
-            out[f"v.{i}"] = layer.values
+            out[f"k.{i}"] = layer.keys.to("cpu", copy=True)
+            out[f"v.{i}"] = layer.values.to("cpu", copy=True)
         seen.append(getattr(layer, "cumulative_length", _kept(layer)))
     return out, seen
 
@@ -131,9 +217,12 @@ def from_tensors(config, named: dict[str, torch.Tensor], seen: list[int], device
             continue
         if keys.shape != values.shape or keys.dim() != 4 or tuple(keys.shape[1::2]) != (heads, head_dim):
             raise ValueError(f"layer {i} has keys {tuple(keys.shape)}, not (1, {heads}, n, {head_dim})")
-        layer.lazy_initialization(keys.to(device), values.to(device))
-        layer.keys, layer.values = keys.to(device), values.to(device)
-        if isinstance(layer, DynamicSlidingWindowLayer):
+        if not isinstance(layer, _Buffered):
+            raise ValueError(f"layer {i} is a {type(layer).__name__}, which a snapshot can't restore")
+        keys, values = keys.to(device), values.to(device)
+        layer.lazy_initialization(keys, values)
+        layer._append(keys, values)
+        if isinstance(layer, GrowingSlidingLayer):
             layer.cumulative_length = seen[i]
         elif seen[i] != keys.shape[-2]:
             raise ValueError(f"layer {i} holds {keys.shape[-2]} tokens, not {seen[i]}")
