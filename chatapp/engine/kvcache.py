@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 
 #: Tokens a layer's buffer grows by: a growth copies the layer about once per STEP tokens, and at most
 #: STEP - 1 tokens' room sits unused.
@@ -121,15 +121,20 @@ def _growing(layer):
 
 def _kept(layer) -> int:
     """Tokens a layer holds now (a sliding layer may hold fewer than it has seen)."""
-    return 0 if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0 else layer.keys.shape[-2]
+    if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
+        return 0
+    if type(layer) is StaticLayer:  # its buffer is all of keys; its position says how much is in use
+        return int(layer.cumulative_length)
+    return layer.keys.shape[-2]
 
 
 def rewindable(cache) -> bool:
     """Whether every layer can forget tokens it took since the turn began (what speculative drafts need).
 
-    A quantized, offloaded or remote-code layer can't be cropped safely.
+    A quantized, offloaded or remote-code layer can't be cropped safely. A static layer (static_decode) is
+    rolled back by moving its position.
     """
-    return all(isinstance(layer, _Buffered) for layer in cache.layers)
+    return all(isinstance(layer, _Buffered) or type(layer) is StaticLayer for layer in cache.layers)
 
 
 def can_drop(cache, tokens: int) -> bool:
@@ -150,6 +155,7 @@ def can_drop(cache, tokens: int) -> bool:
     return True
 
 
+@torch.inference_mode()  # a cache made in inference mode is only written to there
 def drop(cache, tokens: int) -> None:
     """Forget the last `tokens` tokens (check can_drop first).
 
@@ -159,8 +165,10 @@ def drop(cache, tokens: int) -> None:
     if not tokens:
         return
     for layer in cache.layers:
-        if layer.is_initialized:
+        if isinstance(layer, _Buffered) and layer.is_initialized:
             layer.forget(tokens)
+        elif layer.is_initialized:
+            layer.crop(-tokens)
 
 
 def settle(cache) -> None:
@@ -176,13 +184,24 @@ def move(cache, device) -> None:
             layer.to_device(device)
             if isinstance(layer, GrowingSlidingLayer):
                 layer._sliding_window_tensor = layer._sliding_window_tensor.to(layer.device)
+        elif layer.is_initialized and type(layer) is StaticLayer:
+            layer.keys, layer.values = layer.keys.to(device), layer.values.to(device)
+            layer.cumulative_length = layer.cumulative_length.to(device)
+            layer.device = layer.keys.device
+            # A compiled step replays CUDA graphs recorded on fixed addresses: tell it these are fixed too.
+            for tensor in (layer.keys, layer.values, layer.cumulative_length):
+                torch._dynamo.mark_static_address(tensor)
 
 
 def nbytes(cache) -> int:
     """Bytes the cache has taken, room for the tokens still to come included."""
     if cache is None:
         return 0
-    return sum(layer.buffer_bytes() for layer in cache.layers if isinstance(layer, _Buffered))
+    return sum(
+        layer.buffer_bytes() if isinstance(layer, _Buffered) else layer.keys.nbytes + layer.values.nbytes
+        for layer in cache.layers
+        if layer.is_initialized and layer.keys is not None
+    )
 
 
 def tensors(cache) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -194,10 +213,10 @@ def tensors(cache) -> tuple[dict[str, torch.Tensor], list[int]]:
     """
     out, seen = {}, []
     for i, layer in enumerate(cache.layers):
-        if _kept(layer):
-            out[f"k.{i}"] = layer.keys.to("cpu", copy=True)
-            out[f"v.{i}"] = layer.values.to("cpu", copy=True)
-        seen.append(getattr(layer, "cumulative_length", _kept(layer)))
+        if kept := _kept(layer):
+            out[f"k.{i}"] = layer.keys[..., :kept, :].to("cpu", copy=True)
+            out[f"v.{i}"] = layer.values[..., :kept, :].to("cpu", copy=True)
+        seen.append(layer.cumulative_length if isinstance(layer, GrowingSlidingLayer) else _kept(layer))
     return out, seen
 
 

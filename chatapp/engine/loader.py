@@ -15,6 +15,7 @@ from ..facts import facts_from_folder
 from ..hardware import GpuInfo, Hardware, detect, detect_cpu, flash_attn_installed
 from ..refs import ModelSource, parse_ref
 from ..units import mb
+from . import static_decode
 from .checks import check_remote_code, check_weights, remote_code_refusal, tokenizer_problem
 from .gguf import convert_gguf, is_converted
 
@@ -51,6 +52,10 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     #: The planner's reasoning, for the log and `chatapp plan`.
     reasons: list[str] = field(default_factory=list)
+    #: "static": turns decode on a static cache with a compiled step (static_decode); "dynamic": eagerly.
+    decode_path: str = "dynamic"
+    #: The compiled decode step, made on the first static decode.
+    compiled_step: Any = None
 
     @property
     def spec(self) -> ModelSpec | None:
@@ -312,6 +317,13 @@ def load_model(
     if context:
         limit = min(limit, context)
 
+    why_dynamic = static_decode.why_not(model, _devices(model).split(":")[0], quantized=preset in ("int8", "nf4"))
+    if why_dynamic is None:
+        reasons.append("decode: static cache and a compiled step (CUDA graphs)")
+    elif device_type == "cuda":
+        reasons.append(f"decode: eager, on a dynamic cache ({why_dynamic})")
+        notes.append(f"decode: eager, on a dynamic cache ({why_dynamic})")
+
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -328,6 +340,7 @@ def load_model(
         template_fallback=template_fallback,
         notes=notes,
         reasons=reasons,
+        decode_path="dynamic" if why_dynamic else "static",
     )
     return loaded
 

@@ -14,7 +14,7 @@ import torch
 from ..errors import ContextOverflow
 from ..protocol import TurnStats
 from ..sampling import DEFAULTS, SamplingParams
-from . import kvcache, speculate
+from . import kvcache, speculate, static_decode
 from .generate import GenerationResponse, ReplyText, Sampler, StreamDecoder, decode_step, forward, prefill, stream
 from .loader import LoadedModel
 
@@ -116,10 +116,23 @@ class ChatSession:
     prefills only the rest and streams the reply. Greedy replies are token-identical to a full re-encode.
     """
 
-    def __init__(self, loaded: LoadedModel, *, context_length: int | None = None, speculative: str = "ngram"):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        context_length: int | None = None,
+        speculative: str = "ngram",
+        decode: str = "auto",
+    ):
         if speculative not in SPECULATIVE:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {speculative!r}")
+        if decode not in DECODE:
+            raise ValueError(f"decode must be one of {', '.join(DECODE)}, got {decode!r}")
         self.loaded = loaded
+        #: Whether turns run on a static cache (static_decode): "auto" takes it where the loader chose it.
+        self.static = loaded.decode_path == "static" if decode == "auto" else decode == "static"
+        if self.static and (why := static_decode.unsupported(loaded.model)):
+            raise ValueError(f"no static decode path: {why}")
         self.context_length = context_length or loaded.context_length
         #: "ngram": prompt-lookup drafts while they pay (see speculate.Gate); "off": one token per step.
         self.speculative = speculative
@@ -185,7 +198,12 @@ class ChatSession:
         The copy's next turn crops the cache to what the branch shares with this conversation, as any turn
         does, so only what the branch adds is prefilled; this session and its cache go on untouched.
         """
-        twin = ChatSession(self.loaded, context_length=self.context_length, speculative=self.speculative)
+        twin = ChatSession(
+            self.loaded,
+            context_length=self.context_length,
+            speculative=self.speculative,
+            decode="static" if self.static else "dynamic",
+        )
         twin.messages = [replace(m) for m in self.messages]
         twin.dropped_messages = self.dropped_messages
         twin._cache = deepcopy(self._cache)
@@ -219,20 +237,26 @@ class ChatSession:
                 f"this model's cache could not roll back {drop} tokens, so it re-read the conversation; "
                 "that is counted as prefill"
             )
-        self._cache = kvcache.new_cache(self.loaded.model.config)
+        self._cache = None  # _feed makes the new one, of the kind this session decodes on
         self._cache_ids = []
         return 0
 
     def _feed(self, ids: list[int], rows: bool = False) -> torch.Tensor:
         """Run ids into the cache, keeping _cache_ids in step with it; rows: the logits of every position."""
         model = self.loaded.model
+        if self.static:
+            self._cache = static_decode.holding(self._cache, model.config, len(self._cache_ids) + len(ids))
+        elif self._cache is None:
+            self._cache = kvcache.new_cache(model.config)
         try:
             if rows:
                 logits = forward(model, self._cache, ids, rows=len(ids))
             elif len(ids) > 1:
                 logits = prefill(model, self._cache, ids)
             else:
-                logits = decode_step(model, self._cache, ids[0])
+                logits = decode_step(
+                    static_decode.compiled_step(self.loaded) if self.static else model, self._cache, ids[0]
+                )
         except BaseException:
             # A failed forward may have updated some layers and not others: don't trust the cache again.
             self._cache = None
@@ -362,3 +386,5 @@ class ChatSession:
 
 #: The values of ChatSession's speculative option.
 SPECULATIVE = ("ngram", "off")
+#: The values of ChatSession's decode option: the loader's choice, or one cache kind.
+DECODE = ("auto", "dynamic", "static")

@@ -1,0 +1,92 @@
+"""The decode path for CUDA: a static KV cache and a compiled decode step, as gpt-fast does.
+
+Eager decoding on a GPU is bound by Python overhead: each token launches hundreds of small kernels.
+`torch.compile(mode="reduce-overhead")` records the step as a CUDA graph and replays it, which needs the
+cache's tensors to keep their address from token to token. transformers' StaticCache does: it writes each
+token in place at its position, and a rollback (`crop`) only moves the position back, so the next token
+overwrites what was dropped. Attention runs over the whole buffer, with the unused tail masked.
+
+Shapes are bucketed: a cache holds a multiple of BUCKET tokens and moves into a bigger one when a turn
+would outgrow it, so a chat compiles the step once per bucket it reaches, not once per turn.
+
+Sliding-window layers (Gemma 2 and 3, Mistral with a window) can't be rolled back once they have wrapped
+around in a static cache, so those models keep the dynamic cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
+
+#: Tokens a static cache grows by. Each size compiles the decode step once; 1,024 tokens of room cost an
+#: 8B Llama 128 MiB in bf16.
+BUCKET = 1024
+
+
+def why_not(model, device: str, quantized: bool = False) -> str | None:
+    """Why this model on this device decodes on the dynamic cache; None when the static path applies.
+
+    `device` is where all the weights are ("cuda"), or a split across devices ("cpu+cuda:0"), which a
+    graph can't span. Quantized weights stay eager until the GPU run (issue 16) shows their kernels compile.
+    """
+    if device != "cuda":
+        return "the static, compiled decode path is for a model wholly on one CUDA GPU"
+    if quantized:
+        return "8- and 4-bit weights decode eagerly"
+    return unsupported(model)
+
+
+def unsupported(model) -> str | None:
+    """Why this model's architecture can't use a static cache that rolls back; None when it can."""
+    name = type(model).__name__
+    if not getattr(model, "_can_compile_fullgraph", False):
+        return f"{name} can't be compiled into one graph"
+    layers = StaticCache(config=model.config, max_cache_len=BUCKET).layers
+    if any(type(layer) is not StaticLayer for layer in layers):
+        return f"{name} has sliding-window layers, which a static cache can't roll back"
+    return None
+
+
+def room_for(tokens: int) -> int:
+    return max(1, -(-tokens // BUCKET)) * BUCKET
+
+
+def is_static(cache) -> bool:
+    return cache is not None and bool(cache.layers) and all(type(layer) is StaticLayer for layer in cache.layers)
+
+
+def room(cache) -> int:
+    return cache.layers[0].max_cache_len
+
+
+def new_cache(config, tokens: int) -> StaticCache:
+    return StaticCache(config=config, max_cache_len=room_for(tokens))
+
+
+def holding(cache, config, tokens: int) -> StaticCache:
+    """A static cache with room for `tokens`: this one if it has the room, else a bigger one with its contents.
+
+    `cache` may be a dynamic one (restored from a snapshot): its contents move into a static cache.
+    """
+    if is_static(cache) and room(cache) >= tokens:
+        return cache
+    held = int(cache.get_seq_length()) if cache is not None else 0
+    bigger = new_cache(config, max(tokens, held))
+    if held:
+        for old, new in zip(cache.layers, bigger.layers, strict=True):
+            keys, values = old.keys[..., :held, :], old.values[..., :held, :]
+            new.lazy_initialization(keys, values)
+            new.keys[..., :held, :] = keys
+            new.values[..., :held, :] = values
+            new.cumulative_length.fill_(held)
+    return bigger
+
+
+def compiled_step(loaded):
+    """The model's forward for one decode token, compiled once per loaded model where it runs on CUDA."""
+    if loaded.compiled_step is None:
+        loaded.compiled_step = loaded.model
+        if loaded.model.device.type == "cuda":
+            loaded.compiled_step = torch.compile(loaded.model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return loaded.compiled_step

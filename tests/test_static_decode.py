@@ -1,0 +1,112 @@
+"""The static-cache decode path (CUDA's, with a compiled step there), run eagerly here on the CPU.
+
+It must keep the cache contract of the dynamic path: the same greedy tokens and the same prefill counts,
+through rollbacks (regenerate, edit), speculative drafts, bucket growths, snapshots and branches.
+"""
+
+from __future__ import annotations
+
+import pytest
+from chathelpers import Chat
+from modelhelpers import build_family_model
+
+from chatapp.engine import kvcache, static_decode
+from chatapp.engine.session import ChatSession
+
+FULL = ["llama", "phi3", "qwen2", "qwen3"]
+SLIDING = ["gemma2", "gemma3", "mistral"]
+QUESTIONS = [
+    "Tell me about the bridge, and then some more about the town around it, please.",
+    "And the mill pond? Repeat: the mill pond, the mill pond.",
+    "What of the floods, then?",
+    "One more: the library.",
+]
+
+
+@pytest.fixture(scope="module", params=FULL)
+def full_family(request, starter_folder, tmp_path_factory, settings):
+    from chatapp.engine import load_model
+
+    folder = build_family_model(starter_folder, tmp_path_factory.mktemp(request.param), request.param, words_only=True)
+    return load_model(str(folder), "fp32", settings=settings)
+
+
+def _chat_through(chat: Chat) -> list:
+    turns = [chat.send(q, max_new_tokens=14) for q in QUESTIONS[:3]]
+    turns.append(chat.regenerate(max_new_tokens=14))
+    turns.append(chat.edit(len(chat.history) - 2, QUESTIONS[3], max_new_tokens=14))
+    turns.append(chat.send(QUESTIONS[0], max_new_tokens=14))
+    return [(t.tokens, t.stats.prefilled_tokens, t.stats.cache_tokens, t.stats.cache_note) for t in turns]
+
+
+@pytest.mark.parametrize("speculative", ["off", "ngram"])
+def test_the_static_path_gives_the_dynamic_paths_tokens_and_prefill_counts(full_family, speculative, monkeypatch):
+    monkeypatch.setattr(static_decode, "BUCKET", 32)  # a few bucket growths within the chat
+    dynamic = Chat(full_family, decode="dynamic", speculative=speculative)
+    static = Chat(full_family, decode="static", speculative=speculative)
+    assert _chat_through(static) == _chat_through(dynamic)
+    assert static_decode.is_static(static.session._cache)
+    assert not static_decode.is_static(dynamic.session._cache)
+    assert static_decode.room(static.session._cache) > 32
+    assert static.session._cache.get_seq_length() == static.session.cache_tokens
+
+
+def test_a_static_cache_takes_whole_buckets(tiny_fp32, monkeypatch):
+    monkeypatch.setattr(static_decode, "BUCKET", 64)
+    chat = Chat(tiny_fp32, decode="static")
+    chat.send(QUESTIONS[0], max_new_tokens=4)
+    cache = chat.session._cache
+    assert static_decode.room(cache) == 64 and chat.session.cache_tokens < 64
+    layer = cache.layers[0]
+    assert kvcache.nbytes(cache) == len(cache.layers) * (layer.keys.nbytes + layer.values.nbytes)
+    assert layer.keys.shape[-2] == 64
+
+
+def test_a_static_chat_snapshot_restores_and_a_branch_goes_on_alike(tiny_fp32):
+    chat = Chat(tiny_fp32, decode="static")
+    chat.send(QUESTIONS[0], max_new_tokens=10)
+    ids, named, seen = chat.session.export()
+    assert seen == [len(ids)] * len(seen) and named["k.0"].shape[-2] == len(ids)
+
+    twin = chat.session.copy()
+    assert twin.static
+    restored = ChatSession(tiny_fp32, decode="static")
+    restored.adopt(kvcache.from_tensors(tiny_fp32.model.config, named, seen, "cpu"), ids, 0.0)
+    reference = ChatSession(tiny_fp32, decode="dynamic")
+    history = [*chat.history]
+    from chathelpers import greedy, run
+
+    from chatapp.engine.session import Message
+
+    ask = [*history, Message("user", QUESTIONS[2])]
+    outs = [run(s.reply_to(ask, greedy(max_new_tokens=10))) for s in (chat.session, twin, restored, reference)]
+    assert len({tuple(o.tokens) for o in outs}) == 1
+    assert [o.stats.prefilled_tokens for o in outs[:3]] == [outs[0].stats.prefilled_tokens] * 3
+    assert outs[3].stats.prefilled_tokens == outs[3].stats.prompt_tokens  # the reference started cold
+    assert static_decode.is_static(restored._cache)
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_a_sliding_window_model_is_refused_the_static_path_in_one_line(family, starter_folder, tmp_path, settings):
+    from chatapp.engine import load_model
+
+    loaded = load_model(str(build_family_model(starter_folder, tmp_path, family)), "fp32", settings=settings)
+    why = static_decode.unsupported(loaded.model)
+    assert why and "sliding-window layers" in why and "\n" not in why
+    with pytest.raises(ValueError, match="no static decode path: .* has sliding-window layers"):
+        ChatSession(loaded, decode="static")
+    assert ChatSession(loaded).static is False  # auto: the dynamic cache, as on every CPU
+
+
+def test_the_loader_keeps_the_static_path_for_one_whole_cuda_device(tiny_fp32):
+    model = tiny_fp32.model
+    assert tiny_fp32.decode_path == "dynamic"
+    assert "one CUDA GPU" in static_decode.why_not(model, "cpu")
+    assert "one CUDA GPU" in static_decode.why_not(model, "cpu+cuda")
+    assert "decode eagerly" in static_decode.why_not(model, "cuda", quantized=True)
+    assert static_decode.why_not(model, "cuda") is None
+
+
+def test_an_unknown_decode_option_is_refused_in_one_line(tiny_fp32):
+    with pytest.raises(ValueError, match="decode must be one of auto, dynamic, static, got 'fast'"):
+        ChatSession(tiny_fp32, decode="fast")
