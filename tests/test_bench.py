@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from chatapp.engine.bench import app_decode, prompt_cache
+from chatapp.engine.bench import app_decode, bare_decode, prompt_cache
 from chatapp.engine.session import Message, render_ids
 
 
@@ -38,6 +38,8 @@ def test_the_apps_decode_loop_continues_a_cache_like_generate(tiny_words_fp32):
         )
     assert out[0, len(prompt) :].tolist() == ids
     assert app_decode(loaded, prompt, prompt_cache(loaded, prompt), 20)[0] == ids  # each run starts from a copy
+    bare, bare_times = bare_decode(loaded, prompt, prompt_cache(loaded, prompt), 20)
+    assert bare == ids and len(bare_times) == 20  # the bare loop decodes the same tokens, from its own copy
 
 
 def test_bench_json_contract(tiny_folder):
@@ -59,8 +61,20 @@ def test_bench_json_contract(tiny_folder):
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    for key in ("model", "preset", "device", "cached", "naive", "identical_outputs", "raw_generate_tok_s", "app_tok_s"):
+    for key in (
+        "model",
+        "preset",
+        "device",
+        "cached",
+        "naive",
+        "identical_outputs",
+        "raw_generate_tok_s",
+        "app_tok_s",
+        "bare_step_tok_s",
+        "app_vs_bare",
+    ):
         assert key in result
+    assert result["app_vs_bare"] == pytest.approx(result["app_tok_s"] / result["bare_step_tok_s"])
     assert result["identical_outputs"] is True
     fields = {
         "turn",

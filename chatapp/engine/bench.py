@@ -17,7 +17,7 @@ from transformers import DynamicCache
 from ..protocol import TurnStats
 from ..sampling import GREEDY
 from . import kvcache
-from .generate import decode_step, prefill, stream
+from .generate import ReplyText, StreamDecoder, decode_step, prefill, stream
 from .loader import LoadedModel
 from .session import ChatSession, Message, render_ids
 
@@ -223,10 +223,12 @@ def prompt_cache(loaded: LoadedModel, prompt: list[int]) -> DynamicCache:
 
 def app_decode(loaded: LoadedModel, prompt: list[int], cache, tokens: int) -> tuple[list[int], list[float]]:
     """The app's decode loop (generate.stream), greedy, continuing from a copy of cache: exactly `tokens` ids
-    (stop tokens masked, as generate's min_new_tokens does), and when each was sampled."""
+    (stop tokens masked, as generate's min_new_tokens does), and when each was sampled. Each token gets the
+    work a turn does for it: streaming detokenization and the stop-string check."""
     model, cache = loaded.model, copy.deepcopy(cache)
     stop_ids = sorted(loaded.stop_token_ids)
     ids, times = [], []
+    decoder, reply = StreamDecoder(loaded.tokenizer), ReplyText(loaded.stop_strings)
 
     def sample(logits):
         logits[:, stop_ids] = float("-inf")
@@ -235,12 +237,31 @@ def app_decode(loaded: LoadedModel, prompt: list[int], cache, tokens: int) -> tu
     def stop(token):
         ids.append(token)
         times.append(time.perf_counter())
+        reply.add(decoder.push(token))
+        reply.take()
         return "length" if len(ids) >= tokens else None
 
     with torch.inference_mode():
         logits = prefill(model, cache, prompt[-1:])
         for _ in stream(logits, sample, lambda token: decode_step(model, cache, token), stop):
             pass
+    return ids, times
+
+
+def bare_decode(loaded: LoadedModel, prompt: list[int], cache, tokens: int) -> tuple[list[int], list[float]]:
+    """The least a decode can do, continuing from a copy of cache: `model(...)` and an argmax per token, as
+    app_decode masks stop tokens; the ids, and when each was sampled."""
+    model, cache = loaded.model, copy.deepcopy(cache)
+    stop_ids = sorted(loaded.stop_token_ids)
+    ids, times = [], []
+    token = torch.tensor([prompt[-1:]], device=model.device)
+    with torch.inference_mode():
+        for _ in range(tokens):
+            logits = model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+            logits[:, stop_ids] = float("-inf")
+            token = logits.argmax(dim=-1, keepdim=True)
+            ids.append(int(token.item()))
+            times.append(time.perf_counter())
     return ids, times
 
 
@@ -290,9 +311,10 @@ def run_bench(
     rate_tokens = max(max_new_tokens, RATE_TOKENS)
     prompt = render_ids(loaded.tokenizer, [Message("user", script[0])])
     cache = prompt_cache(loaded, prompt)
-    app_rates, raw_rates = [], []
+    app_rates, raw_rates, bare_rates = [], [], []
     for _ in range(repeats):
         app_rates.append(_rate(app_decode(loaded, prompt, cache, rate_tokens)[1]))
+        bare_rates.append(_rate(bare_decode(loaded, prompt, cache, rate_tokens)[1]))
         raw_rates.append(raw_decode_rate(loaded, prompt, copy.deepcopy(cache), rate_tokens))
     result = {
         "model": loaded.source.label,
@@ -308,6 +330,8 @@ def run_bench(
         "identical_outputs": cached_ids == naive_ids,
         "raw_generate_tok_s": max(raw_rates),
         "app_tok_s": max(app_rates),
+        "bare_step_tok_s": max(bare_rates),
+        "app_vs_bare": max(app_rates) / max(bare_rates) if max(bare_rates) else 0.0,
         "cached_total_s": cached_wall,
         "naive_total_s": naive_wall,
         "speedup": naive_wall / cached_wall if cached_wall else 0.0,
@@ -373,7 +397,8 @@ def format_table(result: dict) -> str:
         f"({result['speedup']:.1f}x)",
         f"identical outputs: {result['identical_outputs']}",
         f"decode on the first prompt: app {result['app_tok_s']:.1f} tok/s, "
-        f"raw generate {result['raw_generate_tok_s']:.1f} tok/s",
+        f"raw generate {result['raw_generate_tok_s']:.1f} tok/s, "
+        f"bare model() loop {result['bare_step_tok_s']:.1f} tok/s (app {result['app_vs_bare']:.2f}x)",
     ]
     spec = result["speculative"]
     if spec["mode"] != "off":
