@@ -75,7 +75,10 @@ def _answer(llm, request: dict) -> dict:
 
 def serve(gguf: str, threads: int, n_ctx: int) -> None:
     """Answer one JSON request per stdin line with one JSON line on stdout, until stdin closes."""
-    import llama_cpp
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SystemExit(f"error: {sys.executable} has no llama_cpp: pip install llama-cpp-python there") from None
 
     started = time.perf_counter()
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -111,7 +114,7 @@ def _chatapp_side(args):
 
 def run_llama(args, say) -> dict:
     """The scripted chat through llama.cpp: the bench's prompts, as ids, one turn after the other."""
-    from chatapp.engine.session import Message, render_ids
+    from chatapp.engine.session import Message, common_prefix_len, render_ids
 
     loaded, gguf, script, reply_text = _chatapp_side(args)
     command = [args.llama_python, str(Path(__file__).resolve()), "--serve", "--gguf", gguf]
@@ -122,7 +125,7 @@ def run_llama(args, say) -> dict:
         raise SystemExit(f"error: cannot start the llama side with '{args.llama_python}': {exc.strerror}") from None
     hello = _read(worker)
     say(f"llama.cpp {hello['llama_cpp_version']} loaded {Path(gguf).name} in {hello['load_s']:.2f}s")
-    messages, rows, total = [], [], 0.0
+    messages, rows, total, held = [], [], 0.0, []
     stop = sorted(loaded.stop_token_ids)
     for turn, text in enumerate(script, 1):
         messages.append(Message("user", text))
@@ -132,7 +135,13 @@ def run_llama(args, say) -> dict:
         worker.stdin.flush()
         row = _read(worker)
         total += time.perf_counter() - started
-        messages.append(Message("assistant", reply_text(row.pop("ids"))))
+        reply = row.pop("ids")
+        # What a reused cache must cost: the prompt past the common prefix (one token replayed if none is left).
+        expected = max(len(ids) - common_prefix_len(ids, held), 1)
+        if row["prefilled_tokens"] != expected:
+            say(f"warning: llama.cpp evaluated {row['prefilled_tokens']} prompt tokens, the prefix leaves {expected}")
+        held = ids + reply[:-1]  # the last token is sampled, never evaluated
+        messages.append(Message("assistant", reply_text(reply)))
         rows.append({"turn": turn, **row})
         say(
             f"llama.cpp turn {turn}: prefilled {row['prefilled_tokens']}/{row['prompt_tokens']}, "
