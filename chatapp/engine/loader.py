@@ -51,6 +51,8 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     #: The planner's reasoning, for the log and `chatapp plan`.
     reasons: list[str] = field(default_factory=list)
+    #: A small model with the same tokenizer, loaded alongside for speculative decoding (see draftmodel.py).
+    draft: LoadedModel | None = None
 
     @property
     def spec(self) -> ModelSpec | None:
