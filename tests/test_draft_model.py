@@ -313,3 +313,60 @@ def test_a_draft_with_another_tokenizer_is_refused_in_one_line(llama, tmp_path, 
 def test_draft_mode_without_a_draft_model_is_refused(llama):
     with pytest.raises(ValueError, match="needs a draft model"):
         ChatSession(llama, speculative="draft")
+
+
+# -- which draft a load brings ---------------------------------------------------------------
+
+
+def _settings_with_catalog(settings, tmp_path, entry: str):
+    from dataclasses import replace
+
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "models.toml").write_text(f"[models.smollm2-135m-local]\n{entry}\n")
+    return replace(settings, config_dir=config)
+
+
+def test_the_draft_the_catalog_names_loads_beside_the_model_and_drafts_by_default(settings, tmp_path):
+    from chatapp.engine import load_model
+
+    own = _settings_with_catalog(settings, tmp_path, 'draft = "smollm2-135m-local"')
+    loaded = load_model("smollm2-135m-local", "fp32", settings=own)
+    assert loaded.draft is not None and loaded.draft.dtype == "fp32"
+    assert "drafting with smollm2-135m-local (fp32) for speculative decoding" in loaded.notes
+    session = ChatSession(loaded)
+    assert session.speculative == "draft"
+    turn = run(session.reply_to([Message("user", "Name three colours.")], SamplingParams(max_new_tokens=12)))
+    assert turn.stats.drafted_tokens > 0 and turn.stats.accepted_tokens == turn.stats.drafted_tokens
+    assert load_model("smollm2-135m-local", "fp32", settings=own, draft="none").draft is None
+
+
+def test_a_draft_the_catalog_names_is_not_downloaded_for_the_user(settings, tmp_path):
+    """The Hub is out of reach here (HF_HUB_OFFLINE) and the cache is empty: the model loads, drafting by
+    prompt lookup, and a note says how to get the draft."""
+    from chatapp.engine import load_model
+
+    own = _settings_with_catalog(settings, tmp_path, 'draft = "smollm2-135m"')
+    loaded = load_model("smollm2-135m-local", "fp32", settings=own)
+    assert loaded.draft is None and ChatSession(loaded).speculative == "ngram"
+    assert "no draft: smollm2-135m isn't downloaded (`chatapp pull smollm2-135m` lets it draft, faster replies)" in (
+        loaded.notes
+    )
+
+
+@pytest.mark.parametrize("command", ["ask", "repl"])
+def test_ask_and_repl_take_a_draft_model(tiny_words_folder, command):
+    import subprocess
+    import sys
+
+    model = str(tiny_words_folder)
+    args = [sys.executable, "-m", "chatapp.cli", command, "--model", model, "--preset", "fp32", "--stats"]
+    args += ["--max-new-tokens", "8", "--draft", model]
+    if command == "ask":
+        args.append("Hello there")
+    out = subprocess.run(args, input="Hello there\n/exit\n", capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"drafting with {model} (fp32) for speculative decoding" in out.stderr
+    stats = next(line for line in out.stderr.splitlines() if "prefilled" in line)
+    drafted = int(stats.split("drafted ")[1].split(",")[0])
+    assert drafted > 0 and stats.endswith(f"accepted {drafted}")

@@ -94,3 +94,25 @@ def test_plan_shows_the_drafts_share_on_its_own_line(hardware, line):
     assert line in text
     assert not any(line in other for other in text if other != line)  # said once, not again among the reasons
     assert all("draft" not in row for row in format_plan(choose(hardware, plan.facts)).splitlines())
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        ((), "draft smollm2-135m: "),
+        (("--draft", "smollm2-360m"), "draft smollm2-360m: "),
+        (("--draft", "none"), None),
+    ],
+    ids=["the catalog's", "named", "none"],
+)
+def test_chatapp_plan_shows_the_draft(capsys, args, line):
+    from chatapp.cli import main
+
+    assert main(["plan", "smollm2-1.7b", "--no-gpu", "--ram", "32GiB", *args]) == 0
+    drafts = [row for row in capsys.readouterr().out.splitlines() if row.startswith("draft")]
+    if line is None:
+        assert drafts == []
+    else:
+        # Its dtype follows this machine's CPU (bf16 or fp32), so only the shape of the line is fixed.
+        assert len(drafts) == 1 and drafts[0].startswith(line)
+        assert drafts[0].endswith(" cache, beside the model (speculative decoding)") and "GB weights + " in drafts[0]

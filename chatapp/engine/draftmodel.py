@@ -8,11 +8,14 @@ only the ids it lacks, then samples a few tokens one by one. The target verifies
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from copy import deepcopy
+from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
+from .. import planner
+from ..errors import ChatappError, ModelLoadError
 from . import kvcache
 from .generate import forward, prefill
 from .speculate import DRAFT_TOKENS
@@ -32,6 +35,77 @@ def check_draft(target, draft) -> None:
     raise ModelLoadError(
         f"'{draft.source.label}' can't draft for '{target.source.label}': its tokenizer differs ({why})"
     )
+
+
+def resolve_draft(source, draft: str | None, settings) -> tuple[object | None, object | None, str]:
+    """The draft a load asks for, as (its ModelSource, its ModelFacts, ""), or (None, None, why there is none).
+
+    draft is a model reference, "none", or None for what the model's catalog entry names. A draft the catalog
+    names is used only once it is downloaded: loading a model never fetches a second one the user didn't ask for.
+    """
+    from ..catalog import load_catalog
+    from ..facts import facts_for
+    from ..refs import parse_ref
+
+    ref = draft if draft is not None else (source.spec.draft if source.spec else None)
+    if not ref or ref == "none":
+        return None, None, ""
+    try:
+        found = parse_ref(ref, load_catalog(settings.config_dir / "models.toml"))
+        if draft is None and not _downloaded(found):
+            return None, None, f"no draft: {ref} isn't downloaded (`chatapp pull {ref}` lets it draft, faster replies)"
+        return found, facts_for(found), ""
+    except ChatappError as exc:
+        return None, None, f"no draft: {exc}"
+
+
+def _downloaded(source) -> bool:
+    if source.kind != "hub":
+        return True  # a folder or a GGUF file is here, or its load says what is wrong
+    from huggingface_hub import snapshot_download
+
+    from ..hub import folder_missing
+
+    try:
+        folder = snapshot_download(source.repo_id, revision=source.revision, local_files_only=True)
+    except Exception:  # huggingface_hub's "not in the cache" comes as several error types
+        return False
+    return folder_missing(Path(folder)) is None
+
+
+def attach_draft(
+    loaded,
+    source,
+    plan: planner.Plan | None,
+    settings,
+    device: str,
+    on_status: Callable[[str], None] | None,
+    on_progress: Callable | None,
+) -> None:
+    """Load the draft beside `loaded` when the plan says both fit, as loaded.draft; a note says what happened."""
+    from .loader import load_model
+
+    if plan is not None and plan.draft is not None and not plan.draft.fits:
+        loaded.notes.append(planner.describe_draft(plan))
+        return
+    preset = loaded.dtype if loaded.dtype in planner.DTYPE_BYTES else "bf16"
+    try:
+        draft = load_model(
+            source,
+            preset,
+            settings=settings,
+            device=device,
+            context=loaded.context_length,
+            draft="none",
+            on_status=on_status,
+            on_progress=on_progress,
+        )
+        check_draft(loaded, draft)
+    except ChatappError as exc:
+        loaded.notes.append(f"no draft: {exc}")
+        return
+    loaded.draft = draft
+    loaded.notes.append(f"drafting with {source.label} ({preset}) for speculative decoding")
 
 
 def _fit_vocab(logits: torch.Tensor, size: int) -> torch.Tensor:
