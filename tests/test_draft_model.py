@@ -338,6 +338,16 @@ def test_the_draft_the_catalog_names_loads_beside_the_model_and_drafts_by_defaul
     assert session.speculative == "draft"
     turn = run(session.reply_to([Message("user", "Name three colours.")], SamplingParams(max_new_tokens=12)))
     assert turn.stats.drafted_tokens > 0 and turn.stats.accepted_tokens == turn.stats.drafted_tokens
+    # The worker's budget for live caches counts each chat's draft cache too, in whole chats.
+    from chatapp.engine.worker import _cache_budgets
+    from chatapp.facts import facts_from_config
+    from chatapp.planner import LIVE_CONTEXTS, kv_cache_bytes
+
+    facts = facts_from_config("x", loaded.model.config.to_dict(), params=0)
+    per_chat = 2 * kv_cache_bytes(facts, loaded.context_length, "fp32")
+    live, _parked = _cache_budgets(loaded)
+    # Test machines have far more RAM than 4 chats of a 135M model need, so the budget is the 4 chats' caches.
+    assert live == LIVE_CONTEXTS * per_chat
     assert load_model("smollm2-135m-local", "fp32", settings=own, draft="none").draft is None
 
 
