@@ -33,6 +33,8 @@ class ModelSpec:
     top_p: float | None = None
     #: The config values the planner needs (see ARCHITECTURE_FIELDS), so `chatapp plan` works offline.
     architecture: dict | None = None
+    #: A smaller model with the same tokenizer (a catalog key or Hub repo id) that drafts for speculative decoding.
+    draft: str | None = None
 
 
 #: architecture = { ... } keys: name -> (type, required).
@@ -66,6 +68,7 @@ _FIELD_TYPES = {
     "temperature": float,
     "top_p": float,
     "architecture": dict,
+    "draft": str,
 }
 assert set(_FIELD_TYPES) == {f.name for f in fields(ModelSpec)} - {"key"}
 
@@ -147,4 +150,9 @@ def load_catalog(user_file: Path | None = None, shipped: Path | Traversable = SH
                 raise ConfigError(f"{user_file}: entry '{key}' must be a table")
             tables[key] = {**tables.get(key, {}), **table}
             sources[key] = user_file
-    return {key: _spec_from_table(key, table, sources[key]) for key, table in tables.items()}
+    specs = {key: _spec_from_table(key, table, sources[key]) for key, table in tables.items()}
+    for key, spec in specs.items():
+        # A typo here would only show as drafts that never come: name it now. A Hub repo id is checked on load.
+        if spec.draft is not None and "/" not in spec.draft and spec.draft not in specs:
+            raise ConfigError(f"{sources[key]}: entry '{key}' field 'draft' names '{spec.draft}', not in the catalog")
+    return specs

@@ -74,7 +74,17 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="load the preset even where the planner says it won't fit")
 
 
+def _add_draft_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--draft",
+        metavar="MODEL|none",
+        help="a smaller model with the same tokenizer that drafts tokens (speculative decoding); "
+        "default: the one the catalog names for the model, once downloaded",
+    )
+
+
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
+    _add_draft_arg(parser)
     parser.add_argument("--system", "-s", help="system prompt")
     parser.add_argument("--max-new-tokens", type=_whole(1), help="reply length cap in tokens")
     parser.add_argument("--temperature", type=float, help="0 means greedy")
@@ -120,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--speculative",
-        choices=("ngram", "off"),
+        metavar="ngram|off|MODEL",
         default="ngram",
-        help="prompt-lookup drafts in the cached chat (default ngram, as the app); ngram also runs it without",
+        help="drafts in the cached chat: prompt lookup (default), none, or a draft model; "
+        "all but off also run the chat without drafts, to compare",
     )
     bench.add_argument(
         "--scenario",
@@ -147,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--no-gpu", action="store_true", help="plan for this machine without its GPUs")
     plan.add_argument("--ram", metavar="SIZE", help="CPU RAM to plan for, e.g. 32GiB")
     plan.add_argument("--json", action="store_true")
+    _add_draft_arg(plan)
 
     sub.add_parser("doctor", help="what is installed and usable, and how to fix what isn't")
 
@@ -180,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace, settings: Settings):
+def _load(args: argparse.Namespace, settings: Settings, draft: str | None = None):
     from .engine import load_model
 
     model = settings.default_model if args.model is None else args.model  # `--model ''` is an error, not the default
@@ -200,6 +212,7 @@ def _load(args: argparse.Namespace, settings: Settings):
             force=args.force,
             on_status=_note,
             on_progress=bar.update,
+            draft=draft or getattr(args, "draft", None),
         )
     finally:
         bar.close()
@@ -322,7 +335,10 @@ def cmd_repl(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from .engine.bench import format_table, run_bench
 
-    loaded = _load(args, settings)
+    spec = args.speculative
+    loaded = _load(args, settings, draft="none" if spec in ("ngram", "off") else spec)
+    if spec not in ("ngram", "off") and loaded.draft is None:
+        raise ChatappError(next((n for n in loaded.notes if n.startswith(("no draft", "draft "))), f"no draft: {spec}"))
     result = run_bench(
         loaded,
         turns=args.turns,
@@ -349,8 +365,14 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
         hw = hardware.describe_by_hand(hardware.detect(), args.gpu, args.no_gpu, args.ram)
     except ValueError as exc:
         raise ChatappError(str(exc)) from None
-    facts = facts_for(parse_ref(args.model, load_catalog(settings.config_dir / "models.toml")))
-    result = planner.choose(hw, facts, args.context, args.preset, flash_attn_installed=hardware.flash_attn_installed())
+    catalog = load_catalog(settings.config_dir / "models.toml")
+    source = parse_ref(args.model, catalog)
+    facts = facts_for(source)
+    draft = args.draft or (source.spec.draft if source.spec else None)
+    draft_facts = facts_for(parse_ref(draft, catalog)) if draft and draft != "none" else None
+    result = planner.choose(
+        hw, facts, args.context, args.preset, flash_attn_installed=hardware.flash_attn_installed(), draft=draft_facts
+    )
     print(json.dumps(planner.plan_dict(result)) if args.json else format_plan(result))
     return 0
 

@@ -173,6 +173,21 @@ class Choice:
 
 
 @dataclass(frozen=True)
+class DraftShare:
+    """A draft model's memory next to the model it drafts for: its weights in the model's compute dtype and a KV
+    cache as long as the model's (each chat's cache has a draft twin), and whether both fit together."""
+
+    name: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    fits: bool
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes
+
+
+@dataclass(frozen=True)
 class Plan:
     """What `choose` decided for one model on one machine, and why.
 
@@ -186,6 +201,8 @@ class Plan:
     presets: tuple[tuple[Estimate, str | None], ...]
     choice: Choice | None
     reasons: tuple[str, ...]
+    #: The draft model's share, when one was asked for (see choose).
+    draft: DraftShare | None = None
 
 
 _DEVICE_NAMES = {"cuda": "GPU", "mps": "Apple GPU", "cpu": "CPU"}
@@ -377,8 +394,13 @@ def choose(
     context: int | None = None,
     preset: str = "auto",
     flash_attn_installed: bool = False,
+    draft: ModelFacts | None = None,
 ) -> Plan:
-    """The best preset and context that fit, with the reasons; or no choice, saying what was needed and what is here."""
+    """The best preset and context that fit, with the reasons; or no choice, saying what was needed and what is here.
+
+    A draft model (speculative decoding) is budgeted after the model: it is left out, and said so, when the two
+    don't fit together; the model is never given a smaller preset or context to make room for it.
+    """
     reasons: list[str] = []
     targets = _targets(hardware)
     on_gpu = bool(hardware.gpus)
@@ -454,12 +476,13 @@ def choose(
             flash_attn_installed=flash_attn_installed,
         )
         extra: dict = {"attn_implementation": attention.value}
+        if draft is not None:
+            share = draft_share(draft, choice, compute, targets)
         if not choice.slow:
             target = next(t for t in targets if t.device_map == choice.device_map)
             per_context = choice.estimate.kv_cache_bytes
-            live, parked = cache_budgets(
-                per_context, target.budget - choice.estimate.total_bytes, hardware.cpu.ram_available_bytes, on_gpu
-            )
+            room = target.budget - choice.estimate.total_bytes - (share.total_bytes if draft and share.fits else 0)
+            live, parked = cache_budgets(per_context, room, hardware.cpu.ram_available_bytes, on_gpu)
             extra.update(cache_live_bytes=live, cache_parked_bytes=parked)
             where = "GPU memory" if on_gpu else "CPU RAM" if device_type == "cpu" else "memory"
             cache_reason = describe_cache_budgets(live, parked, per_context, where)
@@ -486,7 +509,33 @@ def choose(
         est = estimate(facts, p, shown_ctx, device_type=device_type, bf16_supported=bf16)
         where = next((t.label for t in targets if est.total_bytes <= t.budget), None)
         table.append((est, where))
-    return Plan(facts, hardware, tuple(table), choice, tuple(reasons))
+    if draft is not None and choice is None:
+        share = DraftShare(draft.name, 0, 0, fits=False)
+    return Plan(facts, hardware, tuple(table), choice, tuple(reasons), share if draft is not None else None)
+
+
+def draft_share(draft: ModelFacts, choice: Choice, compute: str, targets: list[_Target]) -> DraftShare:
+    """The draft's weights (unquantized, in the model's compute dtype) and its cache at the model's context, and
+    whether they fit in what the chosen device has left; a model split over GPU and CPU gets no draft."""
+    dtype = compute if compute in DTYPE_BYTES else "bf16"
+    weights = weights_bytes(draft, dtype, dtype)
+    cache = kv_cache_bytes(draft, min(choice.context_tokens, draft.max_context), dtype)
+    target = next((t for t in targets if t.device_map == choice.device_map), None)
+    fits = not choice.slow and target is not None and choice.estimate.total_bytes + weights + cache <= target.budget
+    return DraftShare(draft.name, weights, cache, fits)
+
+
+def describe_draft(plan: Plan) -> str:
+    """The draft's line in `chatapp plan` and the load notes: its share, or why it is left out."""
+    share, choice = plan.draft, plan.choice
+    need = f"{_gb(share.weights_bytes)} weights + {_gb(share.kv_cache_bytes)} cache"
+    if choice is None:
+        return f"draft {share.name} left out: the model itself doesn't fit"
+    if share.fits:
+        return f"draft {share.name}: {need}, beside the model (speculative decoding)"
+    if choice.slow:
+        return f"draft {share.name} left out: the model itself is split over the GPU and CPU RAM"
+    return f"draft {share.name} left out: its {need} don't fit beside the model; the model loads without it"
 
 
 def shortfall(plan: Plan, preset: str) -> str:
@@ -553,4 +602,12 @@ def plan_dict(plan: Plan) -> dict:
             "cache_parked_bytes": plan.choice.cache_parked_bytes,
         },
         "reasons": list(plan.reasons),
+        "draft": None
+        if plan.draft is None
+        else {
+            "model": plan.draft.name,
+            "weights_bytes": plan.draft.weights_bytes,
+            "kv_cache_bytes": plan.draft.kv_cache_bytes,
+            "fits": plan.draft.fits,
+        },
     }

@@ -63,6 +63,9 @@ class Load:
     parked_budget_bytes: int | None = None
     #: Load the preset even where the planner says it won't fit (the user said so); else such a load is refused.
     force: bool = False
+    #: A draft model for speculative decoding, loaded beside it where both fit: a model reference, "none", or
+    #: None for the one the model's catalog entry names (once downloaded).
+    draft: str | None = None
 
 
 @dataclass
@@ -144,6 +147,8 @@ class Loaded:
     #: The model's own sampling defaults from the catalog (None: use the app's).
     temperature: float | None = None
     top_p: float | None = None
+    #: The draft model loaded beside it (None: replies draft by prompt lookup, see the notes for why).
+    draft: str | None = None
 
 
 @dataclass

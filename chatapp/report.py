@@ -59,6 +59,8 @@ def format_plan(plan: Plan) -> str:
         if c.max_context_tokens:
             lines.append(f"longest context that fits ({c.preset}): {c.max_context_tokens:,} tokens")
         lines.append(f"decode speed: {speed_line(plan)}")
+    if plan.draft is not None:
+        lines.append(planner.describe_draft(plan))
     lines += ["reasons:", *(f"  - {r}" for r in plan.reasons)]
     return "\n".join(lines)
 

@@ -101,11 +101,12 @@ FAMILIES = {
 }
 
 
-def build_family_model(starter: Path, out: Path, family: str, *, words_only: bool = False) -> Path:
+def build_family_model(starter: Path, out: Path, family: str, *, words_only: bool = False, seed: int = 1234) -> Path:
     """A 2-layer random model of one architecture family in our catalog, with SmolLM2's tokenizer.
 
     Sliding-window families get a 16-token window, so a chat of a few hundred tokens is many windows long.
-    words_only as in build_tiny_model. The scaled-up output layer keeps greedy picks far from ties.
+    words_only as in build_tiny_model. The scaled-up output layer keeps greedy picks far from ties. Another seed
+    gives other random weights over the same tokenizer (a draft model that disagrees).
     """
     import torch
     import transformers
@@ -127,7 +128,7 @@ def build_family_model(starter: Path, out: Path, family: str, *, words_only: boo
         pad_token_id=tokenizer.eos_token_id,
         **extra,
     )
-    torch.manual_seed(1234)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(20)

@@ -182,3 +182,37 @@ def test_bench_restart_on_the_starter_model_restores_exactly_the_new_tokens(star
     assert restart["cold"]["prefilled_tokens"] > 400
     assert restart["identical_outputs"] is True
     assert restart["restored"]["snapshot_bytes"] > 0
+
+
+@pytest.mark.parametrize("which", ["itself", "another model"])
+def test_bench_speculative_with_a_draft_model_fills_the_same_entry(tiny_folder, tiny_words_folder, which):
+    draft = str(tiny_folder if which == "itself" else tiny_words_folder)
+    out = chatapp(
+        *("bench", "--model", str(tiny_folder), "--preset", "fp32", "--turns", "3", "--max-new-tokens", "8"),
+        *("--doc-tokens", "150", "--scenario", "quote", "--speculative", draft, "--json"),
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["identical_outputs"] is True
+    _check_speculative(result, draft)
+    spec = result["speculative"]
+    assert spec["drafted"] > 0
+    if which == "itself":
+        assert spec["accepted"] == spec["drafted"]
+    else:
+        assert spec["accepted"] < spec["drafted"]
+
+
+def test_bench_refuses_a_draft_with_another_tokenizer_in_one_line(tiny_folder, tmp_path):
+    import shutil
+
+    draft = tmp_path / "draft"
+    shutil.copytree(tiny_folder, draft)
+    data = json.loads((draft / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["river"], vocab["town"] = vocab["town"], vocab["river"]
+    (draft / "tokenizer.json").write_text(json.dumps(data))
+    out = chatapp("bench", "--model", str(tiny_folder), "--preset", "fp32", "--speculative", str(draft), "--json")
+    assert out.returncode != 0 and out.stdout == ""
+    last = out.stderr.strip().splitlines()[-1]
+    assert "its tokenizer differs" in last and "Traceback" not in out.stderr

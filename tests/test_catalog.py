@@ -46,3 +46,33 @@ def test_the_app_falls_back_to_the_shipped_catalog_when_the_users_file_is_broken
     assert problem.startswith(str(user)) and problem.endswith("using the shipped catalog until it is fixed")
     user.write_text("[models.x]\nname = 'X'\nrepo = 'Org/x'\n")
     assert load_catalog_or_shipped(user) == (load_catalog(user), None)
+
+
+def test_shipped_drafts_are_smaller_catalog_models_of_the_same_family():
+    from chatapp.facts import facts_from_spec
+
+    catalog = load_catalog()
+    drafting = {key: spec.draft for key, spec in catalog.items() if spec.draft}
+    assert drafting["smollm2-1.7b"] == "smollm2-135m" and drafting["qwen2.5-7b"] == "qwen2.5-0.5b"
+    for key, draft in drafting.items():
+        assert key.split("-")[0] == draft.split("-")[0]  # same family, so the same tokenizer
+        assert facts_from_spec(catalog[draft]).params * 2 < facts_from_spec(catalog[key]).params
+
+
+@pytest.mark.parametrize(
+    ("draft", "problem"),
+    [
+        ('"smollm2-13m"', "entry 'mine' field 'draft' names 'smollm2-13m', not in the catalog"),
+        ("135", "entry 'mine' field 'draft' must be str, got 135"),
+        ('"HuggingFaceTB/SmolLM2-135M-Instruct"', None),  # a Hub repo id: checked when it loads
+        ('"smollm2-135m"', None),
+    ],
+)
+def test_a_users_draft_must_name_a_catalog_model_or_a_repo(tmp_path, draft, problem):
+    user = tmp_path / "models.toml"
+    user.write_text(f'[models.mine]\nname = "Mine"\nrepo = "me/mine"\ndraft = {draft}\n')
+    if problem is None:
+        assert load_catalog(user)["mine"].draft == draft.strip('"')
+    else:
+        with pytest.raises(ConfigError, match=problem):
+            load_catalog(user)

@@ -3,6 +3,8 @@ estimates, tested against simulated machines we don't have."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from chatapp.catalog import load_catalog
@@ -357,3 +359,52 @@ def test_plan_says_where_the_chats_caches_go():
     on_cpu = choose(Hardware(cpu(32)), facts("smollm2-135m"), context=8192)
     assert on_cpu.choice.cache_parked_bytes == 0 and "live in CPU RAM" in on_cpu.reasons[-2]
     assert plan_dict(on_cpu)["choice"]["cache_live_bytes"] == on_cpu.choice.cache_live_bytes
+
+
+# -- a draft model beside the model ----------------------------------------------------------------
+
+
+def test_a_draft_is_budgeted_beside_the_model_in_its_dtype_and_at_its_context():
+    target, draft = facts("qwen2.5-7b"), facts("qwen2.5-0.5b")
+    # 18 GiB: the 7B in bf16 leaves room for three more chats' caches, or the draft and one.
+    alone = choose(machine(18), target, context=8192)
+    plan = choose(machine(18), target, context=8192, draft=draft)
+    # The model's own plan is the plan without a draft, but for what the chats' caches may hold.
+    assert replace(plan.choice, cache_live_bytes=0) == replace(alone.choice, cache_live_bytes=0)
+    assert plan.choice.preset == alone.choice.preset == "bf16" and plan.draft.fits
+    assert plan.draft.weights_bytes == weights_bytes(draft, "bf16", "bf16")
+    assert plan.draft.kv_cache_bytes == kv_cache_bytes(draft, 8192, "bf16")
+    # The chats' live caches get what is left after both models.
+    per_chat = kv_cache_bytes(target, 8192, "bf16")
+    assert (alone.choice.cache_live_bytes, plan.choice.cache_live_bytes) == (4 * per_chat, 2 * per_chat)
+    assert plan_dict(plan)["draft"] == {
+        "model": draft.name,
+        "weights_bytes": plan.draft.weights_bytes,
+        "kv_cache_bytes": plan.draft.kv_cache_bytes,
+        "fits": True,
+    }
+    assert plan_dict(alone)["draft"] is None
+
+
+@pytest.mark.parametrize(
+    ("hardware", "context", "why"),
+    [
+        # The 7B fits in bf16 with under 1 GB to spare: the draft's 1 GB doesn't.
+        (machine(17.2), 8192, "don't fit beside the model"),
+        # The 7B is split over GPU and CPU RAM: no draft.
+        (machine(10, ram_gib=64), 32768, "split over the GPU and CPU RAM"),
+        # Nothing fits at all.
+        (Hardware(cpu(4)), 8192, "the model itself doesn't fit"),
+    ],
+    ids=["no room left", "split", "nothing fits"],
+)
+def test_a_draft_that_does_not_fit_is_left_out_and_the_model_is_planned_as_without_it(hardware, context, why):
+    from chatapp.planner import describe_draft
+
+    target, draft = facts("qwen2.5-7b"), facts("qwen2.5-0.5b")
+    alone = choose(hardware, target, context=context, preset="bf16" if hardware.gpus else "auto")
+    plan = choose(hardware, target, context=context, preset="bf16" if hardware.gpus else "auto", draft=draft)
+    assert plan.choice == alone.choice and plan.reasons == alone.reasons
+    assert not plan.draft.fits
+    line = describe_draft(plan)
+    assert line.startswith(f"draft {draft.name} left out: ") and why in line and "\n" not in line

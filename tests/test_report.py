@@ -73,3 +73,46 @@ def test_describe_hardware():
         "CPU: 2 cores, 32.0 GiB RAM (32.0 GiB available), no native bf16",
     ]
     assert describe_hardware(APPLE)[0] == "Apple GPU (MPS), sharing 32.0 GiB of unified memory"
+
+
+@pytest.mark.parametrize(
+    ("hardware", "line"),
+    [
+        (T4, "draft smollm2-135m: 0.3 GB weights + 0.2 GB cache, beside the model (speculative decoding)"),
+        (
+            Hardware(CpuInfo(int(7.3 * GIB), int(7.3 * GIB), frozenset({"avx2"}), cores=2)),
+            "draft smollm2-135m left out: its 0.5 GB weights + 0.4 GB cache don't fit beside the model; "
+            "the model loads without it",
+        ),
+    ],
+    ids=["fits", "left out"],
+)
+def test_plan_shows_the_drafts_share_on_its_own_line(hardware, line):
+    catalog = load_catalog()
+    plan = choose(hardware, facts_from_spec(catalog["smollm2-1.7b"]), draft=facts_from_spec(catalog["smollm2-135m"]))
+    text = format_plan(plan).splitlines()
+    assert line in text
+    assert not any(line in other for other in text if other != line)  # said once, not again among the reasons
+    assert all("draft" not in row for row in format_plan(choose(hardware, plan.facts)).splitlines())
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        ((), "draft smollm2-135m: "),
+        (("--draft", "smollm2-360m"), "draft smollm2-360m: "),
+        (("--draft", "none"), None),
+    ],
+    ids=["the catalog's", "named", "none"],
+)
+def test_chatapp_plan_shows_the_draft(capsys, args, line):
+    from chatapp.cli import main
+
+    assert main(["plan", "smollm2-1.7b", "--no-gpu", "--ram", "32GiB", *args]) == 0
+    drafts = [row for row in capsys.readouterr().out.splitlines() if row.startswith("draft")]
+    if line is None:
+        assert drafts == []
+    else:
+        # Its dtype follows this machine's CPU (bf16 or fp32), so only the shape of the line is fixed.
+        assert len(drafts) == 1 and drafts[0].startswith(line)
+        assert drafts[0].endswith(" cache, beside the model (speculative decoding)") and "GB weights + " in drafts[0]

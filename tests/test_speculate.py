@@ -254,7 +254,7 @@ def test_a_cache_that_cannot_be_cropped_gets_no_drafts(chain_fp32):
 
 
 def test_an_unknown_speculative_mode_is_refused_in_one_line(chain_fp32):
-    with pytest.raises(ValueError, match="speculative must be one of ngram, off, got 'fast'"):
+    with pytest.raises(ValueError, match="speculative must be one of ngram, draft, off, got 'fast'"):
         ChatSession(chain_fp32, speculative="fast")
 
 

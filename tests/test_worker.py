@@ -348,3 +348,15 @@ def test_a_broken_user_catalog_does_not_stop_a_model_from_loading(own_settings, 
     finally:
         client.stop()
     assert "not valid TOML" in (tmp_path / "worker.log").read_text()
+
+
+def test_a_load_with_a_draft_model_drafts_every_chat(own_settings, tiny_words_folder, tmp_path):
+    client, events = _start(own_settings, tiny_words_folder, tmp_path, draft=str(tiny_words_folder))
+    try:
+        loaded = next(e for e in events.seen if isinstance(e, p.Loaded))
+        assert loaded.draft == str(tiny_words_folder)
+        assert any("drafting with" in note for note in loaded.notes)
+        first = ask(client, events, 1, [("user", "Hello there")], max_new_tokens=8)
+        assert first.stats.drafted_tokens > 0 and first.stats.accepted_tokens == first.stats.drafted_tokens
+    finally:
+        client.stop()

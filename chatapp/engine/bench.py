@@ -166,8 +166,10 @@ def _reply_text(loaded: LoadedModel, ids: list[int]) -> str:
 def cached_chat(
     loaded: LoadedModel, script: list[str], max_new_tokens: int, speculative: str, say: Callable[[str], None]
 ) -> tuple[ChatSession, list[dict], list[list[int]], float]:
-    """The scripted chat through one session: the session, each turn's stats, its ids, and the wall time."""
-    session = ChatSession(loaded, speculative=speculative)
+    """The scripted chat through one session: the session, each turn's stats, its ids, and the wall time.
+
+    speculative: ngram, off, or the name of loaded's draft model."""
+    session = ChatSession(loaded, speculative=speculative if speculative in ("ngram", "off") else "draft")
     rows, replies, wall = [], [], 0.0
     for turn, text in enumerate(script, 1):
         t = time.perf_counter()

@@ -56,6 +56,8 @@ class LoadedModel:
     decode_path: str = "dynamic"
     #: The compiled decode step, made on the first static decode.
     compiled_step: Any = None
+    #: A small model with the same tokenizer, loaded alongside for speculative decoding (see draftmodel.py).
+    draft: LoadedModel | None = None
 
     @property
     def spec(self) -> ModelSpec | None:
@@ -198,7 +200,10 @@ def load_model(
     force: bool = False,
     on_status: Callable[[str], None] | None = None,
     on_progress: Callable | None = None,
+    draft: str | None = None,
 ) -> LoadedModel:
+    """Load ref with preset; and its draft model beside it where both fit (draft: a model reference, "none",
+    or None for the one its catalog entry names; see draftmodel.resolve_draft)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -226,6 +231,11 @@ def load_model(
         before_fetch=fit_check if preset == "auto" else None,
     )
     check_weights(folder, source.label, allow_pickle=allow_pickle)
+    from .draftmodel import attach_draft, resolve_draft
+
+    draft_source, draft_facts, draft_note = resolve_draft(source, draft, settings)
+    if draft_note:
+        notes.append(draft_note)
 
     device = pick_device(device)
     device_type = device.split(":")[0]
@@ -233,7 +243,7 @@ def load_model(
     # Every preset is planned, not only auto: a preset named by hand that can't fit would otherwise allocate
     # until the machine gives out (a config with 10^9 layers). `force` is the user's word that they know.
     try:
-        plan = _plan(folder, source.label, preset, device, context or settings.context_cap or None)
+        plan = _plan(folder, source.label, preset, device, context or settings.context_cap or None, draft_facts)
     except ChatappError as exc:
         if not force or preset == "auto":
             raise
@@ -342,6 +352,8 @@ def load_model(
         reasons=reasons,
         decode_path="dynamic" if why_dynamic else "static",
     )
+    if draft_source is not None:
+        attach_draft(loaded, draft_source, plan, settings, device, on_status, on_progress)
     return loaded
 
 
@@ -353,12 +365,17 @@ def _devices(model) -> str:
     return str(next(model.parameters()).device)
 
 
-def _plan(folder: Path, label: str, preset: str, device: str, context: int | None) -> planner.Plan:
+def _plan(folder: Path, label: str, preset: str, device: str, context: int | None, draft=None) -> planner.Plan:
     """The planner's choice for this preset here. A config.json or safetensors header it can't read is one line
     naming the file, whatever the preset: loading it anyway would fail later with a library's traceback."""
     facts = facts_from_folder(folder, label)
     return planner.choose(
-        detect_hardware(device), facts, context=context, preset=preset, flash_attn_installed=flash_attn_installed()
+        detect_hardware(device),
+        facts,
+        context=context,
+        preset=preset,
+        flash_attn_installed=flash_attn_installed(),
+        draft=draft,
     )
 
 

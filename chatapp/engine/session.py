@@ -15,6 +15,7 @@ from ..errors import ContextOverflow
 from ..protocol import TurnStats
 from ..sampling import DEFAULTS, SamplingParams
 from . import kvcache, speculate, static_decode
+from .draftmodel import ModelDrafter, check_draft
 from .generate import GenerationResponse, ReplyText, Sampler, StreamDecoder, decode_step, forward, prefill, stream
 from .loader import LoadedModel
 
@@ -121,11 +122,16 @@ class ChatSession:
         loaded: LoadedModel,
         *,
         context_length: int | None = None,
-        speculative: str = "ngram",
+        speculative: str | None = None,
+        draft: LoadedModel | None = None,
         decode: str = "auto",
     ):
+        draft = draft or loaded.draft
+        speculative = speculative or ("draft" if draft is not None else "ngram")
         if speculative not in SPECULATIVE:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {speculative!r}")
+        if speculative == "draft" and draft is None:
+            raise ValueError("speculative 'draft' needs a draft model (draft=...)")
         if decode not in DECODE:
             raise ValueError(f"decode must be one of {', '.join(DECODE)}, got {decode!r}")
         self.loaded = loaded
@@ -134,8 +140,13 @@ class ChatSession:
         if self.static and (why := static_decode.unsupported(loaded.model)):
             raise ValueError(f"no static decode path: {why}")
         self.context_length = context_length or loaded.context_length
-        #: "ngram": prompt-lookup drafts while they pay (see speculate.Gate); "off": one token per step.
+        #: "ngram": prompt-lookup drafts while they pay (see speculate.Gate); "draft": a draft model's, likewise;
+        #: "off": one token per step. Default: the loaded model's draft when it has one, else ngram.
         self.speculative = speculative
+        self._drafter: ModelDrafter | None = None
+        if speculative == "draft":
+            check_draft(loaded, draft)
+            self._drafter = ModelDrafter(draft, loaded.model.get_output_embeddings().weight.shape[0])
         self._gate = speculate.Gate()
         #: The conversation as of the last turn, its reply included.
         self.messages: list[Message] = []
@@ -161,8 +172,8 @@ class ChatSession:
         return len(self._cache_ids)
 
     def cache_bytes(self) -> int:
-        """Bytes the KV cache holds now."""
-        return kvcache.nbytes(self._cache)
+        """Bytes the KV cache holds now (the draft model's included)."""
+        return kvcache.nbytes(self._cache) + (self._drafter.nbytes() if self._drafter else 0)
 
     def export(self) -> tuple[list[int], dict, list[int]]:
         """The cache ids, and the cache as kvcache.tensors gives it, for a snapshot (empty when there is none)."""
@@ -187,6 +198,8 @@ class ChatSession:
         """Move the cache to another device (parking a GPU cache in CPU RAM, and back)."""
         if self._cache is not None:
             kvcache.move(self._cache, device)
+        if self._drafter is not None:
+            self._drafter.move_to(device)
 
     def tell(self, note: str) -> None:
         """A line about the cache for the next turn's stats (e.g. a snapshot that had to be ignored)."""
@@ -202,8 +215,11 @@ class ChatSession:
             self.loaded,
             context_length=self.context_length,
             speculative=self.speculative,
+            draft=self._drafter.loaded if self._drafter else None,
             decode="static" if self.static else "dynamic",
         )
+        if self._drafter is not None:
+            twin._drafter = self._drafter.copy()
         twin.messages = [replace(m) for m in self.messages]
         twin.dropped_messages = self.dropped_messages
         twin._cache = deepcopy(self._cache)
@@ -319,7 +335,7 @@ class ChatSession:
             with torch.inference_mode():
                 logits = self._feed(ids[keep:])
                 sampler = Sampler(params, loaded.model.device)
-                if self.speculative == "ngram" and kvcache.rewindable(self._cache):
+                if self.speculative != "off" and kvcache.rewindable(self._cache):
                     tokens = speculate.stream(
                         logits,
                         sampler,
@@ -330,6 +346,7 @@ class ChatSession:
                         self._cache_ids,
                         self._gate,
                         tally,
+                        self._drafter.follow if self._drafter else speculate.Drafter,
                     )
                 else:
                     tokens = stream(logits, sampler, self._feed_one, stop)
@@ -385,6 +402,6 @@ class ChatSession:
 
 
 #: The values of ChatSession's speculative option.
-SPECULATIVE = ("ngram", "off")
+SPECULATIVE = ("ngram", "draft", "off")
 #: The values of ChatSession's decode option: the loader's choice, or one cache kind.
 DECODE = ("auto", "dynamic", "static")

@@ -1,4 +1,7 @@
-"""Prompt-lookup speculative decoding: draft tokens from the conversation itself, verify them in one forward.
+"""Speculative decoding: draft tokens cheaply, verify them in one forward of the model.
+
+The drafts come from the conversation itself (prompt lookup, here) or from a small draft model with the same
+tokenizer (draftmodel.py); the verify, the gate and the turn's loop are the same for both.
 
 A reply that quotes the document, repeats code or loops on a phrase continues something already in the ids.
 The drafter finds the longest recent n-gram at the end of the ids that occurred before and proposes what
@@ -38,6 +41,11 @@ class Drafter:
             self._next[n][tuple(self.ids[at - n :])] = at
         self.ids.append(token)
 
+    def draft(self, sampler) -> tuple[list[int], torch.Tensor | None]:
+        """The drafter interface stream uses (see draftmodel.ModelDrafter): tokens, and None as q, for a
+        prompt-lookup draft is certain (a point mass)."""
+        return self.propose(), None
+
     def propose(self, k: int = DRAFT_TOKENS) -> list[int]:
         """Up to k tokens that followed the longest earlier occurrence of the ids' last n-gram; [] if none."""
         ids = self.ids
@@ -55,13 +63,15 @@ class Drafter:
         return []
 
 
-def verify(logits: torch.Tensor, draft: list[int], sampler) -> list[int]:
+def verify(logits: torch.Tensor, draft: list[int], sampler, q: torch.Tensor | None = None) -> list[int]:
     """The accepted prefix of draft and one token more, from logits (len(draft) + 1, vocab) of one forward.
 
     Row i is the model's distribution after the draft's first i tokens. Greedy: a drafted token is kept
-    when it is the sampler's own choice. Sampling: the draft is a point mass, so token x is kept with
-    probability p(x), and on rejection the next token is drawn from p without x, renormalised; either way
-    each emitted token is distributed as the sampler's p (speculative sampling, Leviathan et al. 2023).
+    when it is the sampler's own choice. Sampling: row i of q is the distribution the drafter drew token i
+    from (None: each drafted token was certain, a point mass, as prompt lookup's are). Token x is kept with
+    probability min(1, p(x) / q(x)), and on rejection the next token is drawn from max(0, p - q),
+    renormalised; either way each emitted token is distributed as the sampler's p (speculative sampling,
+    Leviathan et al. 2023).
     """
     out: list[int] = []
     for i, token in enumerate(draft):
@@ -72,10 +82,16 @@ def verify(logits: torch.Tensor, draft: list[int], sampler) -> list[int]:
                 return [*out, choice]
         else:
             p = sampler.distribution(row)[0]
+            if q is None:
+                drafted = torch.zeros_like(p)
+                drafted[token] = 1.0
+            else:
+                drafted = q[i].to(p.device, p.dtype)
             u = torch.rand((), generator=sampler.generator, device=p.device)
-            if u >= p[token]:
-                rest = p.clone()
-                rest[token] = 0.0
+            if u * drafted[token] >= p[token]:
+                rest = (p - drafted).clamp(min=0.0)
+                if not rest.sum() > 0:  # p and q equal up to rounding: a rejection is all but impossible
+                    rest = p
                 choice = torch.multinomial(rest / rest.sum(), 1, generator=sampler.generator)
                 return [*out, int(choice.item())]
         out.append(token)
@@ -134,6 +150,7 @@ def stream(
     ids: list[int],
     gate: Gate,
     tally: Tally,
+    drafter_for: Callable[[list[int]], Drafter] = Drafter,
 ) -> Iterator[tuple[int, str | None]]:
     """generate.stream with drafts: yields each token with stop's reason, and ends at the first reason.
 
@@ -142,24 +159,26 @@ def stream(
     first token is out, so a long chat's time to first token doesn't grow. As in generate.stream, the last
     token yielded is never in the cache: when stop ends the reply inside a verified run, or the caller stops
     iterating (close), the accepted tokens from there on are cropped too. stop is asked about each token
-    just before it is yielded, so a cancel acts at the next token, as without drafts.
+    just before it is yielded, so a cancel acts at the next token, as without drafts. drafter_for makes the
+    turn's drafter from those ids: prompt lookup (Drafter), or a draft model (draftmodel.ModelDrafter.follow);
+    either is pushed every token that enters the ids and gives draft(sampler) -> (tokens, q).
     """
     token = sampler(logits)
     reason = stop(token)
     yield token, reason
     if reason is not None:
         return
-    drafter = Drafter(ids)
+    drafter = drafter_for(ids)
     while reason is None:
         drafter.push(token)
-        draft = drafter.propose() if gate.open() else []
+        draft, q = drafter.draft(sampler) if gate.open() else ([], None)
         if not draft:
             gate.rested()
             token = sampler(feed(token))
             reason = stop(token)
             yield token, reason
             continue
-        emitted = verify(feed_rows([token, *draft]), draft, sampler)
+        emitted = verify(feed_rows([token, *draft]), draft, sampler, q)
         held = len(emitted) - 1  # drafted tokens accepted, which stay in the cache; the last one is pending
         tally.drafted += len(draft)
         tally.accepted += held

@@ -149,6 +149,7 @@ class Worker:
                 context=request.context_tokens,
                 attn_implementation=request.attn_implementation,
                 force=request.force,
+                draft=request.draft,
                 on_status=lambda text: self.send(p.Status(text)),
                 on_progress=lambda pr: self.send(p.DownloadProgress(pr.done_bytes, pr.total_bytes, pr.bytes_per_s)),
             )
@@ -174,6 +175,7 @@ class Worker:
                 reasons=list(loaded.reasons),
                 temperature=loaded.spec.temperature if loaded.spec else None,
                 top_p=loaded.spec.top_p if loaded.spec else None,
+                draft=loaded.draft.source.label if loaded.draft else None,
             )
         )
         self.send_cache_states()
@@ -332,6 +334,12 @@ def _cache_budgets(loaded) -> tuple[int | None, int]:
         print(f"no KV cache budget: {exc}", flush=True)
         return None, 0
     per_context = kv_cache_bytes(facts, loaded.context_length, loaded.dtype)
+    if loaded.draft is not None:  # each chat's cache has a draft twin (session.cache_bytes counts both)
+        try:
+            draft = facts_from_config(loaded.draft.source.label, loaded.draft.model.config.to_dict(), params=0)
+            per_context += kv_cache_bytes(draft, loaded.draft.context_length, loaded.draft.dtype)
+        except ChatappError:
+            pass
     device_type = loaded.device.split(":")[0]
     ram = detect_cpu().ram_available_bytes
     free = ram
