@@ -100,3 +100,21 @@ def test_a_chat_over_many_growths_matches_one_over_few(tiny_fp32, small_steps):
     assert [t.tokens for t in narrow] == [t.tokens for t in wide]
     assert [t.stats.prefilled_tokens for t in narrow] == [t.stats.prefilled_tokens for t in wide]
     assert small.session._cache.layers[0]._k.shape[-2] % 5 == 0
+
+
+def test_a_sliding_layer_gives_back_the_room_a_long_turn_took(starter_folder, tmp_path, settings, small_steps):
+    from modelhelpers import build_family_model
+
+    from chatapp.engine import load_model
+
+    loaded = load_model(str(build_family_model(starter_folder, tmp_path, "gemma3")), "fp32", settings=settings)
+    chat = Chat(loaded)
+    chat.send("Tell me about the bridge. " * 40, max_new_tokens=4)  # a turn many windows long
+    sliding = [layer for layer in chat.session._cache.layers if isinstance(layer, kvcache.GrowingSlidingLayer)]
+    assert sliding and all(_room(layer) > 200 for layer in sliding)
+    turn = chat.send("And the mill?", max_new_tokens=4)
+    assert turn.stats.prefilled_tokens < 60 and turn.stats.cache_note == ""
+    # At the turn's start the layers went back to their window, and so did their buffers' room; this turn
+    # then added its own tokens.
+    held = sliding[0].sliding_window - 1 + turn.stats.prefilled_tokens + turn.stats.generated_tokens
+    assert all(_room(layer) <= held + kvcache.STEP for layer in sliding)

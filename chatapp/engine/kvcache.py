@@ -57,10 +57,20 @@ class _Buffered:
 
     @torch.inference_mode()  # the buffers were made in inference mode, where forwards run
     def keep_last(self, tokens: int) -> None:
-        """Keep only the last `tokens` tokens, moved to the front of the buffer."""
+        """Keep only the last `tokens` tokens, at the front of the buffer.
+
+        A long turn (a pasted document) grows a sliding layer's buffer far past its window; that room goes
+        back here rather than stay taken for the rest of the chat.
+        """
         if tokens < self.length:
-            self._k[..., :tokens, :] = self._k[..., self.length - tokens : self.length, :].clone()
-            self._v[..., :tokens, :] = self._v[..., self.length - tokens : self.length, :].clone()
+            keys = self._k[..., self.length - tokens : self.length, :].clone()
+            values = self._v[..., self.length - tokens : self.length, :].clone()
+            room = max(-(-tokens // STEP), 1) * STEP
+            if self._k.shape[-2] > room:
+                self._k = keys.new_empty((*keys.shape[:-2], room, keys.shape[-1]))
+                self._v = values.new_empty((*values.shape[:-2], room, values.shape[-1]))
+            self._k[..., :tokens, :] = keys
+            self._v[..., :tokens, :] = values
             self._set_length(tokens)
 
     def to_device(self, device) -> None:
