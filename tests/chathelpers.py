@@ -58,3 +58,23 @@ class Chat:
         history = self.history
         assert history[index].role == "user"
         return run(self.session.reply_to([*history[:index], Message("user", text)], greedy(**params)))
+
+
+def drafted_and_plain(loaded, ask: str, params: SamplingParams, cancel_after: int | None = None, **drafting):
+    """One turn on `ask` with drafts (the ChatSession options in `drafting`) and one without, each on a fresh
+    session, cancelled after `cancel_after` streamed items if given: for each, (turn, cache ids, next turn's
+    stats)."""
+    out = []
+    for options in (drafting, {"speculative": "off"}):
+        session = ChatSession(loaded, **options)
+        cancel = threading.Event()
+        items = []
+        for item in session.reply_to([Message("user", ask)], params, cancel):
+            items.append(item)
+            if cancel_after is not None and len(items) == cancel_after:
+                cancel.set()
+        turn = run(iter(items))
+        held = list(session.cache_ids)
+        after = run(session.reply_to([*session.messages, Message("user", "And again?")], params)).stats
+        out.append((turn, held, after))
+    return out

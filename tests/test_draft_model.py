@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 
 import pytest
 import torch
-from chathelpers import run
+from chathelpers import drafted_and_plain, run
 from modelhelpers import build_chain_model, build_family_model
 
 from chatapp.engine.generate import Sampler
@@ -223,19 +222,7 @@ def chain_fp32(starter_folder, tmp_path_factory, settings):
 
 
 def _both(loaded, params, cancel_after=None):
-    out = []
-    for mode in ("draft", "off"):
-        session = ChatSession(loaded, speculative=mode, draft=loaded if mode == "draft" else None)
-        cancel = threading.Event()
-        items = []
-        for item in session.reply_to([Message("user", ASK)], params, cancel):
-            items.append(item)
-            if cancel_after is not None and len(items) == cancel_after:
-                cancel.set()
-        turn = run(iter(items))
-        held = list(session.cache_ids)
-        after = run(session.reply_to([*session.messages, Message("user", "And again?")], params)).stats
-        out.append((turn, held, after))
+    out = drafted_and_plain(loaded, ASK, params, cancel_after, speculative="draft", draft=loaded)
     (turn, held, after), (plain, plain_held, plain_after) = out
     assert turn.tokens == plain.tokens and turn.text == plain.text
     assert turn.stats.finish_reason == plain.stats.finish_reason

@@ -6,12 +6,11 @@ same distribution), and the cache must hold the same ids afterwards, however the
 
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 
 import pytest
 import torch
-from chathelpers import Chat, run
+from chathelpers import Chat, drafted_and_plain
 from modelhelpers import build_chain_model
 from transformers.cache_utils import DynamicLayer
 
@@ -155,21 +154,8 @@ ASK = "Say it back:" + WORDS
 
 
 def _both(loaded, *, params: SamplingParams, cancel_after: int | None = None):
-    """One turn with drafts and one without, each on a fresh session: (turn, cache ids, next turn's stats)."""
-    out = []
-    for mode in ("ngram", "off"):
-        session = ChatSession(loaded, speculative=mode)
-        cancel = threading.Event()
-        items = []
-        for item in session.reply_to([Message("user", ASK)], params, cancel):
-            items.append(item)
-            if cancel_after is not None and len(items) == cancel_after:
-                cancel.set()
-        turn = run(iter(items))
-        held = list(session.cache_ids)
-        after = run(session.reply_to([*session.messages, Message("user", "And again?")], params)).stats
-        out.append((turn, held, after))
-    return out
+    """One turn with prompt-lookup drafts and one without: (turn, cache ids, next turn's stats) each."""
+    return drafted_and_plain(loaded, ASK, params, cancel_after, speculative="ngram")
 
 
 def _check_same(loaded, spec, plain) -> None:
