@@ -24,6 +24,16 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, St
 STEP = 256
 
 
+def _room(tokens: int) -> int:
+    """Room for `tokens` tokens, in whole steps (at least one)."""
+    return max(-(-tokens // STEP), 1) * STEP
+
+
+def _buffer(like: torch.Tensor, tokens: int) -> torch.Tensor:
+    """An empty buffer shaped like `like` with _room(tokens)."""
+    return like.new_empty((*like.shape[:-2], _room(tokens), like.shape[-1]))
+
+
 class _Buffered:
     """The buffer both layer kinds share: `keys`/`values` are always views of its first `length` tokens."""
 
@@ -35,9 +45,7 @@ class _Buffered:
     def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         end = self.length + keys.shape[-2]
         if self._k is None or end > self._k.shape[-2]:
-            room = -(-end // STEP) * STEP
-            grown_k = keys.new_empty((*keys.shape[:-2], room, keys.shape[-1]))
-            grown_v = values.new_empty((*values.shape[:-2], room, values.shape[-1]))
+            grown_k, grown_v = _buffer(keys, end), _buffer(values, end)
             if self.length:
                 grown_k[..., : self.length, :] = self._k[..., : self.length, :]
                 grown_v[..., : self.length, :] = self._v[..., : self.length, :]
@@ -65,10 +73,8 @@ class _Buffered:
         if tokens < self.length:
             keys = self._k[..., self.length - tokens : self.length, :].clone()
             values = self._v[..., self.length - tokens : self.length, :].clone()
-            room = max(-(-tokens // STEP), 1) * STEP
-            if self._k.shape[-2] > room:
-                self._k = keys.new_empty((*keys.shape[:-2], room, keys.shape[-1]))
-                self._v = values.new_empty((*values.shape[:-2], room, values.shape[-1]))
+            if self._k.shape[-2] > _room(tokens):
+                self._k, self._v = _buffer(keys, tokens), _buffer(values, tokens)
             self._k[..., :tokens, :] = keys
             self._v[..., :tokens, :] = values
             self._set_length(tokens)
