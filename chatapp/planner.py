@@ -52,7 +52,12 @@ def choose_attention(
 
 
 def compute_dtype_for(preset: str, *, device_type: str, bf16_supported: bool) -> str:
-    """The dtype activations run in. Quantized presets compute in bf16 where the device runs it well."""
+    """The dtype activations run in. Quantized presets compute in bf16 where the device runs it well.
+
+    bf16 on a CPU without native bf16 keeps bf16 weights but computes in fp32 (engine/bf16_weights.py).
+    """
+    if preset == "bf16" and device_type == "cpu" and not bf16_supported:
+        return "fp32"
     if preset in ("bf16", "fp16", "fp32"):
         return preset
     if bf16_supported:
@@ -71,6 +76,8 @@ PREFILL_CHUNK = 2048
 CUDA_OVERHEAD_BYTES = 512 * 1024**2
 #: Measured on CPU (bench/MEMORY.md): ~250 MB of torch + transformers runtime, plus load-time copies.
 CPU_OVERHEAD_BYTES = 400 * 1024**2
+#: bf16 weights with fp32 math (a CPU without native bf16) upcast at most this much of a weight at once.
+UPCAST_BLOCK_BYTES = 64 * 1024**2
 #: Plans keep this share of a device's free memory in reserve.
 SAFETY_MARGIN = 0.05
 CONTEXT_FLOOR = 8192
@@ -141,7 +148,8 @@ def estimate(
         context_tokens=context_tokens,
         weights_bytes=weights_bytes(facts, preset, compute),
         kv_cache_bytes=kv_cache_bytes(facts, context_tokens, compute),
-        activation_bytes=activation_bytes(facts, context_tokens, compute, device_type),
+        activation_bytes=activation_bytes(facts, context_tokens, compute, device_type)
+        + (UPCAST_BLOCK_BYTES if preset != compute and preset in DTYPE_BYTES else 0),
         overhead_bytes=CUDA_OVERHEAD_BYTES if device_type == "cuda" else CPU_OVERHEAD_BYTES,
     )
 
@@ -266,12 +274,12 @@ def device_kind(hardware: Hardware) -> tuple[str, bool]:
 def auto_ladder(hardware: Hardware) -> tuple[str, ...]:
     """The presets `auto` tries on this hardware, in order. The one home of this rule: verdicts use it too.
 
-    A GPU: bf16, or fp16 where bf16 isn't supported (pre-Ampere, e.g. a T4). A CPU: bf16 where it computes bf16
-    natively, else fp32 (emulated bf16 is several times slower). Then nf4 when memory is short.
+    A GPU: bf16, or fp16 where bf16 isn't supported (pre-Ampere, e.g. a T4). A CPU: bf16; where it has no native
+    bf16, bf16 weights with fp32 math (half fp32's memory, and faster decoding). Then nf4 when memory is short.
     """
     device_type, bf16 = device_kind(hardware)
     if device_type == "cpu":
-        return ("bf16" if bf16 else "fp32", "nf4")
+        return ("bf16", "nf4")
     return ("bf16" if bf16 else "fp16", "nf4")
 
 
@@ -515,10 +523,11 @@ def choose(
 
 
 def draft_share(draft: ModelFacts, choice: Choice, compute: str, targets: list[_Target]) -> DraftShare:
-    """The draft's weights (unquantized, in the model's compute dtype) and its cache at the model's context, and
-    whether they fit in what the chosen device has left; a model split over GPU and CPU gets no draft."""
+    """The draft's weights (unquantized: the model's preset, or its compute dtype) and its cache at the model's
+    context, and whether they fit in what the chosen device has left; a model split over GPU and CPU gets no draft."""
     dtype = compute if compute in DTYPE_BYTES else "bf16"
-    weights = weights_bytes(draft, dtype, dtype)
+    preset = choice.preset if choice.preset in DTYPE_BYTES else dtype
+    weights = weights_bytes(draft, preset, dtype)
     cache = kv_cache_bytes(draft, min(choice.context_tokens, draft.max_context), dtype)
     target = next((t for t in targets if t.device_map == choice.device_map), None)
     fits = not choice.slow and target is not None and choice.estimate.total_bytes + weights + cache <= target.budget

@@ -50,14 +50,15 @@ CPU24 = Hardware(cpu=CpuInfo(ram_total_bytes=24 * GIB, ram_available_bytes=24 * 
 
 def test_verdicts_are_at_the_practical_context_and_say_how_far_it_goes():
     rows = {r.ref: r for r in catalog_rows(load_catalog(), CPU24, {})}
-    # Not "fp32 ✓ 23.4 GB" (its full 131k context, lowered to what fits): 8,192 tokens, and how far it could go.
-    assert rows["llama-3.2-1b"].verdict == "fp32 ✓ 8.3 GB · up to 57k"
-    assert rows["llama-3.2-1b"].speed == "~1.1 tok/s"
-    assert rows["qwen3-0.6b"].verdict == "fp32 ✓ 5.8 GB · up to 40k"
+    # Not its full 131k context, lowered to what fits: 8,192 tokens, and how far it could go. This CPU has no
+    # native bf16: bf16 weights with an fp32 KV cache.
+    assert rows["llama-3.2-1b"].verdict == "bf16 ✓ 5.9 GB · up to 64k"
+    assert rows["llama-3.2-1b"].speed == "~2.0 tok/s"
+    assert rows["qwen3-0.6b"].verdict == "bf16 ✓ 4.7 GB · up to 40k"
     details = rows["llama-3.2-1b"].details()
     assert "context: 8,192 tokens" in details
-    assert "longest context that fits (fp32): 57,344 tokens" in details
-    assert "decode speed: ~1.1 tok/s (estimate: 6.0 GB/s ÷ 5.5 GB read per token" in details
+    assert "longest context that fits (bf16): 64,512 tokens" in details
+    assert "decode speed: ~2.0 tok/s (estimate: 6.0 GB/s ÷ 3.0 GB read per token" in details
     # On a GPU the same model is small and fast.
     on_gpu = {r.ref: r for r in catalog_rows(load_catalog(), gpu("24GiB"), {})}["llama-3.2-1b"]
     assert (on_gpu.verdict, on_gpu.speed) == ("bf16 ✓ 3.4 GB · up to 131k", "~38 tok/s")
@@ -65,7 +66,7 @@ def test_verdicts_are_at_the_practical_context_and_say_how_far_it_goes():
 
 def test_a_context_cap_is_the_context_verdicts_are_given_at():
     rows = {r.ref: r for r in catalog_rows(load_catalog(), CPU24, {}, context_cap=32768)}
-    assert rows["llama-3.2-1b"].verdict == "fp32 ✓ 16.3 GB · up to 57k"
+    assert rows["llama-3.2-1b"].verdict == "bf16 ✓ 13.9 GB · up to 64k"
     assert rows["llama-3.2-1b"].plan.choice.context_tokens == 32768
     assert rows["smollm2-135m-local"].plan.choice.context_tokens == 8192  # never past the model's own maximum
 
@@ -76,10 +77,10 @@ def test_a_cpu_only_box_recommends_what_it_can_run_at_a_usable_speed():
     best = recommended(rows)
     refs = [r.ref for r in best]
     gemma = next(r for r in best if r.ref == "gemma-3-27b")
-    assert gemma.verdict.startswith("fp32 ✗") and "nf4 ✓" in gemma.verdict  # it fits...
+    assert gemma.verdict.startswith("bf16 ✗") and "nf4 ✓" in gemma.verdict  # it fits...
     assert gemma.speed == "~0.3 tok/s" and not gemma.usable  # ...but would crawl
     usable = [r.ref for r in best if r.usable]
-    assert usable == ["smollm2-135m-local", "qwen2.5-0.5b", "smollm2-360m", "smollm2-135m"]
+    assert usable == ["smollm2-135m-local", "gemma-3-1b", "qwen2.5-0.5b", "smollm2-360m", "smollm2-135m"]
     assert refs[: len(usable)] == usable  # usable first: ready, then the biggest
     assert refs.index("gemma-3-27b") > refs.index("llama-3.2-1b")  # then the rest, fastest first
     speeds = [r.tokens_per_s for r in best[len(usable) :]]
@@ -97,5 +98,5 @@ def test_f4_says_what_the_preset_itself_needs():
     assert option_text("nf4", options["nf4"], "nf4") == "nf4   ✓ 16.2 GB on cuda:0 (loaded)"
     nothing = Hardware(cpu=CpuInfo(ram_total_bytes=4 * GIB, ram_available_bytes=4 * GIB, flags=frozenset()))
     auto = dict(preset_options(facts, nothing))["auto"]
-    # auto on a CPU tries fp32 then nf4: the least of those is nf4's need.
+    # auto on a CPU tries bf16 then nf4: the least of those is nf4's need.
     assert option_text("auto", auto, "auto") == "auto  ✗ needs 12.9 GB at 8,192 tokens: won't fit (loaded)"

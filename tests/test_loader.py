@@ -12,8 +12,8 @@ from chatapp.engine import load_model
 from chatapp.engine.session import render_ids
 from chatapp.errors import ChatappError, HubError, ModelLoadError
 from chatapp.facts import facts_from_folder
-from chatapp.hardware import CpuInfo, Hardware
-from chatapp.planner import choose, estimate
+from chatapp.hardware import CpuInfo, Hardware, detect_cpu
+from chatapp.planner import choose, compute_dtype_for, estimate
 
 
 def reply(loaded, text="Hello", n=4):
@@ -26,8 +26,9 @@ def test_every_preset_loads_and_generates_on_cpu(tiny_folder, settings, preset):
     assert loaded.device == "cpu"
     assert loaded.attn_implementation == "sdpa"
     assert loaded.footprint_bytes > 0
-    expected = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "auto": loaded.preset}
-    assert loaded.dtype == expected.get(preset, loaded.dtype)
+    if preset in ("fp32", "bf16", "fp16", "auto"):  # bf16 on a CPU without native bf16: bf16 weights, fp32 math
+        native = detect_cpu().bf16_native
+        assert loaded.dtype == compute_dtype_for(loaded.preset, device_type="cpu", bf16_supported=native)
     stats = reply(loaded)
     assert stats.generated_tokens >= 1
     if preset == "auto":
@@ -103,20 +104,20 @@ def test_trust_remote_code_is_announced(tiny_folder, settings):
 
 
 def test_engine_auto_follows_the_planner(tiny_folder, settings, monkeypatch):
-    """On a CPU with too little RAM for fp32 but enough for nf4, `auto` loads nf4 and says why."""
+    """On a CPU with too little RAM for bf16 but enough for nf4, `auto` loads nf4 and says why."""
     from chatapp.engine import loader
 
     f = facts_from_folder(tiny_folder)
-    fp32 = estimate(f, "fp32", f.max_context, device_type="cpu").total_bytes
+    bf16 = estimate(f, "bf16", f.max_context, device_type="cpu", bf16_supported=False).total_bytes
     nf4 = estimate(f, "nf4", f.max_context, device_type="cpu", bf16_supported=False).total_bytes
-    assert nf4 < fp32
-    ram = int((fp32 + nf4) / 2 / 0.95)
+    assert nf4 < bf16
+    ram = int((bf16 + nf4) / 2 / 0.95)
     small = Hardware(CpuInfo(ram, ram, frozenset()))
     monkeypatch.setattr(loader, "detect_hardware", lambda device: small)
     monkeypatch.setattr(loader, "detect_cpu", lambda: small.cpu)
     loaded = loader.load_model(str(tiny_folder), "auto", settings=settings)
     assert loaded.preset == choose(small, f).choice.preset == "nf4"
-    assert any("fp32 needs" in reason for reason in loaded.reasons)
+    assert any("bf16 needs" in reason for reason in loaded.reasons)
     assert loaded.notes == [f"auto chose nf4: the unquantized presets don't fit (`chatapp plan {tiny_folder}`)"]
     # Too little even for nf4: a clear refusal, before any weight is loaded.
     tiny = Hardware(CpuInfo(nf4 // 2, nf4 // 2, frozenset()))

@@ -110,7 +110,7 @@ def test_sliding_window_layers_cap_their_cache():
         (machine(24, 24), "bf16", "cuda:0"),  # fits on one: no split
         (machine(16, capability=(7, 0)), "nf4", "cuda:0"),  # V100: no bf16, fp16 doesn't fit
         (machine(24, capability=(7, 5)), "fp16", "cuda:0"),  # pre-Ampere: fp16 instead of bf16
-        (machine(ram_gib=64), "fp32", "cpu"),
+        (machine(ram_gib=64), "bf16", "cpu"),  # no native bf16: bf16 weights with fp32 math
         (machine(ram_gib=16), "nf4", "cpu"),
     ],
     ids=["24G", "48G", "80G", "16G", "12G", "8G", "4G", "2x24G", "V100-16G", "T4-24G", "cpu-64G", "cpu-16G"],
@@ -173,8 +173,9 @@ def test_two_gpus_split_a_70b_with_device_map_auto():
 
 @pytest.mark.parametrize(
     "ram, bf16, expected",
-    # SmolLM2-1.7B has no GQA (32 KV heads): at 8k tokens its fp32 cache is 3.2 GB beside 6.8 GB of weights.
-    [(8, False, "nf4"), (16, False, "fp32"), (64, True, "bf16"), (8, True, "bf16")],
+    # SmolLM2-1.7B has no GQA (32 KV heads): at 8k tokens its fp32 cache is 3.2 GB beside 3.4 GB of bf16 weights
+    # (no native bf16: bf16 weights, fp32 math and cache), and its bf16 cache 1.6 GB.
+    [(8, False, "nf4"), (16, False, "bf16"), (64, True, "bf16"), (8, True, "bf16")],
 )
 def test_small_models_on_cpus(ram, bf16, expected):
     plan = choose(Hardware(cpu(ram, bf16)), facts("smollm2-1.7b"))
@@ -233,7 +234,7 @@ APPLE = Hardware(cpu(32), mps=True)
         (T4, ("fp16", "nf4")),  # pre-Ampere: no bf16
         (APPLE, ("bf16", "nf4")),  # MPS runs bf16, whatever the CPU's flags say
         (machine(24), ("bf16", "nf4")),
-        (Hardware(cpu(32)), ("fp32", "nf4")),  # a CPU without native bf16
+        (Hardware(cpu(32)), ("bf16", "nf4")),  # a CPU without native bf16: bf16 weights with fp32 math
         (Hardware(cpu(32, bf16=True)), ("bf16", "nf4")),
     ],
     ids=["T4", "MPS", "Ampere", "cpu", "cpu-bf16"],

@@ -25,7 +25,7 @@ PARAMS_8B = 8_030_261_248
         (T4, "fp16 ✗ 17.9 GB · nf4 ✓ 7.5 GB · up to 74k"),
         # MPS runs bf16 whatever the CPU's flags say: auto tries bf16 (the verdict used to show fp32).
         (APPLE, "bf16 ✓ 17.8 GB · up to 120k"),
-        (Hardware(CPU32), "fp32 ✗ 37.3 GB · nf4 ✓ 12.9 GB · up to 45k"),  # no native bf16: fp32
+        (Hardware(CPU32), "bf16 ✓ 21.3 GB · up to 29k"),  # no native bf16: bf16 weights, fp32 math and cache
     ],
     ids=["T4", "MPS", "cpu"],
 )
@@ -38,7 +38,7 @@ def test_the_verdict_shows_the_presets_auto_tries(hardware, expected):
 def test_weights_verdict_follows_the_same_ladder():
     assert weights_verdict(T4, PARAMS_8B) == "fp16 ✓ 16.1 GB · nf4 ✓ 4.1 GB (weights)"
     assert weights_verdict(APPLE, PARAMS_8B) == "bf16 ✓ 16.1 GB · nf4 ✓ 4.1 GB (weights)"
-    assert weights_verdict(Hardware(CPU32), PARAMS_8B) == "fp32 ✓ 32.1 GB · nf4 ✓ 4.1 GB (weights)"
+    assert weights_verdict(Hardware(CPU32), PARAMS_8B) == "bf16 ✓ 16.1 GB · nf4 ✓ 4.1 GB (weights)"
     assert weights_verdict(T4, None) == "size unknown"
 
 
@@ -51,7 +51,7 @@ def test_a_split_and_a_refusal_read_as_such():
         "plus 26 ms of per-layer launch overhead; too slow to be usable)" in format_plan(split)
     )
     refused = choose(Hardware(CpuInfo(4 * GIB, 4 * GIB)), LLAMA_8B, context=8192)
-    assert verdict(refused) == "fp32 ✗ 37.3 GB · nf4 ✗ 12.9 GB"
+    assert verdict(refused) == "bf16 ✗ 21.3 GB · nf4 ✗ 12.9 GB"
     assert speed(refused) == "-"
     assert "choice: none; nothing fits" in format_plan(refused) and "decode speed" not in format_plan(refused)
 

@@ -88,7 +88,7 @@ def attach_draft(
     if plan is not None and plan.draft is not None and not plan.draft.fits:
         loaded.notes.append(planner.describe_draft(plan))
         return
-    preset = loaded.dtype if loaded.dtype in planner.DTYPE_BYTES else "bf16"
+    preset = loaded.preset if loaded.preset in planner.DTYPE_BYTES else loaded.dtype
     try:
         draft = load_model(
             source,

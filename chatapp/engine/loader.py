@@ -15,7 +15,7 @@ from ..facts import facts_from_folder
 from ..hardware import GpuInfo, Hardware, detect, detect_cpu, flash_attn_installed
 from ..refs import ModelSource, parse_ref
 from ..units import mb
-from . import static_decode
+from . import bf16_weights, static_decode
 from .checks import check_remote_code, check_weights, remote_code_refusal, tokenizer_problem
 from .gguf import convert_gguf, is_converted
 
@@ -155,6 +155,8 @@ def preset_load_kwargs(preset: str, compute_dtype: str) -> dict:
     if preset not in planner.PRESETS or preset == "auto":
         raise ModelLoadError(f"unknown preset '{preset}' (choose from {', '.join(planner.PRESETS)})")
     dtype = _torch_dtype(compute_dtype)
+    if preset in planner.DTYPE_BYTES:  # bf16 weights with fp32 math load in bf16 (see bf16_weights.py)
+        return {"dtype": _torch_dtype(preset)}
     if preset == "int8":
         from transformers import BitsAndBytesConfig
 
@@ -169,7 +171,7 @@ def preset_load_kwargs(preset: str, compute_dtype: str) -> dict:
             bnb_4bit_use_double_quant=True,
         )
         return {"dtype": dtype, "quantization_config": config}
-    return {"dtype": dtype}
+    raise AssertionError(preset)
 
 
 def _stop_tokens(tokenizer, model) -> frozenset[int]:
@@ -311,6 +313,9 @@ def load_model(
             raise ModelLoadError(remote_code_refusal(source.label, "it")) from None
         raise ModelLoadError(f"can't load '{source.label}' ({preset}): {first_line(exc)}") from None
     model.eval()
+    if preset in planner.DTYPE_BYTES and preset != compute_dtype:
+        bf16_weights.apply(model)
+        reasons.append(f"{preset} weights with {compute_dtype} math: this CPU has no native bf16")
 
     template_fallback = not tokenizer.chat_template
     stop_strings: tuple[str, ...] = ()
