@@ -64,7 +64,3 @@ def apply(model: torch.nn.Module) -> None:
         for name, buffer in module.named_buffers(recurse=False):
             if buffer is not None and buffer.is_floating_point() and id(buffer) not in low:
                 setattr(module, name, buffer.float())
-
-
-def applied(model: torch.nn.Module) -> bool:
-    return any(isinstance(module, Bf16Linear) for module in model.modules())

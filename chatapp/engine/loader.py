@@ -155,8 +155,6 @@ def preset_load_kwargs(preset: str, compute_dtype: str) -> dict:
     if preset not in planner.PRESETS or preset == "auto":
         raise ModelLoadError(f"unknown preset '{preset}' (choose from {', '.join(planner.PRESETS)})")
     dtype = _torch_dtype(compute_dtype)
-    if preset in planner.DTYPE_BYTES:  # bf16 weights with fp32 math load in bf16 (see bf16_weights.py)
-        return {"dtype": _torch_dtype(preset)}
     if preset == "int8":
         from transformers import BitsAndBytesConfig
 
@@ -171,7 +169,8 @@ def preset_load_kwargs(preset: str, compute_dtype: str) -> dict:
             bnb_4bit_use_double_quant=True,
         )
         return {"dtype": dtype, "quantization_config": config}
-    raise AssertionError(preset)
+    # The preset's own dtype, not compute_dtype: bf16 weights with fp32 math load in bf16 (bf16_weights.py).
+    return {"dtype": _torch_dtype(preset)}
 
 
 def _stop_tokens(tokenizer, model) -> frozenset[int]:
