@@ -94,6 +94,16 @@ def test_each_family_keeps_the_cache_contract_with_bf16_weights(family, settings
     assert after.prefilled_tokens == plain_after.prefilled_tokens
 
 
+def test_drafts_must_pay_for_a_dearer_verify_with_bf16_weights(tiny_folder, settings, no_native_bf16):
+    from chatapp.engine.session import ChatSession
+    from chatapp.engine.speculate import Gate
+
+    mixed = ChatSession(_load(tiny_folder, settings))
+    fp32 = ChatSession(_load(tiny_folder, settings, "fp32"))
+    assert fp32._gate.threshold == Gate().threshold
+    assert mixed._gate.threshold == Gate(bf16_weights.VERIFY_COST).threshold > fp32._gate.threshold
+
+
 def test_a_prefill_upcasts_a_weight_one_block_at_a_time(monkeypatch):
     torch.manual_seed(0)
     linear = torch.nn.Linear(48, 1000).to(torch.bfloat16)

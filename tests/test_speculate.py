@@ -127,6 +127,20 @@ def test_the_gate_stays_open_while_drafts_are_accepted_often_enough():
         assert gate.open()
 
 
+def test_a_dearer_verify_needs_more_of_each_draft_accepted():
+    """bf16 weights with fp32 math: a verify costs 4.7 steps, so 50% accepted (4 tokens a verify) doesn't pay."""
+    dear, cheap = Gate(4.7), Gate()
+    for _ in range(-(-Gate.WINDOW // DRAFT_TOKENS)):
+        for gate in (dear, cheap):
+            assert gate.open()
+            gate.record(DRAFT_TOKENS, DRAFT_TOKENS // 2)
+    assert cheap.open() and not dear.open()
+    steady = Gate(4.7)
+    for _ in range(200):
+        steady.record(DRAFT_TOKENS, 5)  # 83%: 6 tokens for the price of 4.7 steps
+        assert steady.open()
+
+
 # -- a turn with drafts, on a model whose replies are known ------------------------------------
 
 WORDS = " river town bridge"

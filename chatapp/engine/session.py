@@ -14,7 +14,7 @@ import torch
 from ..errors import ContextOverflow
 from ..protocol import TurnStats
 from ..sampling import DEFAULTS, SamplingParams
-from . import kvcache, speculate, static_decode
+from . import bf16_weights, kvcache, speculate, static_decode
 from .draftmodel import ModelDrafter, check_draft
 from .generate import GenerationResponse, ReplyText, Sampler, StreamDecoder, decode_step, forward, prefill, stream
 from .loader import LoadedModel
@@ -147,7 +147,8 @@ class ChatSession:
         if speculative == "draft":
             check_draft(loaded, draft)
             self._drafter = ModelDrafter(draft, loaded.model.get_output_embeddings().weight.shape[0])
-        self._gate = speculate.Gate()
+        mixed = bf16_weights.applied(loaded.model)
+        self._gate = speculate.Gate(bf16_weights.VERIFY_COST if mixed else speculate.Gate.COST)
         #: The conversation as of the last turn, its reply included.
         self.messages: list[Message] = []
         #: Non-system messages dropped from the front of the context to make the conversation fit.

@@ -101,19 +101,20 @@ def verify(logits: torch.Tensor, draft: list[int], sampler, q: torch.Tensor | No
 class Gate:
     """Drafting stays on while it pays, over a window of recent drafts; when it doesn't, it rests a while.
 
-    A verify of 1 + DRAFT_TOKENS tokens yields 1 + accepted tokens for the price of c plain steps. On
-    SmolLM2-135M in fp32 on a 2-core CPU c was about 1.6 at 300 tokens of context and 2.3 at 2,000 (a busy
-    machine), so it pays from 0.6 to 1.3 accepted per verify: 10% to 22% of a full draft. THRESHOLD is a
-    little above that, as drafts are often shorter than DRAFT_TOKENS. WINDOW drafted tokens (about 8
-    drafts) keeps one bad draft from ending it; REST tokens later it tries again, as a reply may move on
-    to quoting.
+    A verify of 1 + DRAFT_TOKENS tokens yields 1 + accepted tokens for the price of `cost` plain steps, so it
+    pays from (cost - 1) / DRAFT_TOKENS of drafted tokens accepted; the threshold is a little above that, as
+    drafts are often shorter than DRAFT_TOKENS. On SmolLM2-135M in fp32 on a 2-core CPU the cost was about 1.6
+    at 300 tokens of context and 2.3 at 2,000 (a busy machine): COST. bf16 weights with fp32 math cost more
+    (bf16_weights.VERIFY_COST). WINDOW drafted tokens (about 8 drafts) keeps one bad draft from ending it;
+    REST tokens later it tries again, as a reply may move on to quoting.
     """
 
     WINDOW = 48
-    THRESHOLD = 0.25
     REST = 64
+    COST = 2.3
 
-    def __init__(self):
+    def __init__(self, cost: float = COST):
+        self.threshold = (cost - 1) / DRAFT_TOKENS + 0.03
         self._recent: list[tuple[int, int]] = []
         self._resting = 0
 
@@ -129,7 +130,7 @@ class Gate:
         while sum(d for d, _ in self._recent[1:]) >= self.WINDOW:
             self._recent.pop(0)
         total = sum(d for d, _ in self._recent)
-        if total >= self.WINDOW and sum(a for _, a in self._recent) < self.THRESHOLD * total:
+        if total >= self.WINDOW and sum(a for _, a in self._recent) < self.threshold * total:
             self._recent.clear()
             self._resting = self.REST
 
