@@ -62,7 +62,8 @@ def test_each_family_keeps_bf16_weights_and_computes_in_fp32(family, settings, n
     ids = torch.randint(100, 5000, (1, 40), generator=torch.Generator().manual_seed(0))
     reference = _rounded_fp32(folder)
     with torch.inference_mode():
-        for rows in (ids, ids[:, :1]):  # a prefill (fp32 on upcast weights) and a decode step (bf16 kernel)
+        # A prefill (fp32 on upcast weights), a verify's rows and a decode step (the bf16 kernel, row by row).
+        for rows in (ids, ids[:, :7], ids[:, :1]):
             logits = loaded.model(rows).logits
             assert logits.dtype == torch.float32
             assert torch.allclose(logits, reference(rows).logits, atol=1e-4, rtol=0)
@@ -113,6 +114,16 @@ def test_a_prefill_upcasts_a_weight_one_block_at_a_time(monkeypatch):
     blocked = bf16_weights._blocked(x, linear.weight, linear.bias)
     expected = torch.nn.functional.linear(x, linear.weight.float(), linear.bias.float())
     assert torch.equal(blocked, whole) and torch.allclose(blocked, expected, atol=1e-5)
+
+
+def test_a_verify_computes_each_row_exactly_as_a_decode_step_would():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 300).to(torch.bfloat16)
+    linear.__class__ = bf16_weights.Bf16Linear
+    x = torch.randn(1, bf16_weights.ONE_BY_ONE, 64)
+    verify = linear(x)
+    steps = torch.cat([linear(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1)
+    assert verify.dtype == torch.float32 and torch.equal(verify, steps)
 
 
 def test_the_planner_counts_bf16_weights_an_fp32_cache_and_the_upcast_block(tiny_fp32):

@@ -128,7 +128,7 @@ def test_the_gate_stays_open_while_drafts_are_accepted_often_enough():
 
 
 def test_a_dearer_verify_needs_more_of_each_draft_accepted():
-    """bf16 weights with fp32 math: a verify costs 4.7 steps, so 50% accepted (4 tokens a verify) doesn't pay."""
+    """A verify that costs 4.7 steps: 50% accepted (4 tokens a verify) doesn't pay."""
     dear, cheap = Gate(4.7), Gate()
     for _ in range(-(-Gate.WINDOW // DRAFT_TOKENS)):
         for gate in (dear, cheap):

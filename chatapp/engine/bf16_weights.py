@@ -4,12 +4,13 @@ Decoding reads every weight once per token, so weights in bf16 decode nearly twi
 a 2-core AVX2 box SmolLM2-135M went from 9.6 to 16.6 tok/s. But on such CPUs torch's bf16 kernels are fast
 only for a single row: a 120-token prefill took 2.3 s in bf16 against 0.47 s in fp32, and bf16 attention
 with 6k tokens of cache decoded at 3.9 tok/s against 6.1 in fp32. So only the Linear layers and the
-embeddings keep bf16 weights. A single row (a decode step) runs torch's bf16 matrix-vector kernel; several
-rows (a prefill, a speculative verify) run in fp32 on a copy of the weight made for that call, a block of
-rows at a time so the copy stays small. Norms, attention, the KV cache and the residual stream are fp32.
+embeddings keep bf16 weights. A decode step and a speculative verify run their rows one by one through
+torch's bf16 matrix-vector kernel; more rows (a prefill) run in fp32 on a copy of the weight made for that
+call, a block of rows at a time so the copy stays small. Norms, attention, the KV cache and the residual
+stream are fp32.
 
-Both paths round a Linear's input and output to bf16, as a bf16 model does, so a verify of k rows computes
-what k single steps would, up to the order of the fp32 sums inside a dot product.
+Both paths round a Linear's input and output to bf16, as a bf16 model does, so a prefill computes what
+single steps would, up to the order of the fp32 sums inside a dot product.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ import torch.nn.functional as F
 
 from ..planner import UPCAST_BLOCK_BYTES as BLOCK_BYTES
 
-#: A speculative verify of 7 tokens costs this many decode steps (speculate.Gate): upcasting every weight for
-#: it is most of its time. Measured 4.5-4.9 on SmolLM2-135M at 300 and 1,500 tokens of context, 2-core AVX2.
-VERIFY_COST = 4.7
+#: Up to this many rows (a decode step, a speculative verify of 1 + DRAFT_TOKENS) run one by one through the bf16
+#: kernel: upcasting SmolLM2-135M's weights took about 250 ms, a row about 20 ms. Row by row, a verify also
+#: computes exactly what single steps would, so drafts change no greedy token.
+ONE_BY_ONE = 8
+#: A speculative verify of 7 tokens costs this many decode steps (speculate.Gate). Measured 3.87 and 3.77 on
+#: SmolLM2-135M at 300 and 1,500 tokens of context, 2-core AVX2 (fp32: 1.96 and 2.11).
+VERIFY_COST = 3.8
 
 
 class Bf16Linear(torch.nn.Linear):
@@ -29,8 +34,11 @@ class Bf16Linear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low = x.to(torch.bfloat16)
-        if x.numel() == x.shape[-1]:
-            return F.linear(low, self.weight, self.bias).to(x.dtype)
+        rows = x.numel() // x.shape[-1]
+        if rows <= ONE_BY_ONE:
+            flat = low.reshape(rows, x.shape[-1])
+            out = torch.cat([F.linear(flat[i : i + 1], self.weight, self.bias) for i in range(rows)])
+            return out.reshape(*x.shape[:-1], -1).to(x.dtype)
         return _blocked(low.to(x.dtype), self.weight, self.bias).to(torch.bfloat16).to(x.dtype)
 
 
