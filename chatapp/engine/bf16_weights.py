@@ -37,7 +37,8 @@ class Bf16Linear(torch.nn.Linear):
         rows = x.numel() // x.shape[-1]
         if rows <= ONE_BY_ONE:
             flat = low.reshape(rows, x.shape[-1])
-            out = torch.cat([F.linear(flat[i : i + 1], self.weight, self.bias) for i in range(rows)])
+            parts = [F.linear(flat[i : i + 1], self.weight, self.bias) for i in range(rows)]
+            out = parts[0] if rows == 1 else torch.cat(parts)  # a decode step needs no copy
             return out.reshape(*x.shape[:-1], -1).to(x.dtype)
         return _blocked(low.to(x.dtype), self.weight, self.bias).to(torch.bfloat16).to(x.dtype)
 
@@ -74,7 +75,7 @@ def apply(model: torch.nn.Module) -> None:
             tensor.data = tensor.data.float()
     for module in model.modules():
         for name, buffer in module.named_buffers(recurse=False):
-            if buffer is not None and buffer.is_floating_point() and id(buffer) not in low:
+            if buffer is not None and buffer.is_floating_point():
                 setattr(module, name, buffer.float())
 
 
