@@ -9,6 +9,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from .errors import ConfigError
+from .sampling import LIMITS
 
 #: Shipped inside the package (chatapp/data/models.toml), so a wheel installed anywhere has it.
 SHIPPED_CATALOG: Traversable = files("chatapp") / "data" / "models.toml"
@@ -28,9 +29,12 @@ class ModelSpec:
     gated: bool = False
     context_length: int | None = None
     trust_remote_code: bool = False
-    #: The model card's recommended sampling, used when the user sets none.
+    #: The model card's recommended sampling, over the model's generation_config.json; used when the user sets none.
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     #: The config values the planner needs (see ARCHITECTURE_FIELDS), so `chatapp plan` works offline.
     architecture: dict | None = None
     #: A smaller model with the same tokenizer (a catalog key or Hub repo id) that drafts for speculative decoding.
@@ -67,6 +71,9 @@ _FIELD_TYPES = {
     "trust_remote_code": bool,
     "temperature": float,
     "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "repetition_penalty": float,
     "architecture": dict,
     "draft": str,
 }
@@ -87,6 +94,8 @@ def _spec_from_table(key: str, table: dict, source: Path | Traversable) -> Model
             raise ConfigError(f"{source}: entry '{key}' field '{name}' must be {kind.__name__}, got {value!r}")
         if kind is dict:
             _check_architecture(key, value, source)
+        if name in LIMITS and not LIMITS[name].accepts(value):
+            raise ConfigError(f"{source}: entry '{key}' field '{name}' {LIMITS[name].rule()}, got {value!r}")
         if name == "context_length" and value <= 0:
             raise ConfigError(f"{source}: entry '{key}' field 'context_length' must be above 0, got {value!r}")
         values[name] = value

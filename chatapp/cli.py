@@ -12,7 +12,7 @@ import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from . import planner
+from . import planner, sampling
 from .cli_hub import cmd_models, cmd_pull, cmd_rm, cmd_search
 from .errors import ChatappError
 from .logs import route_library_logs
@@ -65,6 +65,18 @@ def _whole(least: int, hint: str = ""):
     return parse
 
 
+def _sampling_value(name: str):
+    """An argparse type: a value of sampling parameter `name`, checked against its bounds before anything runs."""
+
+    def parse(text: str):
+        try:
+            return sampling.parse(name, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{name} ")) from None
+
+    return parse
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", help="catalog key, Hub repo id (Org/Name[@rev]), folder or .gguf file")
     parser.add_argument("--preset", "-p", choices=planner.PRESETS, help="precision/quantization (default: auto)")
@@ -86,10 +98,8 @@ def _add_draft_arg(parser: argparse.ArgumentParser) -> None:
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     _add_draft_arg(parser)
     parser.add_argument("--system", "-s", help="system prompt")
-    parser.add_argument("--max-new-tokens", type=_whole(1), help="reply length cap in tokens")
-    parser.add_argument("--temperature", type=float, help="0 means greedy")
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--seed", type=int)
+    for name, limit in sampling.LIMITS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=_sampling_value(name), help=limit.help)
     parser.add_argument("--stats", action="store_true", help="print turn statistics after each reply")
 
 
@@ -223,12 +233,10 @@ def _load(args: argparse.Namespace, settings: Settings, draft: str | None = None
 
 
 def _sampling(args: argparse.Namespace, settings: Settings, loaded) -> SamplingParams:
-    """The flags, else the model's catalog recommendation, else config.toml."""
-    from .sampling import resolve
-
-    flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    """The flags, else the model's own defaults (generation_config.json, the catalog's over it), else config.toml."""
+    flags = {name: getattr(args, name) for name in sampling.LIMITS}
     try:
-        return resolve(flags, loaded.spec or {}, settings, seed=args.seed)
+        return sampling.resolve(flags, loaded.sampling_defaults(), settings)
     except ValueError as exc:
         raise ChatappError(str(exc)) from None
 

@@ -48,12 +48,20 @@ class Settings:
     default_preset: str = "auto"
     #: Upper bound on the context the app uses, in tokens (0: the model's own maximum).
     context_cap: int = 0
-    #: Sampling temperature, 0 to 2, when the model's catalog entry recommends none (0: greedy).
+    #: Sampling temperature, 0 to 2, when the model recommends none (0: greedy).
     temperature: float = LIMITS["temperature"].default
-    #: Nucleus sampling cutoff, above 0 and at most 1, when the model's catalog entry recommends none.
+    #: Nucleus sampling cutoff, above 0 and at most 1, when the model recommends none.
     top_p: float = LIMITS["top_p"].default
+    #: Sample from the k likeliest tokens only (0: off), when the model recommends nothing.
+    top_k: int = LIMITS["top_k"].default
+    #: Drop tokens less likely than this times the likeliest one, 0 to 1 (0: off), when the model recommends nothing.
+    min_p: float = LIMITS["min_p"].default
+    #: Above 1 makes tokens already in the chat less likely, above 0 and at most 3 (1: off).
+    repetition_penalty: float = LIMITS["repetition_penalty"].default
     #: Reply length cap in tokens.
     max_new_tokens: int = LIMITS["max_new_tokens"].default
+    #: Seed for sampled replies: the same seed gives the same reply to the same chat (unset: a fresh one each time).
+    seed: int | None = None
     #: The UI theme: a shipped one (chatapp-dark, chatapp-light, chatapp-high-contrast, chatapp-dusk)
     #: or one from themes_dir.
     theme: str = "chatapp-dark"
@@ -145,7 +153,7 @@ _RULES = {
     "default_model": (lambda v: bool(v.strip()), "must not be empty"),
     "default_preset": (lambda v: v in _presets(), lambda: f"must be one of {', '.join(_presets())}"),
     "context_cap": (lambda v: v >= 0, "must be >= 0 (0: the model's own maximum)"),
-    **{name: (limit.accepts, limit.rule()) for name, limit in LIMITS.items()},
+    **{name: (lambda v, limit=limit: v is None or limit.accepts(v), limit.rule()) for name, limit in LIMITS.items()},
     "theme": (lambda v: bool(v.strip()), "must not be empty"),
 }
 

@@ -144,9 +144,8 @@ class Loaded:
     footprint_bytes: int
     notes: list[str]
     reasons: list[str] = field(default_factory=list)
-    #: The model's own sampling defaults from the catalog (None: use the app's).
-    temperature: float | None = None
-    top_p: float | None = None
+    #: The model's own sampling defaults: generation_config.json, with the catalog's over it (sampling.model_defaults).
+    sampling: dict = field(default_factory=dict)
     #: The draft model loaded beside it (None: replies draft by prompt lookup, see the notes for why).
     draft: str | None = None
 

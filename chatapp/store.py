@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
 
 from .errors import ChatappError
@@ -58,6 +58,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE conversations ADD COLUMN branch_point INTEGER;
     CREATE INDEX conversations_by_parent ON conversations(parent_id);
     """,
+    # 2 -> 3: the rest of the sampling parameters, per chat.
+    """
+    ALTER TABLE conversations ADD COLUMN top_k INTEGER;
+    ALTER TABLE conversations ADD COLUMN min_p REAL;
+    ALTER TABLE conversations ADD COLUMN repetition_penalty REAL;
+    ALTER TABLE conversations ADD COLUMN seed INTEGER;
+    """,
 ]
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -84,11 +91,20 @@ def _how_to_recover(path: Path) -> str:
 
 @dataclass
 class ConvSettings:
+    """A chat's own settings; each is a column of conversations, by the same name."""
+
     system_prompt: str = ""
-    #: None means "use the app default".
+    #: None means "not set here": the model's default, else config.toml's (see sampling.LIMITS).
     temperature: float | None = None
     top_p: float | None = None
     max_new_tokens: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+
+_SETTINGS = tuple(f.name for f in fields(ConvSettings))
 
 
 @dataclass
@@ -330,19 +346,17 @@ class Store:
         with self._tx() as db:
             now = self._now()
             cur = db.execute(
-                "INSERT INTO conversations (title, created, updated, system_prompt, temperature, top_p, max_new_tokens)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (title, now, now, s.system_prompt, s.temperature, s.top_p, s.max_new_tokens),
+                f"INSERT INTO conversations (title, created, updated, {', '.join(_SETTINGS)})"
+                f" VALUES (?, ?, ?{', ?' * len(_SETTINGS)})",
+                (title, now, now, *astuple(s)),
             )
         return Conversation(cur.lastrowid, title, now, now, replace(s))
 
-    _CONV_COLUMNS = (
-        "id, title, created, updated, system_prompt, temperature, top_p, max_new_tokens, parent_id, branch_point"
-    )
+    _CONV_COLUMNS = f"id, title, created, updated, parent_id, branch_point, {', '.join(_SETTINGS)}"
 
     @staticmethod
     def _conversation(row) -> Conversation:
-        return Conversation(row[0], row[1], row[2], row[3], ConvSettings(*row[4:8]), row[8], row[9])
+        return Conversation(*row[:4], ConvSettings(*row[6:]), row[4], row[5])
 
     def conversations(self, search: str = "") -> list[Conversation]:
         """Most recently updated first; `search` matches the title or any message, ignoring case."""
@@ -394,9 +408,9 @@ class Store:
             title = parent.title if parent.title.endswith(BRANCH_MARK) else f"{parent.title} {BRANCH_MARK}"
             s, now = parent.settings, self._now()
             cur = db.execute(
-                "INSERT INTO conversations (title, created, updated, system_prompt, temperature, top_p,"
-                " max_new_tokens, parent_id, branch_point) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (title, now, now, s.system_prompt, s.temperature, s.top_p, s.max_new_tokens, parent.id, upto_position),
+                f"INSERT INTO conversations (title, created, updated, parent_id, branch_point, {', '.join(_SETTINGS)})"
+                f" VALUES (?, ?, ?, ?, ?{', ?' * len(_SETTINGS)})",
+                (title, now, now, parent.id, upto_position, *astuple(s)),
             )
             db.execute(
                 "INSERT INTO messages (conversation_id, position, role, content, model, preset, stats, cut, created)"
@@ -416,9 +430,8 @@ class Store:
         s = settings
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE conversations SET system_prompt = ?, temperature = ?, top_p = ?, max_new_tokens = ?"
-                " WHERE id = ?",
-                (s.system_prompt, s.temperature, s.top_p, s.max_new_tokens, conversation_id),
+                f"UPDATE conversations SET {', '.join(f'{name} = ?' for name in _SETTINGS)} WHERE id = ?",
+                (*astuple(s), conversation_id),
             )
             if cur.rowcount == 0:
                 raise StoreError(f"no conversation with id {conversation_id}")

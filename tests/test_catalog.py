@@ -76,3 +76,13 @@ def test_a_users_draft_must_name_a_catalog_model_or_a_repo(tmp_path, draft, prob
     else:
         with pytest.raises(ConfigError, match=problem):
             load_catalog(user)
+
+
+def test_a_catalog_entrys_sampling_is_checked_against_the_table(tmp_path):
+    user = tmp_path / "models.toml"
+    user.write_text('[models.mine]\nname = "Mine"\nrepo = "me/mine"\ntop_k = 40\nmin_p = 0\nrepetition_penalty = 1.1\n')
+    mine = load_catalog(user)["mine"]
+    assert (mine.top_k, mine.min_p, mine.repetition_penalty) == (40, 0.0, 1.1)
+    user.write_text('[models.mine]\nname = "Mine"\nrepo = "me/mine"\nmin_p = 2\n')
+    with pytest.raises(ConfigError, match=r"entry 'mine' field 'min_p' must be >= 0 and <= 1, got 2.0$"):
+        load_catalog(user)

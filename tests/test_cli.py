@@ -142,3 +142,16 @@ def test_a_repl_line_that_is_not_utf8_keeps_the_conversation(tiny_folder):
     stats = [line for line in err.splitlines() if "prefilled" in line]
     assert len(stats) == 3  # the bad line was answered, and /regen still had the conversation
     assert "prefilled 1," in stats[2]
+
+
+def test_sampling_flags_are_checked_before_anything_loads(tiny_folder):
+    out = chatapp("ask", "hi", "--model", "no-such-model", "--top-k", "2.5")
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "chatapp ask: error: argument --top-k: must be a whole number, got '2.5' (`chatapp ask -h` lists the options)"
+    )
+    seeded = ("ask", "Hello?", "--model", str(tiny_folder), "--preset", "fp32", "--max-new-tokens", "6")
+    flags = ("--temperature", "1", "--top-k", "30", "--min-p", "0.01", "--repetition-penalty", "1.2", "--seed", "5")
+    first, again = chatapp(*seeded, *flags), chatapp(*seeded, *flags)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == again.stdout and first.stdout.strip()

@@ -83,7 +83,7 @@ def test_themes_dir_follows_a_config_dir_set_in_the_file(tmp_path, monkeypatch):
         ("temperature = 3", "temperature", "must be >= 0 and <= 2, got 3", "0.7"),
         ("top_p = 0", "top_p", "must be > 0 and <= 1, got 0", "0.9"),
         ("top_p = 1.5", "top_p", "must be > 0 and <= 1, got 1.5", "0.9"),
-        ("max_new_tokens = 0", "max_new_tokens", "must be >= 1, got 0", "512"),
+        ("max_new_tokens = 0", "max_new_tokens", "must be a whole number >= 1, got 0", "512"),
         ('max_new_tokens = "lots"', "max_new_tokens", "must be int, got 'lots'", "512"),
         ("context_cap = -1", "context_cap", "must be >= 0 (0: the model's own maximum), got -1", "0"),
         ("temperature = true", "temperature", "must be float, got True", "0.7"),
@@ -134,7 +134,9 @@ def test_env_overrides_and_their_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("CHATAPP_MAX_NEW_TOKENS", "-3")
     monkeypatch.setenv("CHATAPP_THEME", "chatapp-light")
     settings, errors, sources = load_settings_sourced(path)
-    assert errors == ["$CHATAPP_MAX_NEW_TOKENS: 'max_new_tokens' must be >= 1, got '-3'; using the default (512)"]
+    assert errors == [
+        "$CHATAPP_MAX_NEW_TOKENS: 'max_new_tokens' must be a whole number >= 1, got '-3'; using the default (512)"
+    ]
     assert settings.top_p == 0.8 and sources["top_p"] == "$CHATAPP_TOP_P"
     assert settings.theme == "chatapp-light" and sources["theme"] == "$CHATAPP_THEME"
     # The env value was bad, so the file's good value stands.

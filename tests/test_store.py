@@ -46,7 +46,9 @@ def test_reopen_restores_everything(tmp_path):
     data = tmp_path / "data"
     s = Store.open(data)
     assert s.path == data / DB_NAME
-    settings = ConvSettings(system_prompt="Be brief.", temperature=0.2, top_p=None, max_new_tokens=64)
+    settings = ConvSettings(
+        system_prompt="Be brief.", temperature=0.2, top_p=None, max_new_tokens=64, top_k=40, min_p=0.05, seed=9
+    )
     conv = s.new_conversation("Hello", settings)
     s.add_message(conv.id, "system", "Be brief.")
     s.add_message(conv.id, "user", "hi")

@@ -109,6 +109,8 @@ def test_conversation_settings_are_validated_and_saved(settings, tmp_path):
         await pilot.press("ctrl+o")
         await pilot.pause()
         dialog = app.screen
+        labels = [str(label.content) for label in dialog.query("Label")]
+        assert "top_k (0 · config)" in labels and "seed (random · default)" in labels
         dialog.query_one("#system-prompt").text = "You are a pirate."
         dialog.query_one("#temperature").value = "hot"
         await pilot.press("ctrl+s")

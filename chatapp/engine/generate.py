@@ -9,6 +9,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from ..planner import PREFILL_CHUNK
 from ..protocol import TurnStats
@@ -80,41 +87,50 @@ def stream(
 
 
 class Sampler:
-    """Greedy when temperature <= 0, else temperature + nucleus (top_p) sampling, seeded when asked."""
+    """Greedy when temperature <= 0, else sampled through transformers' own warpers (temperature, top_k, top_p,
+    min_p, in generate()'s order), seeded when asked. A repetition penalty applies to both, over `history`: the
+    list of ids before the token being chosen, which the caller keeps growing."""
 
-    def __init__(self, params: SamplingParams, device="cpu"):
+    def __init__(self, params: SamplingParams, device="cpu", history: list[int] | None = None):
         self.temperature = params.temperature
-        self.top_p = params.top_p
         self.greedy = params.greedy
+        self.history = history if history is not None else []
+        self.penalty = RepetitionPenaltyLogitsProcessor(params.repetition_penalty) if params.penalised else None
+        self.warpers: list = []
         self.generator = None
         if not params.greedy:
+            self.warpers.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k:
+                self.warpers.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(params.top_p))
+            if params.min_p:
+                self.warpers.append(MinPLogitsWarper(params.min_p))
             self.generator = torch.Generator(device=device)
             if params.seed is None:
                 self.generator.seed()
             else:
                 self.generator.manual_seed(params.seed)
 
+    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
+        scores = logits.reshape(-1, logits.shape[-1]).float()
+        if self.penalty is not None:
+            ids = torch.tensor([self.history], dtype=torch.long, device=scores.device)
+            scores = self.penalty(ids.expand(scores.shape[0], -1), scores)
+        for warper in self.warpers:
+            scores = warper(None, scores)
+        return scores
+
     def __call__(self, logits: torch.Tensor) -> int:
-        if self.temperature <= 0:
-            return int(logits.argmax(dim=-1).item())
-        probs = torch.softmax(logits / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            # Keep the smallest set whose mass reaches top_p (the first token always stays).
-            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > self.top_p
-            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-            choice = torch.multinomial(sorted_probs, 1, generator=self.generator)
-            return int(order.gather(-1, choice).item())
-        return int(torch.multinomial(probs, 1, generator=self.generator).item())
+        if self.greedy:
+            scores = self._scores(logits) if self.penalty is not None else logits
+            return int(scores.argmax(dim=-1).item())
+        return int(torch.multinomial(self.distribution(logits), 1, generator=self.generator).item())
 
     def distribution(self, logits: torch.Tensor) -> torch.Tensor:
-        """The probabilities __call__ samples from when not greedy, shape (1, vocab): what a verify accepts by."""
-        probs = torch.softmax(logits / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > self.top_p
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-        return probs / probs.sum(dim=-1, keepdim=True)
+        """The probabilities __call__ samples from when not greedy, a row per row of logits: what a verify
+        accepts by."""
+        return torch.softmax(self._scores(logits), dim=-1)
 
 
 class StreamDecoder:

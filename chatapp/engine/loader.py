@@ -14,6 +14,7 @@ from ..errors import ChatappError, ModelLoadError, first_line
 from ..facts import facts_from_folder
 from ..hardware import GpuInfo, Hardware, detect, detect_cpu, flash_attn_installed
 from ..refs import ModelSource, parse_ref
+from ..sampling import model_defaults
 from ..units import mb
 from . import bf16_weights, static_decode
 from .checks import check_remote_code, check_weights, remote_code_refusal, tokenizer_problem
@@ -62,6 +63,11 @@ class LoadedModel:
     @property
     def spec(self) -> ModelSpec | None:
         return self.source.spec
+
+    def sampling_defaults(self) -> dict[str, float | int]:
+        """The model's own sampling defaults: its generation_config.json, with the catalog entry's over it."""
+        generation = getattr(self.model, "generation_config", None)
+        return model_defaults(generation.to_dict() if generation is not None else {}, self.spec)
 
     def describe(self) -> str:
         return (

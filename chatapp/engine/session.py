@@ -335,8 +335,9 @@ class ChatSession:
         try:
             with torch.inference_mode():
                 logits = self._feed(ids[keep:])
-                sampler = Sampler(params, loaded.model.device)
-                if self.speculative != "off" and kvcache.rewindable(self._cache):
+                sampler = Sampler(params, loaded.model.device, self._cache_ids)
+                # A penalty's ids would have to include each row's drafts: such replies decode plainly.
+                if self.speculative != "off" and not params.penalised and kvcache.rewindable(self._cache):
                     tokens = speculate.stream(
                         logits,
                         sampler,

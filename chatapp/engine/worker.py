@@ -173,8 +173,7 @@ class Worker:
                 footprint_bytes=loaded.footprint_bytes,
                 notes=list(loaded.notes),
                 reasons=list(loaded.reasons),
-                temperature=loaded.spec.temperature if loaded.spec else None,
-                top_p=loaded.spec.top_p if loaded.spec else None,
+                sampling=loaded.sampling_defaults(),
                 draft=loaded.draft.source.label if loaded.draft else None,
             )
         )

@@ -13,7 +13,7 @@ from textual.widgets import Footer, Input, Label, ListView
 
 from ... import protocol as p
 from ...costs import prefill_rate, reread_text
-from ...sampling import resolve
+from ...sampling import resolve_with_sources
 from ...store import StoreFull, default_title, in_tree_order
 from ...units import mb
 from ..backend import (
@@ -221,8 +221,7 @@ class ChatScreen(ChatManagement, Screen):
         if conversation.settings.system_prompt:
             history.insert(0, ("system", conversation.settings.system_prompt))
         loaded = self.loaded
-        # The chat's own setting, else the model's catalog recommendation, else config.toml.
-        params = resolve(conversation.settings, loaded or {}, self.app.settings)
+        params, _sources = resolve_with_sources(self.sampling_layers(conversation.settings))
         request_id = self.app.backend.generate(conversation_id, history, params)
         if request_id is None:
             self.notify("The worker is not running: press F5 to restart it.", severity="error")

@@ -9,6 +9,8 @@ import re
 from textual.widgets import Input, Label, ListItem
 
 from ...private import private_dir, write_private_text
+from ...sampling import resolve_with_sources
+from ...store import ConvSettings
 from ..faults import noting_disk_full, unless_disk_full
 from ..widgets import MessageView, PromptInput
 from .dialogs import ConfirmScreen, ConversationSettingsScreen, TextPromptScreen
@@ -74,12 +76,17 @@ class ChatManagement:
         prompt.focus()
         self.notify(f"Branched into a new chat; “{parent.title}” stays as it was.", timeout=4)
 
+    def sampling_layers(self, chat: ConvSettings | None = None) -> list[tuple[str, object]]:
+        """Where a reply's sampling comes from, most specific first (see sampling.resolve_with_sources)."""
+        layers: list[tuple[str, object]] = [("chat", chat)] if chat is not None else []
+        return [*layers, ("model", self.loaded.sampling if self.loaded else {}), ("config", self.app.settings)]
+
     def action_chat_settings(self) -> None:
         if self.conversation_id is None:
             return
         conversation = self.store.conversation(self.conversation_id)
-        d = self.app.settings
-        defaults = {"temperature": d.temperature, "top_p": d.top_p, "max_new_tokens": d.max_new_tokens}
+        params, sources = resolve_with_sources(self.sampling_layers())
+        defaults = {name: (getattr(params, name), sources[name]) for name in sources}
 
         def saved(settings) -> None:
             if settings is not None:

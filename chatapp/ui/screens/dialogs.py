@@ -8,7 +8,7 @@ from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static, TextArea
 
-from ...sampling import check
+from ...sampling import LIMITS, parse
 from ...store import ConvSettings
 
 
@@ -62,19 +62,6 @@ class TextPromptScreen(ModalScreen[str | None]):
         self.dismiss(event.value.strip() or None)
 
 
-def _number(text: str, kind: type, name: str) -> float | int | None:
-    """None for an empty field (use the default); ValueError with a reason otherwise."""
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        value = kind(text)
-    except ValueError:
-        raise ValueError(f"{name} must be a{'n integer' if kind is int else ' number'}, not '{text}'") from None
-    check(name, value)
-    return value
-
-
 class FormScreen(ModalScreen):
     """A form with an error line and Save/Cancel; subclasses yield their fields and implement action_save."""
 
@@ -100,37 +87,33 @@ class FormScreen(ModalScreen):
 
 
 class ConversationSettingsScreen(FormScreen):
-    """System prompt, temperature, top_p and max new tokens for one conversation; empty means the default."""
+    """A conversation's system prompt and sampling; an empty field takes the value shown, from where it says."""
 
-    def __init__(self, current: ConvSettings, defaults: dict[str, float | int]):
+    def __init__(self, current: ConvSettings, defaults: dict[str, tuple[object, str]]):
         super().__init__(classes="dialog-screen")
         self.current, self.defaults = current, defaults
 
     def compose(self) -> ComposeResult:
-        c, d = self.current, self.defaults
+        c = self.current
         with Vertical(classes="dialog wide"):
-            yield Label("Conversation settings (empty fields use the defaults)")
+            yield Label(
+                "Conversation settings (an empty field uses the value shown, from the model, persona or config)"
+            )
             yield Label("System prompt")
             yield TextArea(c.system_prompt, id="system-prompt")
             with Grid(classes="fields"):
-                yield Label(f"Temperature (default {d['temperature']})")
-                yield Input("" if c.temperature is None else str(c.temperature), id="temperature")
-                yield Label(f"top_p (default {d['top_p']})")
-                yield Input("" if c.top_p is None else str(c.top_p), id="top-p")
-                yield Label(f"Max new tokens (default {d['max_new_tokens']})")
-                yield Input("" if c.max_new_tokens is None else str(c.max_new_tokens), id="max-new-tokens")
+                for name, limit in LIMITS.items():
+                    value, source = self.defaults.get(name, (limit.default, "default"))
+                    shown = "random" if value is None else value
+                    yield Label(f"{name} ({shown} · {source})", markup=False)
+                    own = getattr(c, name)
+                    yield Input("" if own is None else str(own), id=name.replace("_", "-"), tooltip=limit.help)
             yield from self.form_footer()
 
     def action_save(self) -> None:
-        value = lambda wid: self.query_one(wid, Input).value  # noqa: E731
         try:
-            settings = ConvSettings(
-                system_prompt=self.query_one("#system-prompt", TextArea).text.strip(),
-                temperature=_number(value("#temperature"), float, "temperature"),
-                top_p=_number(value("#top-p"), float, "top_p"),
-                max_new_tokens=_number(value("#max-new-tokens"), int, "max_new_tokens"),
-            )
+            values = {name: parse(name, self.query_one(f"#{name.replace('_', '-')}", Input).value) for name in LIMITS}
         except ValueError as exc:
             self.show_error(str(exc))
             return
-        self.dismiss(settings)
+        self.dismiss(ConvSettings(system_prompt=self.query_one("#system-prompt", TextArea).text.strip(), **values))
