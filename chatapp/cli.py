@@ -98,6 +98,9 @@ def _add_draft_arg(parser: argparse.ArgumentParser) -> None:
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     _add_draft_arg(parser)
     parser.add_argument("--system", "-s", help="system prompt")
+    parser.add_argument(
+        "--persona", help="a persona's name (its file name without .toml): its system prompt and sampling"
+    )
     for name, limit in sampling.LIMITS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=_sampling_value(name), help=limit.help)
     parser.add_argument("--stats", action="store_true", help="print turn statistics after each reply")
@@ -232,11 +235,12 @@ def _load(args: argparse.Namespace, settings: Settings, draft: str | None = None
     return loaded
 
 
-def _sampling(args: argparse.Namespace, settings: Settings, loaded) -> SamplingParams:
-    """The flags, else the model's own defaults (generation_config.json, the catalog's over it), else config.toml."""
+def _sampling(args: argparse.Namespace, settings: Settings, loaded, persona=None) -> SamplingParams:
+    """The flags, else the persona's, else the model's own defaults (generation_config.json, the catalog's over
+    it), else config.toml."""
     flags = {name: getattr(args, name) for name in sampling.LIMITS}
     try:
-        return sampling.resolve(flags, loaded.sampling_defaults(), settings)
+        return sampling.resolve(flags, persona.sampling if persona else {}, loaded.sampling_defaults(), settings)
     except ValueError as exc:
         raise ChatappError(str(exc)) from None
 
@@ -279,10 +283,26 @@ def format_stats(stats) -> str:
     )
 
 
-def _opening(args) -> list:
+def _persona(args: argparse.Namespace, settings: Settings):
+    """The persona --persona names (None without the flag); an unknown or broken one is a one-line error."""
+    if not args.persona:
+        return None
+    from .personas import load_personas
+
+    personas, errors = load_personas(settings.config_dir)
+    if args.persona in personas:
+        return personas[args.persona]
+    broken = [line for line in errors if f"/{args.persona}.toml:" in line]
+    if broken:
+        raise ChatappError(broken[0].removesuffix("; skipped"))
+    raise ChatappError(f"unknown persona '{args.persona}' (known: {', '.join(personas) or 'none'})")
+
+
+def _opening(args, persona=None) -> list:
     from .engine import Message
 
-    return [Message("system", _as_text(args.system, "the system prompt"))] if args.system else []
+    system = _as_text(args.system, "the system prompt") if args.system else (persona.system_prompt if persona else "")
+    return [Message("system", system)] if system else []
 
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
@@ -296,19 +316,21 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     prompt = _as_text(prompt, "the prompt")
     if not prompt:
         raise ChatappError("the prompt is empty")
+    persona = _persona(args, settings)
     loaded = _load(args, settings)
-    params = _sampling(args, settings, loaded)
-    _reply(ChatSession(loaded), [*_opening(args), Message("user", prompt)], params, args.stats)
+    params = _sampling(args, settings, loaded, persona)
+    _reply(ChatSession(loaded), [*_opening(args, persona), Message("user", prompt)], params, args.stats)
     return 0
 
 
 def cmd_repl(args: argparse.Namespace, settings: Settings) -> int:
     from .engine import ChatSession, Message
 
+    persona = _persona(args, settings)
     loaded = _load(args, settings)
     session = ChatSession(loaded)
-    params = _sampling(args, settings, loaded)
-    history = _opening(args)
+    params = _sampling(args, settings, loaded, persona)
+    history = _opening(args, persona)
     _note("type a message; /regen answers again, /reset starts over, /exit quits")
     while True:
         try:
@@ -322,7 +344,7 @@ def cmd_repl(args: argparse.Namespace, settings: Settings) -> int:
         if text == "/exit":
             return 0
         if text == "/reset":
-            history = _opening(args)
+            history = _opening(args, persona)
             _note("conversation reset")
             continue
         if text == "/regen":

@@ -65,6 +65,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE conversations ADD COLUMN repetition_penalty REAL;
     ALTER TABLE conversations ADD COLUMN seed INTEGER;
     """,
+    # 3 -> 4: a chat's persona, by key (see personas.py); a key whose file is gone means none.
+    """
+    ALTER TABLE conversations ADD COLUMN persona TEXT;
+    """,
 ]
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -102,6 +106,8 @@ class ConvSettings:
     min_p: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    #: The persona's key: its system prompt and sampling apply where the chat sets none of its own.
+    persona: str | None = None
 
 
 _SETTINGS = tuple(f.name for f in fields(ConvSettings))

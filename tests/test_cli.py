@@ -10,14 +10,14 @@ import sys
 import pytest
 
 
-def chatapp(*args: str, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def chatapp(*args: str, stdin: str | None = None, timeout: int = 600, env: dict | None = None):
     return subprocess.run(
         [sys.executable, "-m", "chatapp.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=os.environ.copy(),
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -155,3 +155,25 @@ def test_sampling_flags_are_checked_before_anything_loads(tiny_folder):
     first, again = chatapp(*seeded, *flags), chatapp(*seeded, *flags)
     assert first.returncode == 0, first.stderr
     assert first.stdout == again.stdout and first.stdout.strip()
+
+
+def test_a_persona_gives_its_system_prompt_and_sampling_and_a_bad_one_is_one_line(tiny_folder, tmp_path):
+    env = {"CHATAPP_CONFIG_DIR": str(tmp_path)}
+    folder = tmp_path / "personas"
+    folder.mkdir()
+    (folder / "greedy.toml").write_text('name = "Greedy"\nsystem_prompt = "Be terse."\ntemperature = 0\n')
+    (folder / "broken.toml").write_text('name = "Broken"\nmin_p = 7\n')
+    model = ("--model", str(tiny_folder), "--preset", "fp32", "--max-new-tokens", "6")
+    # temperature 0 from the persona: two runs give the same reply, which is the --system + --temperature one.
+    first = chatapp("ask", "Hello?", *model, "--persona", "greedy", env=env)
+    assert first.returncode == 0, first.stderr
+    plain = chatapp("ask", "Hello?", *model, "--system", "Be terse.", "--temperature", "0", env=env)
+    assert first.stdout == plain.stdout and first.stdout.strip()
+    unknown = chatapp("ask", "hi", *model, "--persona", "nobody", env=env)
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip().splitlines()[-1].startswith("chatapp: error: unknown persona 'nobody' (known: ")
+    broken = chatapp("ask", "hi", *model, "--persona", "broken", env=env)
+    assert broken.returncode == 1
+    assert broken.stderr.strip().splitlines()[-1] == (
+        f"chatapp: error: persona {folder / 'broken.toml'}: 'min_p' must be >= 0 and <= 1, got 7.0"
+    )

@@ -51,6 +51,12 @@ print(chatapp.catalog.SHIPPED_CATALOG)
 print(SHIPPED_THEMES_DIR)
 print(" ".join(sorted(t.name for t in themes)))
 print(len(errors))
+import tempfile
+from chatapp.personas import SHIPPED_DIR, load_personas
+
+personas, errors = load_personas(tempfile.mkdtemp())
+print(SHIPPED_DIR)
+print(" ".join(sorted(personas)), len(errors))
 """
 
 
@@ -100,8 +106,9 @@ def test_wheel_installs_with_its_data_and_dependencies(installed, tmp_path):
     assert unmet == []
 
     out = _run([str(bin_dir / "python"), "-c", _LOAD_THEMES], cwd=tmp_path, env=env)
-    module, catalog, themes_dir, names, errors = out.stdout.splitlines()
-    for path in (module, catalog, themes_dir):
+    module, catalog, themes_dir, names, errors, personas_dir, personas = out.stdout.splitlines()
+    assert personas == "assistant coder concise 0"
+    for path in (module, catalog, themes_dir, personas_dir):
         assert Path(path).resolve().is_relative_to(venv), path  # the wheel's copy, not the repo's
     assert {"chatapp-dark", "chatapp-light", "chatapp-high-contrast", "chatapp-dusk"} <= set(names.split())
     assert errors == "0"

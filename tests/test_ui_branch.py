@@ -113,7 +113,7 @@ def test_editing_an_early_message_offers_a_branch_and_says_what_each_costs(setti
         other = store.new_conversation("Long document")
         fast = {"prompt_tokens": 1000, "prefilled_tokens": 1000, "generated_tokens": 1, "ttft_s": 2.0}
         store.add_message(other.id, "assistant", "x", model=FAKE_MODEL, preset="fp32", stats=fast)
-        await pilot.press("ctrl+n")
+        await pilot.press("ctrl+n", "enter")  # the persona picker: none
         parent = await chat_of(pilot, "First question", "Second question", "Third question")
         messages = store.messages(parent)
 
@@ -186,7 +186,7 @@ def test_no_branch_from_a_reply_being_written_or_from_an_empty_chat(settings, tm
         assert sum("still being written" in n for n in app.notices) == 2
         await pilot.press("escape")
         await until(pilot, lambda: app.chat.turn is None, what="the stop")
-        await pilot.press("ctrl+n", "ctrl+b")
+        await pilot.press("ctrl+n", "enter", "ctrl+b")
         await pilot.pause(0.1)
         assert len(app.store.conversations()) == 2 and "Nothing to branch from yet." in app.notices
 

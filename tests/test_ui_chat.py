@@ -199,7 +199,7 @@ def test_chats_come_back_after_a_restart(settings, tmp_path):
     async def chat(pilot):
         await loaded(pilot)
         await say(pilot, "Remember me")
-        await pilot.press("ctrl+n")
+        await pilot.press("ctrl+n", "enter")  # the persona picker: none
         await say(pilot, "The second chat")
 
     run(first, chat)
@@ -248,7 +248,7 @@ def test_context_trimming_is_shown_and_an_evicted_chat_is_announced(settings, tm
         assert last_stats(app)["dropped_messages"] > 0
         assert "no longer fit the context" in status.notice
         old = app.chat.conversation_id
-        await pilot.press("ctrl+n")
+        await pilot.press("ctrl+n", "enter")  # the persona picker: none
         app.backend.client.evict_after_next([old])
         await say(pilot, "A new chat that pushes the old one out of the cache")
         await until(pilot, lambda: any("left the KV cache" in n for n in app.notices), what="the eviction notice")
@@ -271,7 +271,7 @@ def test_the_sidebar_marks_where_each_chats_cache_is_and_a_restore_is_shown(sett
         await say(pilot, "First chat")
         first = app.chat.store.conversation(app.chat.conversation_id).title
         await until(pilot, lambda: marks().get(first) == "● ", what="the live mark")
-        await pilot.press("ctrl+n")
+        await pilot.press("ctrl+n", "enter")  # the persona picker: none
         app.backend.client.evict_after_next([app.chat.store.conversations()[-1].id])
         await say(pilot, "Second chat")
         second = app.chat.store.conversation(app.chat.conversation_id).title
@@ -359,7 +359,7 @@ def test_each_chat_keeps_its_own_cache_when_switching(settings, tiny_words_folde
         await say(pilot, "Chat A first")
         chat_a = app.chat.conversation_id
         a_first = last_stats(app)
-        await pilot.press("ctrl+n")
+        await pilot.press("ctrl+n", "enter")  # the persona picker: none
         await say(pilot, "Chat B first")
         chat_b = app.chat.conversation_id
         assert chat_b != chat_a

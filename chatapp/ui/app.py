@@ -18,6 +18,7 @@ from textual.screen import Screen
 from ..config import Settings, save_setting
 from ..errors import ChatappError
 from ..hardware import Hardware
+from ..personas import load_personas
 from ..store import Store, StoreDamaged
 from ..worker_client import WorkerClient
 from .backend import Backend, Target, WorkerEvent
@@ -76,6 +77,19 @@ class ChatApp(App):
         #: Why the app ended early, in one line (the store found its file damaged), for `run` to print.
         self.fatal: str | None = None
         self._quit_asked = False
+        self.personas, persona_errors = load_personas(settings.config_dir)
+        self.startup_errors += persona_errors
+
+    def reload_personas(self) -> None:
+        """Read the persona files again (after the app saved or deleted one); a broken one is said and skipped."""
+        self.personas, errors = load_personas(self.settings.config_dir)
+        for line in errors:
+            self.notify(line, severity="warning", timeout=8)
+
+    def action_personas(self) -> None:
+        from .screens.personas import PersonasScreen
+
+        self.push_screen(PersonasScreen())
 
     def on_mount(self) -> None:
         errors = self.startup_errors + register_themes(self, self.settings.themes_dir)
@@ -206,6 +220,7 @@ class ChatApp(App):
         yield SystemCommand("Models", "Pick, download or delete a model (F3)", self.action_models)
         yield SystemCommand("Preset", "Switch bf16 / fp16 / fp32 / int8 / nf4 / auto (F4)", self.action_presets)
         yield SystemCommand("Settings", "Edit config.toml in a form (F9)", self.action_settings)
+        yield SystemCommand("Personas", "New, edit, duplicate or delete a persona", self.action_personas)
         yield SystemCommand("Notices", "The notifications shown so far", self.action_notices)
         for binding in self.chat.BINDINGS:
             action = getattr(self.chat, f"action_{binding.action}")

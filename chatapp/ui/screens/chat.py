@@ -14,7 +14,7 @@ from textual.widgets import Footer, Input, Label, ListView
 from ... import protocol as p
 from ...costs import prefill_rate, reread_text
 from ...sampling import resolve_with_sources
-from ...store import StoreFull, default_title, in_tree_order
+from ...store import ConvSettings, StoreFull, default_title, in_tree_order
 from ...units import mb
 from ..backend import (
     CachesEvicted,
@@ -31,6 +31,7 @@ from ..backend import (
 from ..faults import unless_disk_full
 from ..widgets import MessageView, PromptInput, StatusBar, code_blocks, download_line, loaded_line, stats_line
 from .chat_manage import ChatManagement, chat_item
+from .personas import NONE, PersonaPickScreen
 
 
 @dataclass
@@ -218,8 +219,9 @@ class ChatScreen(ChatManagement, Screen):
     async def generate(self, conversation_id: int) -> None:
         conversation = self.store.conversation(conversation_id)
         history = [(m.role, m.content) for m in self.store.messages(conversation_id)]
-        if conversation.settings.system_prompt:
-            history.insert(0, ("system", conversation.settings.system_prompt))
+        system = self.system_prompt(conversation.settings)
+        if system:
+            history.insert(0, ("system", system))
         loaded = self.loaded
         params, _sources = resolve_with_sources(self.sampling_layers(conversation.settings))
         request_id = self.app.backend.generate(conversation_id, history, params)
@@ -390,9 +392,23 @@ class ChatScreen(ChatManagement, Screen):
         elif self.editing is not None:
             self._cancel_edit()
 
-    @unless_disk_full
     async def action_new_chat(self) -> None:
-        await self.open_conversation(self.store.new_conversation().id)
+        """A new chat; where there are personas, after picking one (or none)."""
+        if not self.app.personas:
+            await self.new_chat(None)
+            return
+        last = self.store.get_state("last_persona")
+
+        async def picked(key: str | None) -> None:
+            if key is not None:
+                await self.new_chat(None if key == NONE else key)
+
+        self.app.push_screen(PersonaPickScreen(self.app.personas, last), picked)
+
+    @unless_disk_full
+    async def new_chat(self, persona: str | None) -> None:
+        self.store.set_state("last_persona", persona)
+        await self.open_conversation(self.store.new_conversation(settings=ConvSettings(persona=persona)).id)
         self.query_one(PromptInput).focus()
 
     @unless_disk_full

@@ -76,24 +76,42 @@ class ChatManagement:
         prompt.focus()
         self.notify(f"Branched into a new chat; “{parent.title}” stays as it was.", timeout=4)
 
-    def sampling_layers(self, chat: ConvSettings | None = None) -> list[tuple[str, object]]:
-        """Where a reply's sampling comes from, most specific first (see sampling.resolve_with_sources)."""
-        layers: list[tuple[str, object]] = [("chat", chat)] if chat is not None else []
-        return [*layers, ("model", self.loaded.sampling if self.loaded else {}), ("config", self.app.settings)]
+    def sampling_layers(self, chat: ConvSettings, own: bool = True) -> list[tuple[str, object]]:
+        """Where a reply's sampling comes from, most specific first (see sampling.resolve_with_sources); own:
+        with the chat's own values (without: what an empty field in its settings falls back to)."""
+        persona = self.app.personas.get(chat.persona)
+        return [
+            *([("chat", chat)] if own else []),
+            *([("persona", persona.sampling)] if persona else []),
+            ("model", self.loaded.sampling if self.loaded else {}),
+            ("config", self.app.settings),
+        ]
+
+    def system_prompt(self, chat: ConvSettings) -> str:
+        """The chat's own system prompt, else its persona's."""
+        persona = self.app.personas.get(chat.persona)
+        return chat.system_prompt or (persona.system_prompt if persona else "")
 
     def action_chat_settings(self) -> None:
         if self.conversation_id is None:
             return
         conversation = self.store.conversation(self.conversation_id)
-        params, sources = resolve_with_sources(self.sampling_layers())
-        defaults = {name: (getattr(params, name), sources[name]) for name in sources}
+
+        def defaults(persona: str | None) -> dict[str, tuple[object, str]]:
+            chat = ConvSettings(persona=persona)
+            params, sources = resolve_with_sources(self.sampling_layers(chat, own=False))
+            values = {name: (getattr(params, name), sources[name]) for name in sources}
+            return {**values, "system_prompt": (self.system_prompt(chat), "persona" if persona else "none")}
 
         def saved(settings) -> None:
             if settings is not None:
                 self.store.set_settings(conversation.id, settings)
                 self.notify("Chat settings saved.", timeout=2)
 
-        self.app.push_screen(ConversationSettingsScreen(conversation.settings, defaults), noting_disk_full(self, saved))
+        self.app.push_screen(
+            ConversationSettingsScreen(conversation.settings, defaults, self.app.personas),
+            noting_disk_full(self, saved),
+        )
 
     def action_rename_chat(self) -> None:
         if self.conversation_id is None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Static, TextArea
+from textual.widgets import Button, Input, Label, Select, Static, TextArea
 
 from ...sampling import LIMITS, parse
 from ...store import ConvSettings
@@ -87,28 +88,46 @@ class FormScreen(ModalScreen):
 
 
 class ConversationSettingsScreen(FormScreen):
-    """A conversation's system prompt and sampling; an empty field takes the value shown, from where it says."""
+    """A conversation's persona, system prompt and sampling; an empty field takes the value shown, from where it
+    says. `defaults(persona key)` gives those values, so they follow a change of persona in the form."""
 
-    def __init__(self, current: ConvSettings, defaults: dict[str, tuple[object, str]]):
+    def __init__(self, current: ConvSettings, defaults, personas: dict | None = None):
         super().__init__(classes="dialog-screen")
-        self.current, self.defaults = current, defaults
+        self.current, self.defaults, self.personas = current, defaults, personas or {}
 
     def compose(self) -> ComposeResult:
         c = self.current
-        with Vertical(classes="dialog wide"):
-            yield Label(
-                "Conversation settings (an empty field uses the value shown, from the model, persona or config)"
-            )
-            yield Label("System prompt")
-            yield TextArea(c.system_prompt, id="system-prompt")
+        with VerticalScroll(classes="dialog wide settings"):
+            yield Label("Conversation settings (an empty field takes the value shown, and says where it is from)")
             with Grid(classes="fields"):
+                yield Label("persona")
+                choices = [(p.name, key) for key, p in self.personas.items()]
+                known = c.persona if c.persona in self.personas else Select.NULL
+                yield Select(choices, value=known, prompt="No persona", id="persona")
                 for name, limit in LIMITS.items():
-                    value, source = self.defaults.get(name, (limit.default, "default"))
-                    shown = "random" if value is None else value
-                    yield Label(f"{name} ({shown} · {source})", markup=False)
+                    yield Label(name, id=f"label-{name}", markup=False)
                     own = getattr(c, name)
                     yield Input("" if own is None else str(own), id=name.replace("_", "-"), tooltip=limit.help)
+            yield Label("System prompt", id="label-system-prompt", markup=False)
+            yield TextArea(c.system_prompt, id="system-prompt")
             yield from self.form_footer()
+
+    def on_mount(self) -> None:
+        self.show_defaults()
+
+    def _persona(self) -> str | None:
+        value = self.query_one("#persona", Select).value
+        return None if value is Select.NULL else value
+
+    @on(Select.Changed, "#persona")
+    def show_defaults(self) -> None:
+        defaults = self.defaults(self._persona())
+        for name in LIMITS:
+            value, source = defaults[name]
+            shown = "random" if value is None else value
+            self.query_one(f"#label-{name}", Label).update(f"{name} ({shown} · {source})")
+        system, _source = defaults["system_prompt"]
+        self.query_one("#system-prompt", TextArea).placeholder = f"the persona's: {system}" if system else ""
 
     def action_save(self) -> None:
         try:
@@ -116,4 +135,8 @@ class ConversationSettingsScreen(FormScreen):
         except ValueError as exc:
             self.show_error(str(exc))
             return
-        self.dismiss(ConvSettings(system_prompt=self.query_one("#system-prompt", TextArea).text.strip(), **values))
+        persona = self._persona()
+        if persona is None and self.current.persona not in self.personas:
+            persona = self.current.persona  # a persona whose file is gone stays named, in case it comes back
+        system = self.query_one("#system-prompt", TextArea).text.strip()
+        self.dismiss(ConvSettings(system_prompt=system, persona=persona, **values))
