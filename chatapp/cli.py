@@ -10,9 +10,10 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import planner, sampling
+from . import attachments, planner, sampling
 from .cli_hub import cmd_models, cmd_pull, cmd_rm, cmd_search
 from .errors import ChatappError
 from .logs import route_library_logs
@@ -77,13 +78,21 @@ def _sampling_value(name: str):
     return parse
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+FORCE_HELP = "load the preset even where the planner says it won't fit"
+FORCE_SEND_HELP = (
+    FORCE_HELP + "; and send a message that, with the conversation before it, won't fit the context with room for"
+    " the reply (refused otherwise): the oldest turns are then dropped until it fits, and a message too long even"
+    " alone is still refused"
+)
+
+
+def _add_model_args(parser: argparse.ArgumentParser, force_help: str = FORCE_HELP) -> None:
     parser.add_argument("--model", "-m", help="catalog key, Hub repo id (Org/Name[@rev]), folder or .gguf file")
     parser.add_argument("--preset", "-p", choices=planner.PRESETS, help="precision/quantization (default: auto)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickle .bin weights")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own Python code")
-    parser.add_argument("--force", action="store_true", help="load the preset even where the planner says it won't fit")
+    parser.add_argument("--force", action="store_true", help=force_help)
 
 
 def _add_draft_arg(parser: argparse.ArgumentParser) -> None:
@@ -119,15 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="one reply, streamed to stdout")
     ask.add_argument("prompt", nargs="?", help="the question; '-' or omitted reads stdin")
-    _add_model_args(ask)
+    ask.add_argument(
+        "--attach",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help=f"a text file to put in the message before the question (repeatable; UTF-8, at most "
+        f"{attachments.MAX_BYTES:,} bytes)",
+    )
+    _add_model_args(ask, FORCE_SEND_HELP)
     _add_generation_args(ask)
 
     tui = sub.add_parser("tui", help="the chat app (the default when no command is given)")
     tui.add_argument("--model", "-m", help="catalog key, Hub repo id (Org/Name[@rev]), folder or .gguf file")
     tui.add_argument("--preset", "-p", choices=planner.PRESETS, help="precision/quantization")
 
-    repl = sub.add_parser("repl", help="a plain line-based multi-turn chat (/reset, /regen, /exit)")
-    _add_model_args(repl)
+    repl = sub.add_parser("repl", help="a plain line-based multi-turn chat (/read PATH, /reset, /regen, /exit)")
+    _add_model_args(repl, FORCE_SEND_HELP)
     _add_generation_args(repl)
 
     bench = sub.add_parser("bench", help="cached session vs naive re-encode vs raw generate")
@@ -305,6 +322,45 @@ def _opening(args, persona=None) -> list:
     return [Message("system", system)] if system else []
 
 
+def _read_attachments(paths: list[str]) -> list[attachments.Attachment]:
+    """Every file --attach names, all read before anything loads: a bad one is one line and nothing is sent."""
+    found = [attachments.read_attachment(path, Path.cwd()) for path in paths]
+    for attachment in found:
+        _note(f"attached {attachment.name} ({len(attachment.content):,} chars)")
+    return found
+
+
+def _too_long(session, messages, room: int, attached: bool, force_with: str) -> str:
+    """Why `messages` must not be sent (they can't fit the context with `room` tokens for the reply), or "".
+
+    The conversation is counted as the session would send it today, without dropping any more turns: the turns
+    the session dropped already stay dropped. With attachments, a message that fits has its count said too.
+    """
+    from .engine.session import render_ids
+
+    tokenizer, context = session.loaded.tokenizer, session.context_length
+    system = [m for m in messages if m.role == "system"]
+    rest = [m for m in messages if m.role != "system"]
+    tokens = len(render_ids(tokenizer, system + rest[min(session.dropped_messages, len(rest) - 1) :]))
+    if tokens + room <= context:
+        if attached:
+            _note(
+                f"the message comes to {tokens:,} tokens of the {context:,}-token context ({room:,} kept for the reply)"
+            )
+        return ""
+    alone = len(render_ids(tokenizer, system + rest[-1:]))
+    if alone + room > context:
+        return (
+            f"not sent: the message is {alone:,} tokens, and with {room:,} for the reply that is more than the "
+            f"{context:,}-token context (attach less, or lower --max-new-tokens)"
+        )
+    return (
+        f"not sent: with the conversation before it the message comes to {tokens:,} tokens, and with {room:,} for "
+        f"the reply that is more than the {context:,}-token context; {force_with} sends it anyway, dropping the "
+        "oldest turns"
+    )
+
+
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     from .engine import ChatSession, Message
 
@@ -316,11 +372,23 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     prompt = _as_text(prompt, "the prompt")
     if not prompt:
         raise ChatappError("the prompt is empty")
+    attached = _read_attachments(args.attach)
     persona = _persona(args, settings)
     loaded = _load(args, settings)
     params = _sampling(args, settings, loaded, persona)
-    _reply(ChatSession(loaded), [*_opening(args, persona), Message("user", prompt)], params, args.stats)
+    session = ChatSession(loaded)
+    messages = [*_opening(args, persona), Message("user", attachments.message_text(prompt, attached))]
+    why = _too_long(session, messages, params.max_new_tokens, bool(attached), "--force")
+    if why and not args.force:
+        raise ChatappError(why)
+    _reply(session, messages, params, args.stats)
     return 0
+
+
+def _read_command(text: str) -> str | None:
+    """The path of a `/read PATH` line ("" when it has none); None for any other line."""
+    name, _, rest = text.partition(" ")
+    return rest.strip() if name == "/read" else None
 
 
 def cmd_repl(args: argparse.Namespace, settings: Settings) -> int:
@@ -331,7 +399,9 @@ def cmd_repl(args: argparse.Namespace, settings: Settings) -> int:
     session = ChatSession(loaded)
     params = _sampling(args, settings, loaded, persona)
     history = _opening(args, persona)
-    _note("type a message; /regen answers again, /reset starts over, /exit quits")
+    waiting: list[attachments.Attachment] = []  # /read files for the next message
+    refused = None  # the messages last refused as too long, and how many waiting files they hold: /force sends them
+    _note("type a message; /read PATH attaches a file to it, /regen answers again, /reset starts over, /exit quits")
     while True:
         try:
             line = input("> ")
@@ -344,22 +414,43 @@ def cmd_repl(args: argparse.Namespace, settings: Settings) -> int:
         if text == "/exit":
             return 0
         if text == "/reset":
-            history = _opening(args, persona)
+            history, waiting, refused = _opening(args, persona), [], None
             _note("conversation reset")
             continue
+        path = _read_command(text)
+        if path is not None:
+            try:
+                attachment = attachments.read_attachment(path, Path.cwd())
+            except ChatappError as exc:
+                _note(f"error: {exc}")
+                continue
+            waiting.append(attachment)
+            _note(f"attached {attachment.name} ({len(attachment.content):,} chars) to the next message")
+            continue
+        used = 0  # how many waiting files this turn sends
         if text == "/regen":
             messages = history[:-1] if history and history[-1].role == "assistant" else history
             if not messages or messages[-1].role != "user":
                 _note("error: there is no message to answer yet")
                 continue
+        elif text == "/force":
+            if refused is None:
+                _note("error: no message was refused; /force sends one that was too long for the context")
+                continue
+            messages, used = refused
         else:
-            messages = [*history, Message("user", text)]
+            messages, used = [*history, Message("user", attachments.message_text(text, waiting))], len(waiting)
+            why = _too_long(session, messages, params.max_new_tokens, bool(waiting), "/force")
+            if why and not args.force:
+                _note(f"error: {why}")  # the files stay waiting, and /force can still send it
+                refused = messages, used
+                continue
         try:
             _reply(session, messages, params, args.stats)
         except ChatappError as exc:
             _note(f"error: {exc}")  # history is untouched: nothing typed before is lost
             continue
-        history = list(session.messages)
+        history, waiting, refused = list(session.messages), waiting[used:], None
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:

@@ -21,6 +21,10 @@ class ContextOverflow(ChatappError):
     """A single message that can't fit in the model's context even alone."""
 
 
+class AttachmentError(ChatappError):
+    """A file that can't go into a message: missing, unreadable, binary, not UTF-8 or too big."""
+
+
 class ConfigError(ChatappError):
     """A bad value in a config or catalog file."""
 

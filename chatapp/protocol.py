@@ -35,6 +35,12 @@ class TurnStats:
     #: Tokens proposed by speculative decoding this turn, and how many of them the model kept (0 when off).
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    #: Of generated_tokens, those of the thinking block (a reasoning model's); the rest are the answer's.
+    thinking_tokens: int = 0
+
+    @property
+    def answer_tokens(self) -> int:
+        return self.generated_tokens - self.thinking_tokens
 
     @property
     def reused_tokens(self) -> int:
@@ -81,6 +87,8 @@ class Generate:
     #: (role, content) pairs, oldest first; the system prompt, if any, first.
     messages: list[tuple[str, str]]
     params: SamplingParams = field(default_factory=SamplingParams)
+    #: A reasoning model's thinking on or off, where Loaded.thinking_switch says it can be (None: its default).
+    thinking: bool | None = None
 
 
 @dataclass
@@ -107,6 +115,16 @@ class Branch:
 
     conversation_id: int
     parent_id: int
+
+
+@dataclass
+class Count:
+    """How many tokens a message would take, asked before sending one with attachments: the whole chat in
+    messages, as a Generate would send it, the new message last."""
+
+    request_id: int
+    messages: list[tuple[str, str]]
+    max_new_tokens: int
 
 
 @dataclass
@@ -148,6 +166,33 @@ class Loaded:
     sampling: dict = field(default_factory=dict)
     #: The draft model loaded beside it (None: replies draft by prompt lookup, see the notes for why).
     draft: str | None = None
+    #: The (open, close) markers of a reasoning model's thinking block (None: it has none), for thinking.Splitter.
+    thinking_markers: tuple[str, str] | None = None
+    #: The template takes Generate.thinking (Qwen3's enable_thinking); without it the value is ignored.
+    thinking_switch: bool = False
+    #: For each Generate.thinking value the template takes, whether its prompt opens the block itself, so the
+    #: reply starts inside it (thinking.Splitter's starts_inside); a value missing here means False.
+    thinking_starts_inside: dict = field(default_factory=dict)
+
+
+@dataclass
+class Counted:
+    """The answer to Count. A chat that doesn't fit still sends: its oldest turns are dropped, unless even the
+    system prompt and the new message alone leave no room for the reply (too_long), when sending would fail."""
+
+    request_id: int
+    #: The new message, attachments included.
+    message_tokens: int
+    #: The whole chat, rendered by the template.
+    prompt_tokens: int
+    #: What the reply may use: the context, less max_new_tokens.
+    room: int
+    context_length: int
+    too_long: bool = False
+
+    @property
+    def fits(self) -> bool:
+        return self.prompt_tokens <= self.room
 
 
 @dataclass

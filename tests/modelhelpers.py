@@ -101,9 +101,19 @@ FAMILIES = {
 }
 
 
-def build_family_model(starter: Path, out: Path, family: str, *, words_only: bool = False, seed: int = 1234) -> Path:
+def build_family_model(
+    starter: Path,
+    out: Path,
+    family: str,
+    *,
+    words_only: bool = False,
+    seed: int = 1234,
+    tokens: tuple[str, ...] = (),
+    template: str | None = None,
+) -> Path:
     """A 2-layer random model of one architecture family in our catalog, with SmolLM2's tokenizer.
 
+    tokens are added to the tokenizer (as a reasoning model's <think> is), and template replaces the family's.
     Sliding-window families get a 16-token window, so a chat of a few hundred tokens is many windows long.
     words_only as in build_tiny_model. The scaled-up output layer keeps greedy picks far from ties. Another seed
     gives other random weights over the same tokenizer (a draft model that disagrees).
@@ -112,8 +122,10 @@ def build_family_model(starter: Path, out: Path, family: str, *, words_only: boo
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config_class, extra, template = FAMILIES[family]
+    config_class, extra, family_template = FAMILIES[family]
+    template = template or family_template
     tokenizer = AutoTokenizer.from_pretrained(starter)
+    tokenizer.add_tokens(list(tokens))
     config = getattr(transformers, config_class)(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -149,19 +161,30 @@ def build_chain_model(starter: Path, out: Path, chain: list[int]) -> Path:
     it, so greedy (and any temperature near 1) walks chain[0] -> chain[1] -> ... by a margin of hundreds of
     logits. Replies are then known in advance, which lets a test put a stop token inside an accepted draft.
     """
+    build_family_model(starter, out, "llama")
+    return follow_chains(out, [chain])
+
+
+def follow_chains(folder: Path, chains: list[list[int]]) -> Path:
+    """Make the model in `folder` a bigram model that walks each chain, as build_chain_model does. Chains may
+    join (a token in two of them has the same successor in both), and each token pair takes a hidden axis."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    build_family_model(starter, out, "llama")
-    model = AutoModelForCausalLM.from_pretrained(out)
+    successors: dict[int, int] = {}
+    for chain in chains:
+        for token, successor in zip(chain, chain[1:], strict=False):
+            assert successors.setdefault(token, successor) == successor, f"token {token} has two successors"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert len(successors) <= model.config.hidden_size
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 param.zero_()
         embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-        for axis, (token, successor) in enumerate(zip(chain, chain[1:], strict=False)):
+        for axis, (token, successor) in enumerate(successors.items()):
             embed[token] = 0.0
             embed[token, axis] = 1.0
             head[successor, axis] = 100.0
-    model.save_pretrained(out)
-    return out
+    model.save_pretrained(folder)
+    return folder

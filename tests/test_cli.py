@@ -177,3 +177,89 @@ def test_a_persona_gives_its_system_prompt_and_sampling_and_a_bad_one_is_one_lin
     assert broken.stderr.strip().splitlines()[-1] == (
         f"chatapp: error: persona {folder / 'broken.toml'}: 'min_p' must be >= 0 and <= 1, got 7.0"
     )
+
+
+# -- files in the prompt -----------------------------------------------------------------------
+
+TINY = ("--preset", "fp32", "--max-new-tokens", "4", "--stats")
+
+
+def _counted(stderr: str) -> list[int]:
+    """The token counts of the "the message comes to N tokens" lines."""
+    lines = [line for line in stderr.splitlines() if "the message comes to" in line]
+    return [int(line.split("comes to ")[1].split(" tokens")[0].replace(",", "")) for line in lines]
+
+
+def _prompts(stderr: str) -> list[int]:
+    return [int(line.split("prompt ")[1].split(" tok")[0]) for line in stderr.splitlines() if "prefilled" in line]
+
+
+def test_ask_attach_puts_the_files_in_the_message(tiny_folder, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("The meeting moved to Tuesday.\n" * 20)
+    plain = chatapp("ask", "When is it?", "--model", str(tiny_folder), *TINY)
+    out = chatapp(
+        "ask", "When is it?", "--model", str(tiny_folder), *TINY, "--attach", str(notes), "--attach", str(notes)
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count(f"chatapp: attached {notes} (600 chars)") == 2
+    assert "tokens of the 2,048-token context (4 kept for the reply)" in out.stderr
+    [counted] = _counted(out.stderr)
+    assert _prompts(out.stderr) == [counted]  # the count said is what was sent
+    assert counted > _prompts(plain.stderr)[0] + 2 * 120  # each copy of the file is over 120 tokens
+    assert _counted(plain.stderr) == []  # without attachments nothing more is said
+
+
+def test_a_bad_attachment_is_one_line_before_the_model_loads(tmp_path):
+    (tmp_path / "blob.bin").write_bytes(b"\0\1\2")
+    for path, reason in (("missing.txt", "no such file"), ("blob.bin", "it is a binary file")):
+        out = chatapp("ask", "hi", "--model", "no-such-model", "--attach", str(tmp_path / path))
+        assert out.returncode == 1
+        assert out.stderr.strip() == f"chatapp: error: can't attach '{tmp_path / path}': {reason}" + (
+            "; only text files can be attached" if path == "blob.bin" else ""
+        )
+        assert out.stdout == ""
+
+
+def test_repl_read_attaches_a_file_to_the_next_message_only(tiny_folder, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Buy milk and eggs.\n" * 10)
+    script = f"/read {tmp_path / 'missing.txt'}\n/read {notes}\nWhat do I buy?\nThanks\n/exit\n"
+    out = chatapp("repl", "--model", str(tiny_folder), *TINY, stdin=script)
+    assert out.returncode == 0, out.stderr
+    assert f"chatapp: error: can't attach '{tmp_path / 'missing.txt'}': no such file" in out.stderr
+    assert f"chatapp: attached {notes} (190 chars) to the next message" in out.stderr
+    [counted] = _counted(out.stderr)  # said for the message with the file, not for the one after
+    first, second = _prompts(out.stderr)
+    assert first == counted and second > first
+
+
+def test_a_message_too_long_for_the_context_is_not_sent(tiny_folder, tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("apple " * 3000)
+    args = ("ask", "Summarise", "--model", str(tiny_folder), *TINY, "--attach", str(book))
+    out = chatapp(*args)
+    assert out.returncode == 1 and out.stdout == ""
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("chatapp: error: not sent: the message is ")
+    assert last.endswith(
+        "tokens, and with 4 for the reply that is more than the 2,048-token context "
+        "(attach less, or lower --max-new-tokens)"
+    )
+    assert "prefilled" not in out.stderr
+    forced = chatapp(*args, "--force")  # with nothing older to drop, the session itself refuses it
+    assert forced.returncode == 1 and forced.stdout == ""
+    assert "more than the 2048-token context; shorten it or lower max_new_tokens" in forced.stderr.splitlines()[-1]
+
+
+def test_repl_refuses_a_message_that_fits_only_without_the_turns_before_it_until_force(tiny_folder, tmp_path):
+    part = tmp_path / "part.txt"
+    part.write_text("apple " * 1200)
+    script = f"/read {part}\nOne\n/read {part}\nTwo\n/force\n/exit\n"
+    out = chatapp("repl", "--model", str(tiny_folder), *TINY, stdin=script)
+    assert out.returncode == 0, out.stderr
+    refusal = [line for line in out.stderr.splitlines() if "not sent" in line]
+    assert len(refusal) == 1 and refusal[0].startswith("chatapp: error: not sent: with the conversation before it")
+    assert refusal[0].endswith("2,048-token context; /force sends it anyway, dropping the oldest turns")
+    assert len(_prompts(out.stderr)) == 2  # the first message, and the second once forced
+    assert "the oldest 2 messages were dropped" in out.stderr

@@ -14,7 +14,7 @@ import torch
 from ..errors import ContextOverflow
 from ..protocol import TurnStats
 from ..sampling import DEFAULTS, SamplingParams
-from . import bf16_weights, kvcache, speculate, static_decode
+from . import bf16_weights, kvcache, reasoning, speculate, static_decode
 from .draftmodel import ModelDrafter, check_draft
 from .generate import GenerationResponse, ReplyText, Sampler, StreamDecoder, decode_step, forward, prefill, stream
 from .loader import LoadedModel
@@ -28,8 +28,10 @@ class Message:
     cut: bool = False
 
 
-def render_ids(tokenizer, messages: list[Message]) -> list[int]:
+def render_ids(tokenizer, messages: list[Message], thinking: bool | None = None) -> list[int]:
     """The whole conversation through the chat template, ready for the next assistant reply.
+
+    thinking goes to a template that has the switch (Qwen3's enable_thinking); None leaves the template's default.
 
     It starts with the tokenizer's BOS exactly once when the tokenizer puts one before text: templates that
     write it themselves keep theirs, and a model without a template (chatapp's plain one has no BOS) gets it.
@@ -42,6 +44,7 @@ def render_ids(tokenizer, messages: list[Message]) -> list[int]:
         [{"role": m.role, "content": marked.get(i, m.content)} for i, m in enumerate(messages)],
         tokenize=False,
         add_generation_prompt=True,
+        **reasoning.template_options(tokenizer, thinking),
     )
     ids: list[int] = []
     start = 0
@@ -90,13 +93,15 @@ def common_prefix_len(a: list, b: list) -> int:
     return n
 
 
-def _fit(tokenizer, messages: list[Message], dropped: int, room: int, context: int) -> tuple[list[int], int]:
+def _fit(
+    tokenizer, messages: list[Message], dropped: int, room: int, context: int, thinking: bool | None = None
+) -> tuple[list[int], int]:
     """The rendered ids, after dropping the oldest user/assistant pairs (never the system prompt) until they
     fit with `room` tokens to spare; and how many non-system messages are dropped in all."""
     system = [m for m in messages if m.role == "system"]
     rest = [m for m in messages if m.role != "system"]
     while True:
-        ids = render_ids(tokenizer, system + rest[dropped:])
+        ids = render_ids(tokenizer, system + rest[dropped:], thinking)
         if len(ids) + room <= context:
             return ids, dropped
         kept = rest[dropped:]
@@ -289,8 +294,11 @@ class ChatSession:
         messages: list[Message],
         params: SamplingParams = DEFAULTS,
         cancel: threading.Event | None = None,
+        thinking: bool | None = None,
     ) -> Iterator[GenerationResponse]:
         """Answer the last message of `messages` (the user's): a stream of GenerationResponse.
+
+        thinking switches a reasoning model's thinking on or off where its template can (None: its default).
 
         Setting `cancel` stops the reply after the token being made; the partial reply is kept, marked cut.
         A conversation that can't fit even without its history raises ContextOverflow here, and the session
@@ -301,7 +309,9 @@ class ChatSession:
             raise ValueError("the last message must be the user's")
         same = common_prefix_len([(m.role, m.content) for m in self.messages], [(m.role, m.content) for m in messages])
         dropped = min(self.dropped_messages, sum(1 for m in messages[:same] if m.role != "system"))
-        ids, dropped_now = _fit(self.loaded.tokenizer, messages, dropped, params.max_new_tokens, self.context_length)
+        ids, dropped_now = _fit(
+            self.loaded.tokenizer, messages, dropped, params.max_new_tokens, self.context_length, thinking
+        )
         self.messages = list(messages)
         self.dropped_messages = dropped_now
         return self._turn(ids, dropped_now - dropped, params, cancel or threading.Event(), started)
@@ -383,6 +393,9 @@ class ChatSession:
             cache_note=self.note,
             drafted_tokens=tally.drafted,
             accepted_tokens=tally.accepted,
+            thinking_tokens=reasoning.thinking_tokens(
+                sampled, reasoning.marker_ids(loaded.tokenizer), reasoning.opens_block(loaded.tokenizer, ids)
+            ),
         )
         yield GenerationResponse(reply.take(final=True), finish_reason=finish, stats=stats)
 

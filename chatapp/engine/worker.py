@@ -109,6 +109,8 @@ class Worker:
             self.generate(request)
         elif isinstance(request, p.Branch):
             self.branch(request)
+        elif isinstance(request, p.Count):
+            self.count(request)
         elif isinstance(request, p.Reset):
             self.sessions.pop(request.conversation_id, None)
             self.parked.pop(request.conversation_id, None)
@@ -175,6 +177,7 @@ class Worker:
                 reasons=list(loaded.reasons),
                 sampling=loaded.sampling_defaults(),
                 draft=loaded.draft.source.label if loaded.draft else None,
+                **_thinking_facts(loaded.tokenizer),
             )
         )
         self.send_cache_states()
@@ -196,7 +199,7 @@ class Worker:
                 if self.disk is not None:
                     self.disk.restore(cid, session, messages, request.params.max_new_tokens)
             self.sessions.move_to_end(cid)
-            for response in session.reply_to(messages, request.params, cancel):
+            for response in session.reply_to(messages, request.params, cancel, request.thinking):
                 if response.text:
                     self.send(p.Delta(rid, response.text))
                 if response.stats is not None:
@@ -215,6 +218,29 @@ class Worker:
                 self._finished = max(self._finished, rid)
         self._evict(keep=request.conversation_id)
         self.send_cache_states()
+
+    def count(self, request: p.Count) -> None:
+        from ..errors import ContextOverflow
+        from .session import Message, _fit, render_ids
+
+        if self.loaded is None:
+            self.send(p.Error("no model is loaded yet", request.request_id))
+            return
+        tokenizer, context = self.loaded.tokenizer, self.loaded.context_length
+        messages = [Message(role, content) for role, content in request.messages]
+        try:
+            alone = len(tokenizer(messages[-1].content, add_special_tokens=False)["input_ids"])
+            prompt = len(render_ids(tokenizer, messages))
+            try:
+                _fit(tokenizer, messages, 0, request.max_new_tokens, context)
+                too_long = False
+            except ContextOverflow:
+                too_long = True
+        except Exception as exc:
+            self._error(request, exc)
+            return
+        room = context - request.max_new_tokens
+        self.send(p.Counted(request.request_id, alone, prompt, room, context, too_long))
 
     def branch(self, request: p.Branch) -> None:
         from .session import ChatSession
@@ -349,6 +375,20 @@ def _cache_budgets(loaded) -> tuple[int | None, int]:
     dtype = loaded.dtype if loaded.dtype in ("fp32", "bf16", "fp16") else "bf16"
     room = usable_bytes(free) - per_context - activation_bytes(facts, loaded.context_length, dtype, device_type)
     return cache_budgets(per_context, room, ram, on_gpu=device_type == "cuda")
+
+
+def _thinking_facts(tokenizer) -> dict:
+    """Loaded's thinking fields: the markers, the switch, and which thinking values' prompts open the block."""
+    from .reasoning import marker_pair, starts_inside, switch
+
+    pair, has_switch, inside = marker_pair(tokenizer), switch(tokenizer), {}
+    values = (None, True, False) if has_switch else (None,)
+    if pair is not None:
+        try:
+            inside = {value: starts_inside(tokenizer, value) for value in values}
+        except Exception as exc:  # such a template fails each reply too, and says why there; the load goes on
+            print(f"no thinking probe: the template can't render one message: {exc}", flush=True)
+    return {"thinking_markers": pair, "thinking_switch": has_switch, "thinking_starts_inside": inside}
 
 
 def _empty_device_cache() -> None:
