@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass, fields, replace
+from dataclasses import astuple, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import ChatappError
@@ -69,6 +70,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE conversations ADD COLUMN persona TEXT;
     """,
+    # 4 -> 5: thinking on or off per chat; a reply's thinking kept apart from its answer; a message's attachments
+    # (JSON: [{"name", "kind", "content"}]), kept whole so export and reopen show what was sent.
+    """
+    ALTER TABLE conversations ADD COLUMN thinking INTEGER;
+    ALTER TABLE messages ADD COLUMN thinking TEXT;
+    ALTER TABLE messages ADD COLUMN attachments TEXT;
+    """,
 ]
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -108,9 +116,14 @@ class ConvSettings:
     seed: int | None = None
     #: The persona's key: its system prompt and sampling apply where the chat sets none of its own.
     persona: str | None = None
+    #: Thinking on or off, where the model's template has the switch (None: the persona's, else the template's).
+    thinking: bool | None = None
 
 
 _SETTINGS = tuple(f.name for f in fields(ConvSettings))
+_MESSAGE_COLUMNS = (
+    "id, conversation_id, position, role, content, model, preset, stats, cut, created, thinking, attachments"
+)
 
 
 @dataclass
@@ -142,6 +155,10 @@ class StoredMessage:
     #: A reply that was stopped before it finished.
     cut: bool
     created: float
+    #: A reply's thinking, apart from its answer in content (None: it had none).
+    thinking: str | None = None
+    #: Files and large pastes sent with the message: [{"name", "kind", "content"}], content being what was typed.
+    attachments: list[dict] = field(default_factory=list)
 
 
 def _sidecars(path: Path) -> tuple[Path, Path]:
@@ -362,7 +379,10 @@ class Store:
 
     @staticmethod
     def _conversation(row) -> Conversation:
-        return Conversation(*row[:4], ConvSettings(*row[6:]), row[4], row[5])
+        settings = ConvSettings(*row[6:])
+        if settings.thinking is not None:
+            settings.thinking = bool(settings.thinking)  # SQLite keeps it as 0 or 1
+        return Conversation(*row[:4], settings, row[4], row[5])
 
     def conversations(self, search: str = "") -> list[Conversation]:
         """Most recently updated first; `search` matches the title or any message, ignoring case."""
@@ -418,9 +438,9 @@ class Store:
                 f" VALUES (?, ?, ?, ?, ?{', ?' * len(_SETTINGS)})",
                 (title, now, now, parent.id, upto_position, *astuple(s)),
             )
+            copied = _MESSAGE_COLUMNS.removeprefix("id, conversation_id, ")
             db.execute(
-                "INSERT INTO messages (conversation_id, position, role, content, model, preset, stats, cut, created)"
-                " SELECT ?, position, role, content, model, preset, stats, cut, created FROM messages"
+                f"INSERT INTO messages (conversation_id, {copied}) SELECT ?, {copied} FROM messages"
                 " WHERE conversation_id = ? AND position <= ?",
                 (cur.lastrowid, conversation_id, upto_position),
             )
@@ -447,13 +467,17 @@ class Store:
     def messages(self, conversation_id: int) -> list[StoredMessage]:
         with self._read() as db:
             rows = db.execute(
-                "SELECT id, conversation_id, position, role, content, model, preset, stats, cut, created"
-                " FROM messages WHERE conversation_id = ? ORDER BY position",
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY position",
                 (conversation_id,),
             ).fetchall()
         return [
             StoredMessage(
-                r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]) if r[7] else None, bool(r[8]), r[9]
+                *r[:7],
+                stats=json.loads(r[7]) if r[7] else None,
+                cut=bool(r[8]),
+                created=r[9],
+                thinking=r[10],
+                attachments=json.loads(r[11]) if r[11] else [],
             )
             for r in rows
         ]
@@ -468,11 +492,14 @@ class Store:
         preset: str | None = None,
         stats: dict | None = None,
         cut: bool = False,
+        thinking: str | None = None,
+        attachments: list[dict] | None = None,
     ) -> StoredMessage:
         """Append a complete message and commit it; the conversation becomes the most recently updated."""
         if role not in ROLES:
             raise StoreError(f"unknown message role {role!r} (expected one of {', '.join(ROLES)})")
         stats_json = json.dumps(stats) if stats is not None else None
+        attachments = [dict(a) for a in attachments or []]
         with self._tx() as db:
             now = self._now()
             cur = db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, conversation_id))
@@ -482,9 +509,20 @@ class Store:
                 "SELECT coalesce(max(position) + 1, 0) FROM messages WHERE conversation_id = ?", (conversation_id,)
             ).fetchone()[0]
             cur = db.execute(
-                "INSERT INTO messages (conversation_id, position, role, content, model, preset, stats, cut, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (conversation_id, position, role, content, model, preset, stats_json, int(cut), now),
+                f"INSERT INTO messages ({_MESSAGE_COLUMNS.removeprefix('id, ')}) VALUES ({', '.join('?' * 11)})",
+                (
+                    conversation_id,
+                    position,
+                    role,
+                    content,
+                    model,
+                    preset,
+                    stats_json,
+                    int(cut),
+                    now,
+                    thinking,
+                    json.dumps(attachments) if attachments else None,
+                ),
             )
         return StoredMessage(
             cur.lastrowid,
@@ -497,6 +535,8 @@ class Store:
             json.loads(stats_json) if stats_json else None,
             bool(cut),
             now,
+            thinking,
+            attachments,
         )
 
     def delete_from(self, conversation_id: int, position: int) -> None:
@@ -540,7 +580,8 @@ class Store:
 
     # Export
 
-    def export_markdown(self, conversation_id: int) -> str:
+    def export_markdown(self, conversation_id: int, thinking: bool = True) -> str:
+        """The chat as Markdown; thinking: with each reply's thinking, in a folded <details> block."""
         conv = self.conversation(conversation_id)
         parts = [f"# {conv.title}"]
         for m in self.messages(conversation_id):
@@ -551,7 +592,19 @@ class Store:
             else:
                 about = " · ".join(x for x in (m.model, m.preset) if x)
                 header = f"**Assistant** ({about})" if about else "**Assistant**"
-            parts += [header, m.content.rstrip("\n")]
+            parts.append(header)
+            for a in m.attachments:
+                parts.append(f"{_fenced(a['content'], a['name'])}")
+            if thinking and m.thinking:
+                parts.append(f"<details><summary>thinking</summary>\n\n{m.thinking.strip()}\n\n</details>")
+            parts.append(m.content.rstrip("\n"))
             if m.cut:
                 parts.append("*(stopped)*")
         return "\n\n".join(parts) + "\n"
+
+
+def _fenced(text: str, label: str) -> str:
+    """`label`, then text in a code fence longer than any run of backticks inside it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{label}\n\n{fence}\n{text.rstrip(chr(10))}\n{fence}"

@@ -49,6 +49,15 @@ def long_reply_to(*prompts: str, words: int = 5000) -> Callable[[list[tuple[str,
     return script
 
 
+def _thinking_words(words: list[str], markers: tuple[str, str] | None) -> int:
+    """As the engine counts thinking tokens, a word a token: from the open marker through the close one."""
+    if not markers or markers[0] not in words:
+        return 0
+    start = words.index(markers[0])
+    end = words.index(markers[1], start) + 1 if markers[1] in words[start:] else len(words)
+    return end - start
+
+
 def fails_to_load(ref: str) -> bool:
     """The default: a model whose reference says it is broken (or names nothing) fails to load."""
     return "broken" in ref or "no-such" in ref
@@ -96,6 +105,8 @@ class FakeWorkerClient:
         status: bool = True,
         fail_load: Callable[[str], bool] = fails_to_load,
         context_length: int = 2048,
+        thinking: tuple[str, str] | None = None,
+        switch: bool = False,
     ):
         """reply: the script of replies: a string, a list (one per Generate, the last one kept), or a callable of
         the conversation's (role, content) pairs. repeat: repeat the reply's words up to max_new_tokens (the
@@ -119,6 +130,8 @@ class FakeWorkerClient:
         self.status = status
         self.fail_load = fail_load
         self.max_context = context_length
+        #: A reasoning model's markers, and whether its template has the thinking switch (as Loaded says them).
+        self.thinking, self.switch = thinking, switch
         #: Every request sent while running, in order (Cancel and Shutdown too).
         self.received: list[object] = []
         #: How many times the fake worker was started.
@@ -247,6 +260,8 @@ class FakeWorkerClient:
                     self._conversations[request.conversation_id] = copy.deepcopy(parent)
             elif isinstance(request, p.Reset):
                 self._conversations.pop(request.conversation_id, None)
+            elif isinstance(request, p.Count):
+                self._count(request)
             if self._killed.is_set():
                 break
         if not self._stopping:
@@ -275,6 +290,8 @@ class FakeWorkerClient:
             footprint_bytes=FOOTPRINT_BYTES,
             notes=[],
             reasons=["auto: fp32 fits in RAM (scripted)"] if request.preset == "auto" else [],
+            thinking_markers=self.thinking,
+            thinking_switch=self.switch,
         )
         self._emit(self.loaded)
 
@@ -294,6 +311,27 @@ class FakeWorkerClient:
                     f"more than the {self.context_length}-token context; shorten it or lower max_new_tokens"
                 )
             dropped += step
+
+    def _count(self, request: p.Count) -> None:
+        """As the worker counts: the new message's words, the whole chat's tokens, and whether it can fit at all."""
+        if self.loaded is None:
+            self._emit(p.Error("no model is loaded yet", request.request_id))
+            return
+        try:
+            self._fit(request.messages, 0, request.max_new_tokens)
+            too_long = False
+        except ValueError:
+            too_long = True
+        self._emit(
+            p.Counted(
+                request.request_id,
+                len(request.messages[-1][1].split()),
+                len(render(request.messages)),
+                self.context_length - request.max_new_tokens,
+                self.context_length,
+                too_long,
+            )
+        )
 
     def _generate(self, request: p.Generate) -> None:
         self._reply(request)
@@ -365,6 +403,7 @@ class FakeWorkerClient:
                 finish_reason=finish,
                 trimmed_messages=trimmed,
                 dropped_messages=dropped_now,
+                thinking_tokens=_thinking_words(said, self.thinking),
             )
             self._emit(p.Finished(rid, cid, " ".join(said), stats))
         finally:

@@ -392,3 +392,21 @@ def test_export_markdown(store):
 def test_default_title(text, title):
     assert default_title(text) == title
     assert len(default_title(text)) <= 40
+
+
+def test_a_replys_thinking_and_a_messages_attachments_are_kept_copied_and_exported(store):
+    conv = store.new_conversation("Files", ConvSettings(thinking=False, persona="coder"))
+    note = {"name": "notes.md", "kind": "file", "content": "has ``` inside\n"}
+    store.add_message(conv.id, "user", "Summarise this", attachments=[note])
+    store.add_message(conv.id, "assistant", "It is short.", thinking="Let me read it.", model="m")
+    [user, reply] = store.messages(conv.id)
+    assert (user.attachments, user.thinking) == ([note], None)
+    assert (reply.thinking, reply.attachments, reply.content) == ("Let me read it.", [], "It is short.")
+    assert store.conversation(conv.id).settings.thinking is False
+    branch = store.branch(conv.id, 1)
+    assert [(m.thinking, m.attachments) for m in store.messages(branch.id)] == [(None, [note]), ("Let me read it.", [])]
+    assert branch.settings.thinking is False and branch.settings.persona == "coder"
+    full = store.export_markdown(conv.id)
+    assert "notes.md\n\n````\nhas ``` inside\n````" in full
+    assert "<details><summary>thinking</summary>\n\nLet me read it.\n\n</details>\n\nIt is short." in full
+    assert "Let me read it." not in store.export_markdown(conv.id, thinking=False)

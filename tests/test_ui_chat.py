@@ -139,7 +139,7 @@ def test_ctrl_j_and_shift_enter_add_lines_and_enter_sends(settings, tmp_path):
         await pilot.press("enter")
         await pilot.pause()
         # No model yet: the message waits for the load instead of being lost.
-        assert app.chat.queued == [(app.chat.conversation_id, "a\nb\nc")] and prompt.text == ""
+        assert app.chat.queued == [(app.chat.conversation_id, "a\nb\nc", [])] and prompt.text == ""
         # Once a model has loaded, it goes out as one message of three lines.
         app.backend.restart()
         await loaded(pilot)

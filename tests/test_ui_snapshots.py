@@ -65,3 +65,46 @@ def test_editing_an_early_message_asks_rewrite_or_branch(snap_compare, settings,
         await pilot.pause(0.3)
 
     assert snap_compare(app, terminal_size=(100, 30), run_before=edit_first)
+
+
+def test_an_attachment_waits_as_a_chip_above_the_prompt(snap_compare, settings, tmp_path):
+    from chatapp.attachments import Attachment
+
+    s = make_settings(settings, tmp_path, theme="chatapp-dark")
+    app = make_app(s, store=seeded_store(s), start_worker=False)
+
+    async def ready(pilot):
+        await _ready(app)(pilot)
+        await app.chat.attach(Attachment("README.md", "# chatapp\n" * 300, "file"))
+        await app.chat.attach(Attachment("pasted text", "x" * 12_345, "paste"))
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=(100, 30), run_before=ready)
+
+
+def _thinking_app(settings, tmp_path):
+    s = make_settings(settings, tmp_path, theme="chatapp-dark")
+    store = seeded_store(s)
+    chat = store.new_conversation("Arithmetic")
+    store.add_message(chat.id, "user", "What is 17 × 23?")
+    stats = {**store.messages(2)[-1].stats, "generated_tokens": 60, "thinking_tokens": 52, "thinking_s": 3.4}
+    thinking = "17 × 23 = 17 × 20 + 17 × 3 = 340 + 51 = 391. Let me check: 23 × 17 = 230 + 161 = 391."
+    store.add_message(
+        chat.id, "assistant", "17 × 23 = **391**.", model="tiny", preset="fp32", stats=stats, thinking=thinking
+    )
+    return make_app(s, store=store, start_worker=False)
+
+
+@pytest.mark.parametrize("expanded", [False, True])
+def test_a_replys_thinking_folded_and_open(snap_compare, settings, tmp_path, expanded):
+    app = _thinking_app(settings, tmp_path)
+
+    async def ready(pilot):
+        await _ready(app)(pilot)
+        if expanded:
+            view = [v for v in app.chat.query(MessageView) if v.role == "assistant"][-1]
+            view.focus()
+            await pilot.press("t")
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=(100, 30), run_before=ready)

@@ -64,6 +64,14 @@ class ReplyFinished(Message):
         self.request_id, self.conversation_id, self.text, self.stats = request_id, conversation_id, text, stats
 
 
+class MessageCounted(Message):
+    """The answer to Backend.count: how many tokens a message would take, and whether it fits."""
+
+    def __init__(self, counted: p.Counted):
+        super().__init__()
+        self.counted = counted
+
+
 class ReplyFailed(Message):
     def __init__(self, request_id: int, error: str):
         super().__init__()
@@ -257,10 +265,24 @@ class Backend:
 
     # -- replies ----------------------------------------------------------------------------------
 
-    def generate(self, conversation_id: int, messages: list[tuple[str, str]], params: SamplingParams) -> int | None:
-        """Ask for a reply; its request id, or None when the worker is not running."""
+    def generate(
+        self,
+        conversation_id: int,
+        messages: list[tuple[str, str]],
+        params: SamplingParams,
+        thinking: bool | None = None,
+    ) -> int | None:
+        """Ask for a reply (thinking on or off where the template has the switch; None: its default); its request
+        id, or None when the worker is not running."""
         request_id = self.client.request_id()
-        if not self.client.send(p.Generate(request_id, conversation_id, messages, params)):
+        if not self.client.send(p.Generate(request_id, conversation_id, messages, params, thinking=thinking)):
+            return None
+        return request_id
+
+    def count(self, messages: list[tuple[str, str]], max_new_tokens: int) -> int | None:
+        """Ask how many tokens these messages take (MessageCounted answers); None when the worker is not running."""
+        request_id = self.client.request_id()
+        if not self.client.send(p.Count(request_id, messages, max_new_tokens)):
             return None
         return request_id
 
@@ -288,6 +310,8 @@ class Backend:
         """One protocol event, on the UI thread: update the state, then tell the listeners."""
         if isinstance(event, p.Delta):
             self._post(ReplyDelta, event.request_id, event.text)
+        elif isinstance(event, p.Counted):
+            self._post(MessageCounted, event)
         elif isinstance(event, p.Finished):
             self._post(ReplyFinished, event.request_id, event.conversation_id, event.text, event.stats)
         elif isinstance(event, p.Status):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from textual import events
@@ -11,8 +13,9 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.reactive import reactive
-from textual.widgets import Label, Markdown, ProgressBar, Sparkline, Static, TextArea
+from textual.widgets import Collapsible, Label, Markdown, ProgressBar, Sparkline, Static, TextArea
 
+from ..attachments import complete_path, is_large_paste
 from ..units import duration, eta_s, mb, size
 
 if TYPE_CHECKING:
@@ -25,12 +28,33 @@ def code_blocks(markdown: str) -> list[str]:
     return [block.rstrip("\n") for block in CODE_BLOCK.findall(markdown)]
 
 
+class ThinkingBlock(Collapsible):
+    """A reply's thinking: dimmed, labelled, open while it streams and folded once the answer starts."""
+
+    def __init__(self, text: str, title: str, collapsed: bool):
+        super().__init__(Static(text, classes="thinking-text", markup=False), title=title, collapsed=collapsed)
+        self.add_class("thinking")
+
+    def show_text(self, text: str) -> None:
+        self.query_one(".thinking-text", Static).update(text)
+
+
+def thinking_title(tokens: int | None = None, seconds: float | None = None, closed: bool = True) -> str:
+    """'thinking · 312 tokens · 4.2 s'; while it streams, 'thinking…'; a block never closed says so."""
+    if tokens is None:
+        return "thinking…"
+    parts = ["thinking", f"{tokens:,} tokens"] + ([duration(seconds)] if seconds else [])
+    return " · ".join(parts) + ("" if closed else " · never closed: the reply ended inside it")
+
+
 class MessageView(Vertical, can_focus=True):
-    """One message: a header line and the Markdown body. Focus it to copy it, edit it, regenerate it or branch."""
+    """One message: a header line, a reply's thinking (folded), and the Markdown body. Focus it to copy it,
+    edit it, regenerate it, branch from it, or show its thinking."""
 
     BINDINGS = [
         Binding("c", "copy", "Copy"),
         Binding("k", "copy_code", "Copy code"),
+        Binding("t", "toggle_thinking", "Thinking", show=False),
         Binding("e", "edit", "Edit", show=False),
         Binding("r", "regenerate", "Regenerate", show=False),
         Binding("b", "branch", "Branch from here", show=False),
@@ -41,7 +65,17 @@ class MessageView(Vertical, can_focus=True):
             super().__init__()
             self.view, self.action = view, action
 
-    def __init__(self, role: str, content: str = "", *, header: str = "", cut: bool = False, position: int = -1):
+    def __init__(
+        self,
+        role: str,
+        content: str = "",
+        *,
+        header: str = "",
+        cut: bool = False,
+        position: int = -1,
+        thinking: str = "",
+        thinking_note: str = "",
+    ):
         super().__init__(classes=f"message {role}")
         self.role = role
         self.content = content
@@ -49,10 +83,52 @@ class MessageView(Vertical, can_focus=True):
         self.cut = cut
         self._header = header
         self.stream = None
+        self.thinking = thinking
+        self._thinking_note = thinking_note or thinking_title(None)
 
     def compose(self) -> ComposeResult:
         yield Label(self._header_text(), classes="message-header", markup=False)
+        if self.thinking:
+            yield ThinkingBlock(self.thinking, self._thinking_note, collapsed=True)
         yield Markdown(self.content, classes="message-body")
+
+    @property
+    def thinking_block(self) -> ThinkingBlock | None:
+        blocks = self.query(ThinkingBlock)
+        return blocks.first() if blocks else None
+
+    async def append_thinking(self, text: str) -> None:
+        """Stream a fragment of thinking into its block, made open on the first one."""
+        self.thinking += text
+        block = self.thinking_block
+        if block is None:
+            await self.mount(ThinkingBlock(self.thinking, self._thinking_note, collapsed=False), before=self.body)
+        else:
+            block.show_text(self.thinking)
+
+    async def move_to_thinking(self, text: str) -> None:
+        """The answer's last `text` was thinking after all (a close marker came with no open one)."""
+        if self.stream is not None:
+            await self.stream.stop()
+            self.stream = None
+        self.content = self.content[: len(self.content) - len(text)]
+        await self.body.update(self.content)
+        self.thinking = text + self.thinking
+        block = self.thinking_block
+        if block is None:
+            await self.mount(ThinkingBlock(self.thinking, self._thinking_note, collapsed=False), before=self.body)
+        else:
+            block.show_text(self.thinking)
+
+    def set_thinking_note(self, note: str) -> None:
+        self._thinking_note = note
+        if self.thinking_block is not None:
+            self.thinking_block.title = note
+
+    def action_toggle_thinking(self) -> None:
+        block = self.thinking_block
+        if block is not None:
+            block.collapsed = not block.collapsed
 
     def _header_text(self) -> str:
         who = {"user": "You", "assistant": "Assistant", "system": "System"}.get(self.role, self.role)
@@ -70,6 +146,9 @@ class MessageView(Vertical, can_focus=True):
 
     async def append(self, text: str) -> None:
         """Stream a fragment; Markdown.get_stream batches renders so a fast model can't flood the UI."""
+        block = self.thinking_block
+        if block is not None and not self.content and text.strip():
+            block.collapsed = True  # the answer has started
         self.content += text
         if self.stream is None:
             self.stream = Markdown.get_stream(self.body)
@@ -99,14 +178,57 @@ class MessageView(Vertical, can_focus=True):
 
 
 class PromptInput(TextArea):
-    """Multi-line input: Enter sends; Shift+Enter or Ctrl+J inserts a newline."""
+    """Multi-line input: Enter sends; Shift+Enter or Ctrl+J inserts a newline; Tab completes an `@path`; a large
+    paste becomes an attachment instead of text."""
 
     class Submitted(Message):
         def __init__(self, text: str):
             super().__init__()
             self.text = text
 
+    class LargePaste(Message):
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
+    async def _on_paste(self, event: events.Paste) -> None:
+        # Textual calls TextArea's own handler after this one, unless the default is prevented.
+        if is_large_paste(event.text):
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.LargePaste(event.text))
+
+    def _path_before_cursor(self) -> str | None:
+        """The `@path` the cursor ends, without its @, or the path of a `/read PATH`; None for anything else."""
+        row, column = self.cursor_location
+        before = self.document.get_line(row)[:column]
+        if row == 0 and before.startswith("/read "):
+            return before.removeprefix("/read ").lstrip()
+        word = before.rsplit(None, 1)[-1] if before.strip() and not before[-1].isspace() else ""
+        return word[1:] if word.startswith("@") else None
+
+    def complete_path(self) -> bool:
+        """Complete the `@path` before the cursor as far as it is unambiguous; the choices left go to a notice."""
+        partial = self._path_before_cursor()
+        if partial is None:
+            return False
+        choices = complete_path(partial, Path.cwd())
+        if not choices:
+            self.app.bell()
+            return True
+        common = os.path.commonprefix(choices)
+        if len(common) > len(partial):
+            self.insert(common[len(partial) :])
+        if len(choices) > 1:
+            shown = ", ".join(choices[:12]) + (" …" if len(choices) > 12 else "")
+            self.notify(f"@{partial}: {shown}", timeout=5)
+        return True
+
     async def _on_key(self, event: events.Key) -> None:
+        if event.key == "tab" and self.complete_path():
+            event.stop()
+            event.prevent_default()
+            return
         if event.key == "enter":
             event.stop()
             event.prevent_default()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from textual import on
@@ -12,9 +13,11 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, ListView
 
 from ... import protocol as p
+from ...attachments import Attachment, message_text
 from ...costs import prefill_rate, reread_text
 from ...sampling import resolve_with_sources
 from ...store import ConvSettings, StoreFull, default_title, in_tree_order
+from ...thinking import ANSWER, MOVED, THINKING
 from ...units import mb
 from ..backend import (
     CachesEvicted,
@@ -30,7 +33,10 @@ from ..backend import (
 )
 from ..faults import unless_disk_full
 from ..widgets import MessageView, PromptInput, StatusBar, code_blocks, download_line, loaded_line, stats_line
+from .chat_attach import ChatAttachments, attachments_line
+from .chat_attach import stored as stored_attachments
 from .chat_manage import ChatManagement, chat_item
+from .chat_thinking import ChatThinking
 from .personas import NONE, PersonaPickScreen
 
 
@@ -45,9 +51,22 @@ class Turn:
     model: str | None = None
     preset: str | None = None
     text: str = ""
+    #: Splits the stream into thinking and answer (None: the model has no thinking markers).
+    splitter: object = None
+    settings: ConvSettings | None = None
+    #: When the first piece of thinking and the first of the answer arrived (perf_counter seconds).
+    thinking_from: float | None = None
+    answer_from: float | None = None
 
 
-class ChatScreen(ChatManagement, Screen):
+def sent_text(message) -> str:
+    """What the model is given for a stored message: its text, with its attachments in front."""
+    if not message.attachments:
+        return message.content
+    return message_text(message.content, [Attachment(**a) for a in message.attachments])
+
+
+class ChatScreen(ChatManagement, ChatAttachments, ChatThinking, Screen):
     """The chat: conversations in a sidebar, the messages, the prompt and the status bar.
 
     It stores what the user sends and each reply, asks the app's Backend for replies, and handles the
@@ -65,6 +84,7 @@ class ChatScreen(ChatManagement, Screen):
         Binding("ctrl+d", "delete_chat", "Delete chat", priority=True),
         # Off the footer, which is full; the palette lists it, and `b` on a message does the same.
         Binding("ctrl+b", "branch", "Branch from here", priority=True, show=False),
+        Binding("ctrl+t", "toggle_thinking_shown", "Show/hide thinking", priority=True, show=False),
         Binding("ctrl+f", "search", "Search", priority=True),
         Binding("ctrl+y", "copy_reply", "Copy reply", priority=True),
         Binding("ctrl+e", "export", "Export", priority=True),
@@ -75,7 +95,10 @@ class ChatScreen(ChatManagement, Screen):
         super().__init__()
         self.conversation_id: int | None = None
         self.turn: Turn | None = None
-        self.queued: list[tuple[int, str]] = []
+        #: Messages typed before they could be sent: (conversation_id, text, attachments).
+        self.queued: list[tuple[int, str, list[Attachment]]] = []
+        #: The attachments of the message being written, shown as chips above the prompt.
+        self.pending: list[Attachment] = []
         #: Replies the disk had no room for: (conversation_id, text, add_message's keywords), saved before the
         #: next message so the chat keeps its order.
         self.unsaved: list[tuple[int, str, dict]] = []
@@ -99,6 +122,7 @@ class ChatScreen(ChatManagement, Screen):
             with Vertical(id="main"):
                 yield VerticalScroll(id="messages")
                 yield Label("", id="edit-banner")
+                yield Horizontal(id="chips")
                 yield PromptInput(id="prompt", soft_wrap=True, show_line_numbers=False)
         yield StatusBar(id="status")
         yield Footer()
@@ -106,6 +130,7 @@ class ChatScreen(ChatManagement, Screen):
     async def on_mount(self) -> None:
         self.app.backend.listen(self)
         self.query_one("#edit-banner").display = False
+        self.query_one("#chips").display = False
         chats = self.store.conversations()
         last = self.store.get_state("last_conversation")
         ids = [c.id for c in chats]
@@ -146,11 +171,21 @@ class ChatScreen(ChatManagement, Screen):
         await box.remove_children()
         messages = self.store.messages(conversation_id)
         views = [
-            MessageView(m.role, m.content, header=_header(m.model, m.preset, m.stats), cut=m.cut, position=m.position)
+            MessageView(
+                m.role,
+                m.content,
+                header=_header(m.model, m.preset, m.stats) or attachments_line(m.attachments),
+                cut=m.cut,
+                position=m.position,
+                thinking=m.thinking or "",
+                thinking_note=self.thinking_note(m.stats) if m.thinking else "",
+            )
             for m in messages
         ]
+        self.show_thinking_setting()
         if self.turn and self.turn.conversation_id == conversation_id:
-            self.turn.view = MessageView("assistant", self.turn.text, header="…")
+            thinking, answer, _closed = self.split_reply(self.turn.text, self.turn.settings)
+            self.turn.view = MessageView("assistant", answer, header="…", thinking=thinking)
             views.append(self.turn.view)
         elif self.turn:
             self.turn.view = None
@@ -164,31 +199,65 @@ class ChatScreen(ChatManagement, Screen):
     @on(PromptInput.Submitted)
     async def _submitted(self, event: PromptInput.Submitted) -> None:
         prompt = self.query_one(PromptInput)
+        if await self.read_command(event.text.strip()):
+            prompt.clear()
+            return
+        attachments = self.outgoing(event.text)
+        if attachments is None:
+            return  # said why; the prompt and the chips stay as they were
         try:
             if self.conversation_id is None:
                 self.conversation_id = self.store.new_conversation().id
-            if self.turn is not None or self.loaded is None:
-                # The input stays usable: what was typed waits its turn instead of being lost.
-                self.queued.append((self.conversation_id, event.text))
-                prompt.clear()
-                why = "this reply finishes" if self.turn else "the model has loaded"
-                self.notify(f"Queued: it is sent when {why}.", timeout=3)
-                return
+        except StoreFull as exc:
+            self.notify(f"Not sent: {exc}. Your message is still in the prompt.", severity="error", timeout=15)
+            return
+        if self.turn is not None or self.loaded is None:
+            # The input stays usable: what was typed waits its turn instead of being lost.
+            self.queued.append((self.conversation_id, event.text, attachments))
+            prompt.clear()
+            await self.clear_attachments()
+            why = "this reply finishes" if self.turn else "the model has loaded"
+            self.notify(f"Queued: it is sent when {why}.", timeout=3)
+            return
+        if attachments:
+            self.count_first(self.conversation_id, event.text, attachments)  # sends once the count says it fits
+            return
+        await self.send_now(self.conversation_id, event.text, attachments)
+
+    async def send_now(self, conversation_id: int, text: str, attachments: list[Attachment]) -> None:
+        """Send what the prompt and its chips hold, then empty them; on a full disk both stay."""
+        prompt = self.query_one(PromptInput)
+        try:
             if self.editing is not None:
                 await self._truncate(self.editing)
                 self._cancel_edit()
-            await self.send_user_message(self.conversation_id, event.text)
+            await self.send_user_message(conversation_id, text, attachments)
         except StoreFull as exc:
             # The prompt still holds the text: Enter sends it again once there is room.
             self.notify(f"Not sent: {exc}. Your message is still in the prompt.", severity="error", timeout=15)
             return
-        prompt.clear()
+        if prompt.text == text:  # typed on while the count came back: that stays
+            prompt.clear()
+        await self.clear_attachments()
 
-    async def send_user_message(self, conversation_id: int, text: str) -> None:
+    def history(self, conversation_id: int, before: int | None = None) -> list[tuple[str, str]]:
+        """The chat as the model is given it: the system prompt, then each message with its attachments (only
+        those before position `before`, when given)."""
+        conversation = self.store.conversation(conversation_id)
+        messages = self.store.messages(conversation_id)
+        history = [(m.role, sent_text(m)) for m in messages if before is None or m.position < before]
+        system = self.system_prompt(conversation.settings)
+        return [("system", system), *history] if system else history
+
+    @on(PromptInput.LargePaste)
+    async def _large_paste(self, event: PromptInput.LargePaste) -> None:
+        await self.attach(Attachment("pasted text", event.text, "paste"))
+
+    async def send_user_message(self, conversation_id: int, text: str, attachments: list[Attachment] = ()) -> None:
         """Store the message (and any reply the disk had no room for before it), then ask for a reply.
         Raises StoreFull, having stored nothing of `text`."""
         self._save_unsaved()
-        stored = self.store.add_message(conversation_id, "user", text)
+        stored = self.store.add_message(conversation_id, "user", text, attachments=stored_attachments(attachments))
         conversation = self.store.conversation(conversation_id)
         if conversation.title == "New chat" and stored.position == 0:
             try:
@@ -197,7 +266,8 @@ class ChatScreen(ChatManagement, Screen):
                 pass  # the message is stored; a title can be given later
         if conversation_id == self.conversation_id:
             box = self.query_one("#messages", VerticalScroll)
-            await box.mount(MessageView("user", text, position=stored.position))
+            header = attachments_line(stored.attachments)
+            await box.mount(MessageView("user", text, header=header, position=stored.position))
         await self.refresh_chats()
         await self.generate(conversation_id)
 
@@ -218,17 +288,16 @@ class ChatScreen(ChatManagement, Screen):
 
     async def generate(self, conversation_id: int) -> None:
         conversation = self.store.conversation(conversation_id)
-        history = [(m.role, m.content) for m in self.store.messages(conversation_id)]
-        system = self.system_prompt(conversation.settings)
-        if system:
-            history.insert(0, ("system", system))
+        history = self.history(conversation_id)
         loaded = self.loaded
-        params, _sources = resolve_with_sources(self.sampling_layers(conversation.settings))
-        request_id = self.app.backend.generate(conversation_id, history, params)
+        settings = conversation.settings
+        params, _sources = resolve_with_sources(self.sampling_layers(settings))
+        request_id = self.app.backend.generate(conversation_id, history, params, self.thinking_for(settings))
         if request_id is None:
             self.notify("The worker is not running: press F5 to restart it.", severity="error")
             return
         turn = Turn(request_id, conversation_id, None, loaded and loaded.model, loaded and loaded.preset)
+        turn.splitter, turn.settings = self.splitter(settings), settings
         self.turn = turn
         if conversation_id == self.conversation_id:
             turn.view = MessageView("assistant", header="…")
@@ -238,12 +307,14 @@ class ChatScreen(ChatManagement, Screen):
 
     async def _next_queued(self) -> None:
         if self.turn is None and self.loaded is not None and self.queued:
-            conversation_id, text = self.queued.pop(0)
+            conversation_id, text, attachments = self.queued.pop(0)
             try:
-                await self.send_user_message(conversation_id, text)
+                await self.send_user_message(conversation_id, text, attachments)
             except StoreFull as exc:
                 prompt = self.query_one(PromptInput)
                 prompt.text = "\n\n".join(t for t in (text, prompt.text) if t.strip())
+                for attachment in attachments:
+                    await self.attach(attachment)
                 self.notify(
                     f"Not sent: {exc}. Your queued message is back in the prompt.", severity="error", timeout=15
                 )
@@ -297,8 +368,18 @@ class ChatScreen(ChatManagement, Screen):
         if turn is None or event.request_id != turn.request_id:
             return
         turn.text += event.text
+        pieces = turn.splitter.feed(event.text) if turn.splitter else [("answer", event.text)]
+        for kind, piece in pieces:
+            if kind == MOVED:  # what streamed as answer was thinking: its time counts as thinking's
+                turn.thinking_from, turn.answer_from = turn.answer_from, None
+            elif kind == THINKING and turn.thinking_from is None:
+                turn.thinking_from = time.perf_counter()
+            elif kind == ANSWER and piece.strip() and turn.answer_from is None:
+                turn.answer_from = time.perf_counter()
+            if turn.view is not None:
+                show = {THINKING: turn.view.append_thinking, MOVED: turn.view.move_to_thinking}.get(kind)
+                await (show or turn.view.append)(piece)
         if turn.view is not None:
-            await turn.view.append(event.text)
             self.query_one("#messages", VerticalScroll).scroll_end(animate=False)
 
     @on(ReplyFinished)
@@ -309,6 +390,8 @@ class ChatScreen(ChatManagement, Screen):
     @on(ReplyFailed)
     async def _failed(self, event: ReplyFailed) -> None:
         self.notify(event.error, severity="error", timeout=10)
+        if self.counting is not None and event.request_id == self.counting[0]:
+            self.counting = None  # the message stays in the prompt, to send again
         if self.turn is not None and event.request_id == self.turn.request_id:
             await self._finish(self.turn.text, None, failed=True)
 
@@ -346,8 +429,13 @@ class ChatScreen(ChatManagement, Screen):
         turn, self.turn = self.turn, None
         cut = failed or (stats or {}).get("finish_reason") == "cancelled"
         model, preset = turn.model, turn.preset
-        if text or not failed:
-            about = {"model": model, "preset": preset, "stats": stats, "cut": cut}
+        thinking, text, closed = self.split_reply(text, turn.settings) if turn.splitter else ("", text, True)
+        if thinking and stats is not None:
+            ended = turn.answer_from or time.perf_counter()
+            took = ended - turn.thinking_from if turn.thinking_from else None
+            stats = {**stats, "thinking_s": took, "thinking_closed": closed}
+        if text or thinking or not failed:
+            about = {"model": model, "preset": preset, "stats": stats, "cut": cut, "thinking": thinking or None}
             try:
                 stored = self.store.add_message(turn.conversation_id, "assistant", text, **about)
             except StoreFull as exc:
@@ -359,9 +447,11 @@ class ChatScreen(ChatManagement, Screen):
                 if turn.view is not None:
                     turn.view.position = stored.position
         if turn.view is not None:
-            if text or not failed:
+            if text or thinking or not failed:
                 await turn.view.finish(text)
                 turn.view.set_header(_header(model, preset, stats), cut=cut)
+                if thinking:
+                    turn.view.set_thinking_note(self.thinking_note(stats, closed))
             else:
                 await turn.view.remove()
             self._show_stats(stats)
@@ -441,8 +531,12 @@ class ChatScreen(ChatManagement, Screen):
     async def _message_action(self, event: MessageView.Action) -> None:
         view = event.view
         if event.action == "copy":
-            self.app.copy_to_clipboard(view.content)
-            self.notify("Message copied.", timeout=2)
+            # What shows is what is copied: an open thinking block goes with the answer.
+            block = view.thinking_block
+            with_thinking = block is not None and not block.collapsed and block.display
+            text = f"{view.thinking.strip()}\n\n{view.content}" if with_thinking else view.content
+            self.app.copy_to_clipboard(text)
+            self.notify("Message copied, with its thinking." if with_thinking else "Message copied.", timeout=2)
         elif event.action == "copy_code":
             blocks = code_blocks(view.content)
             if not blocks:
@@ -486,5 +580,8 @@ class ChatScreen(ChatManagement, Screen):
 def _header(model: str | None, preset: str | None, stats: dict | None) -> str:
     parts = [x for x in (model, preset) if x]
     if stats:
-        parts.append(f"{stats['generated_tokens']} tok · {stats['decode_tokens_per_s']:.1f} tok/s")
+        thinking = stats.get("thinking_tokens") or 0
+        # Thinking and answer are counted apart: the answer's tokens, then the thinking's.
+        split = f" + {thinking} thinking" if thinking else ""
+        parts.append(f"{stats['generated_tokens'] - thinking} tok{split} · {stats['decode_tokens_per_s']:.1f} tok/s")
     return " · ".join(parts)

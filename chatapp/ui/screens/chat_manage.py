@@ -108,10 +108,9 @@ class ChatManagement:
                 self.store.set_settings(conversation.id, settings)
                 self.notify("Chat settings saved.", timeout=2)
 
-        self.app.push_screen(
-            ConversationSettingsScreen(conversation.settings, defaults, self.app.personas),
-            noting_disk_full(self, saved),
-        )
+        switch = bool(getattr(self.loaded, "thinking_switch", False))
+        dialog = ConversationSettingsScreen(conversation.settings, defaults, self.app.personas, switch)
+        self.app.push_screen(dialog, noting_disk_full(self, saved))
 
     def action_rename_chat(self) -> None:
         if self.conversation_id is None:
@@ -163,7 +162,10 @@ class ChatManagement:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", conversation.title).strip("-").lower() or "chat"
         path = folder / f"{slug}-{conversation.id}.md"
         try:
-            write_private_text(private_dir(folder) / path.name, self.store.export_markdown(conversation.id))
+            # Thinking goes into the export when the chat shows it (Ctrl+T hides it).
+            shown = not self.query_one("#messages").has_class("hide-thinking")
+            text = self.store.export_markdown(conversation.id, thinking=shown)
+            write_private_text(private_dir(folder) / path.name, text)
         except OSError as exc:  # nothing half-written is left: write_private_text renames a whole file into place
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             why = f"the disk holding {folder} is full" if full else f"{exc.filename or path}: {exc.strerror or exc}"

@@ -91,9 +91,11 @@ class ConversationSettingsScreen(FormScreen):
     """A conversation's persona, system prompt and sampling; an empty field takes the value shown, from where it
     says. `defaults(persona key)` gives those values, so they follow a change of persona in the form."""
 
-    def __init__(self, current: ConvSettings, defaults, personas: dict | None = None):
+    def __init__(self, current: ConvSettings, defaults, personas: dict | None = None, thinking_switch: bool = False):
         super().__init__(classes="dialog-screen")
         self.current, self.defaults, self.personas = current, defaults, personas or {}
+        #: The model's template can switch thinking on and off: the form offers it (else it keeps the chat's).
+        self.thinking_switch = thinking_switch
 
     def compose(self) -> ComposeResult:
         c = self.current
@@ -104,6 +106,11 @@ class ConversationSettingsScreen(FormScreen):
                 choices = [(p.name, key) for key, p in self.personas.items()]
                 known = c.persona if c.persona in self.personas else Select.NULL
                 yield Select(choices, value=known, prompt="No persona", id="persona")
+                if self.thinking_switch:
+                    yield Label("thinking")
+                    now = "default" if c.thinking is None else ("on" if c.thinking else "off")
+                    options = [("the persona's, else the template's", "default"), ("on", "on"), ("off", "off")]
+                    yield Select(options, value=now, allow_blank=False, id="thinking")
                 for name, limit in LIMITS.items():
                     yield Label(name, id=f"label-{name}", markup=False)
                     own = getattr(c, name)
@@ -139,4 +146,8 @@ class ConversationSettingsScreen(FormScreen):
         if persona is None and self.current.persona not in self.personas:
             persona = self.current.persona  # a persona whose file is gone stays named, in case it comes back
         system = self.query_one("#system-prompt", TextArea).text.strip()
-        self.dismiss(ConvSettings(system_prompt=system, persona=persona, **values))
+        thinking = self.current.thinking
+        if self.thinking_switch:
+            choice = self.query_one("#thinking", Select).value
+            thinking = None if choice == "default" else choice == "on"
+        self.dismiss(ConvSettings(system_prompt=system, persona=persona, thinking=thinking, **values))
