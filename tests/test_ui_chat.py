@@ -181,7 +181,7 @@ def test_what_is_typed_during_a_reply_is_queued_and_sent_after_it(settings, tmp_
         await loaded(pilot)
         await start_long_reply(pilot, "A long answer please")
         await say(pilot, "Then this", wait=False)
-        assert app.chat.queued == [(app.chat.conversation_id, "Then this")]
+        assert app.chat.queued == [(app.chat.conversation_id, "Then this", [])]
         assert app.chat.query_one("#prompt").text == ""
         await pilot.press("escape")
         await until(pilot, lambda: len(app.store.messages(app.chat.conversation_id)) == 4, what="the queued turn")

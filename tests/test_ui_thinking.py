@@ -135,3 +135,24 @@ def test_the_thinking_switch_is_offered_only_where_the_template_has_it_and_goes_
         assert not plain.screen.query("#thinking")
 
     run(plain, no_switch)
+
+
+def test_a_personas_thinking_applies_where_the_chat_sets_none(settings, tmp_path):
+    app = _app(settings, tmp_path)
+    folder = app.settings.config_dir / "personas"
+    folder.mkdir(parents=True)
+    (folder / "quick.toml").write_text('name = "Quick"\nthinking = false\n')
+    app.reload_personas()
+
+    async def scenario(pilot):
+        chat = app.chat
+        await until(pilot, lambda: chat.loaded is not None, what="the fake model")
+        await chat.new_chat("quick")
+        await say(pilot, "Hi")
+        assert [r for r in app.backend.client.received if isinstance(r, p.Generate)][-1].thinking is False
+        settings = app.store.conversation(chat.conversation_id).settings
+        app.store.set_settings(chat.conversation_id, type(settings)(persona="quick", thinking=True))
+        await say(pilot, "Again")
+        assert [r for r in app.backend.client.received if isinstance(r, p.Generate)][-1].thinking is True
+
+    run(app, scenario)

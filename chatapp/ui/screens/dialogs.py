@@ -109,7 +109,7 @@ class ConversationSettingsScreen(FormScreen):
                 if self.thinking_switch:
                     yield Label("thinking")
                     now = "default" if c.thinking is None else ("on" if c.thinking else "off")
-                    options = [("the persona's, else the template's", "default"), ("on", "on"), ("off", "off")]
+                    options = [("default", "default"), ("on", "on"), ("off", "off")]
                     yield Select(options, value=now, allow_blank=False, id="thinking")
                 for name, limit in LIMITS.items():
                     yield Label(name, id=f"label-{name}", markup=False)
