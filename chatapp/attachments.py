@@ -118,14 +118,18 @@ def find_references(text: str, cwd: Path | None = None) -> list[str]:
 
     A reference starts at the start of the text or after whitespace (so `a@b.com` is none) and runs to the next
     whitespace: a path with a space in it can't be named this way. Trailing TRAILING_PUNCTUATION is dropped,
-    unless `cwd` is given and the path with it exists there.
+    unless `cwd` is given and the path with it exists there. A word that doesn't look like a path (no `/`, no
+    `.`, no leading `~`), such as `@alice`, is a mention, not a reference, unless such a file exists in `cwd`.
     """
     found: list[str] = []
     for match in _REFERENCE.finditer(text):
         path = match.group(1)
-        if cwd is None or not _resolve_quietly(path, cwd).exists():
+        exists = cwd is not None and _resolve_quietly(path, cwd).exists()
+        if not exists:
             path = path.rstrip(TRAILING_PUNCTUATION)
-        if path and path not in found:
+            exists = cwd is not None and bool(path) and _resolve_quietly(path, cwd).exists()
+        looks_like_path = "/" in path or "." in path or path.startswith("~")
+        if path and (exists or looks_like_path) and path not in found:
             found.append(path)
     return found
 

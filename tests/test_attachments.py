@@ -123,6 +123,12 @@ def test_references_start_at_the_start_or_after_whitespace_and_an_email_is_none(
     assert find_references("@x.md and @x.md again") == ["x.md"]
 
 
+def test_a_mention_that_isnt_a_path_is_no_reference_unless_the_file_exists(tmp_path):
+    assert find_references("thanks @alice, see @notes.md", tmp_path) == ["notes.md"]
+    (tmp_path / "Makefile").write_text("")
+    assert find_references("what does @Makefile do? ask @bob", tmp_path) == ["Makefile"]
+
+
 def test_trailing_punctuation_is_kept_only_when_the_file_has_it(tmp_path):
     (tmp_path / "odd.txt,").write_text("")
     (tmp_path / "plain.txt").write_text("")

@@ -175,3 +175,15 @@ def test_the_tokens_are_counted_before_sending_and_a_message_too_big_asks_or_is_
         assert not chat.pending and chat.query_one("#prompt").text == ""
 
     run(app, scenario)
+
+
+def test_a_mention_that_is_not_a_path_is_sent_as_text(settings, tmp_path, monkeypatch):
+    app = _app(settings, tmp_path, monkeypatch)
+
+    async def scenario(pilot):
+        await until(pilot, lambda: app.chat.loaded is not None, what="the fake model")
+        await say(pilot, "Say thanks to @alice for @notes.txt.")
+        note = Attachment("notes.txt", "The meeting is on Tuesday.\n", "file")
+        assert _sent(app)[-1] == ("user", message_text("Say thanks to @alice for @notes.txt.", [note]))
+
+    run(app, scenario)

@@ -135,7 +135,7 @@ class ChatAttachments:
         """What goes with `text`: the chips, then the files its @paths name; None (said in one line) when one
         of those can't be read, so nothing is sent."""
         try:
-            named = [read_attachment(path, self.cwd) for path in find_references(text)]
+            named = [read_attachment(path, self.cwd) for path in find_references(text, self.cwd)]
         except AttachmentError as exc:
             self.notify(f"Not sent: {exc}", severity="error", timeout=10)
             return None
