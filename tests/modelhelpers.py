@@ -68,14 +68,16 @@ PHI_TEMPLATE = (
 #: Qwen3's rule for earlier turns: an assistant message before the last user message loses its <think> block.
 #: Its generation prompt opens an empty one, as Qwen3's does with enable_thinking=False, so every reply the
 #: model makes holds a think block that the next render drops.
-QWEN3_THINKING_TEMPLATE = (
+QWEN3_HISTORY = (
     "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m.role == 'user' %}"
     "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
     "{% for m in messages %}{% set content = m.content %}"
     "{% if m.role == 'assistant' and loop.index0 < ns.last and '</think>' in content %}"
     "{% set content = content.split('</think>')[-1].lstrip('\\n') %}{% endif %}"
     "<|im_start|>{{ m.role }}\n{{ content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}"
+)
+QWEN3_THINKING_TEMPLATE = (
+    QWEN3_HISTORY + "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}"
 )
 
 #: Without the final soft cap: it squashes our scaled-up logits into near-ties that fp noise decides.

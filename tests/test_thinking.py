@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from modelhelpers import QWEN3_HISTORY
 
 from chatapp.thinking import MOVED, Splitter, apply, has_switch, markers, split, starts_inside
 
 #: Qwen3's template in short: thinking switched by enable_thinking, earlier turns' thinking dropped.
 QWEN3_SWITCH_TEMPLATE = (
-    "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m.role == 'user' %}"
-    "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
-    "{% for m in messages %}{% set content = m.content %}"
-    "{% if m.role == 'assistant' and loop.index0 < ns.last and '</think>' in content %}"
-    "{% set content = content.split('</think>')[-1].lstrip('\\n') %}{% endif %}"
-    "<|im_start|>{{ m.role }}\n{{ content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    QWEN3_HISTORY + "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
 #: DeepSeek-R1's newer way: the generation prompt opens the block, so the reply only closes it.
