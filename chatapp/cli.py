@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--limit", type=_whole(1), default=20)
     search.add_argument("--json", action="store_true")
 
+    from .cli_serve import add_parser as add_serve_parser
+
+    add_serve_parser(sub, _add_model_args, _whole)
+
     cache = sub.add_parser("cache", help="the chats' KV cache snapshots on disk: list them, or clear them")
     cache.add_argument("action", nargs="?", choices=("list", "clear"), default="list")
     cache.add_argument("--chat", type=_whole(1), help="clear: only this chat's snapshots (its number in the list)")
@@ -522,7 +526,14 @@ COMMANDS = {
     "rm": cmd_rm,
     "models": cmd_models,
     "search": cmd_search,
+    "serve": lambda args, settings: _serve(args, settings),
 }
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from .cli_serve import cmd_serve
+
+    return cmd_serve(args, settings, _load)
 
 
 def _use_hub_cache(settings: Settings) -> None:
@@ -574,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_cache(args, settings)
         _use_hub_cache(settings)
         route_library_logs(settings.data_dir)
-        if args.command in ("ask", "repl", "bench"):
+        if args.command in ("ask", "repl", "bench", "serve"):
             _quiet_libraries()
         return COMMANDS[args.command](args, settings)
     except ChatappError as exc:

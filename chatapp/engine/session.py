@@ -295,10 +295,12 @@ class ChatSession:
         params: SamplingParams = DEFAULTS,
         cancel: threading.Event | None = None,
         thinking: bool | None = None,
+        stop: tuple[str, ...] = (),
     ) -> Iterator[GenerationResponse]:
         """Answer the last message of `messages` (the user's): a stream of GenerationResponse.
 
         thinking switches a reasoning model's thinking on or off where its template can (None: its default).
+        stop adds stop strings to the model's own for this reply (an API client's `stop`).
 
         Setting `cancel` stops the reply after the token being made; the partial reply is kept, marked cut.
         A conversation that can't fit even without its history raises ContextOverflow here, and the session
@@ -314,17 +316,23 @@ class ChatSession:
         )
         self.messages = list(messages)
         self.dropped_messages = dropped_now
-        return self._turn(ids, dropped_now - dropped, params, cancel or threading.Event(), started)
+        return self._turn(ids, dropped_now - dropped, params, cancel or threading.Event(), started, tuple(stop))
 
     def _turn(
-        self, ids: list[int], trimmed: int, params: SamplingParams, cancel: threading.Event, started: float
+        self,
+        ids: list[int],
+        trimmed: int,
+        params: SamplingParams,
+        cancel: threading.Event,
+        started: float,
+        stop_strings: tuple[str, ...] = (),
     ) -> Iterator[GenerationResponse]:
         loaded = self.loaded
         self.note, self._pending_note = self._pending_note, ""
         keep = self._rewind(min(common_prefix_len(ids, self._cache_ids), len(ids) - 1), ids != self._last_prompt)
         self._last_prompt = ids
         decoder = StreamDecoder(loaded.tokenizer)
-        reply = ReplyText(loaded.stop_strings)
+        reply = ReplyText(loaded.stop_strings + stop_strings)
         sampled: list[int] = []
         times: list[float] = []
 

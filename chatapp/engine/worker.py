@@ -348,6 +348,13 @@ class Worker:
 def _cache_budgets(loaded) -> tuple[int | None, int]:
     """(live, parked) KV bytes for all chats, sized by the planner from the memory left after loading; its KV
     formula gives the bytes of one cache filled to the whole context."""
+    live, parked, _ = cache_budgets(loaded)
+    return live, parked
+
+
+def cache_budgets(loaded) -> tuple[int | None, int, int | None]:
+    """(live, parked, one) KV bytes: for all chats live, parked, and for one cache filled to the whole context
+    (None, 0, None when the planner can't read the model)."""
     from ..errors import ChatappError
     from ..facts import facts_from_config
     from ..hardware import detect_cpu
@@ -357,7 +364,7 @@ def _cache_budgets(loaded) -> tuple[int | None, int]:
         facts = facts_from_config(loaded.source.label, loaded.model.config.to_dict(), params=0)
     except ChatappError as exc:  # a forced load of a model the planner can't read: no budget, no eviction
         print(f"no KV cache budget: {exc}", flush=True)
-        return None, 0
+        return None, 0, None
     per_context = kv_cache_bytes(facts, loaded.context_length, loaded.dtype)
     if loaded.draft is not None:  # each chat's cache has a draft twin (session.cache_bytes counts both)
         try:
@@ -374,7 +381,7 @@ def _cache_budgets(loaded) -> tuple[int | None, int]:
         free = torch.cuda.mem_get_info(loaded.model.device)[0]
     dtype = loaded.dtype if loaded.dtype in ("fp32", "bf16", "fp16") else "bf16"
     room = usable_bytes(free) - per_context - activation_bytes(facts, loaded.context_length, dtype, device_type)
-    return cache_budgets(per_context, room, ram, on_gpu=device_type == "cuda")
+    return (*cache_budgets(per_context, room, ram, on_gpu=device_type == "cuda"), per_context)
 
 
 def _thinking_facts(tokenizer) -> dict:

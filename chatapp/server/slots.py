@@ -1,0 +1,139 @@
+"""The server's engine side: one loaded model, a few KV cache slots, and one thread that answers in order.
+
+A slot is a ChatSession. Clients of an OpenAI-style API send the whole conversation every time and say
+nothing about which chat it is, so a request takes the slot whose cached token ids share the longest prefix
+with its rendered prompt, as llama-server does; the session then crops its cache to that prefix and
+prefills only the rest. A slot counts only when the prompt starts with most of what it holds; otherwise the
+request takes an empty slot, else the least recently used.
+
+Replies run one at a time (batch size 1) on one thread, never on the server's event loop, in arrival order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import ContextOverflow, first_line
+from ..sampling import resolve
+from .openai_schema import ApiError, ChatRequest
+
+#: At most this many slots by default: each can hold a full-context cache, and one user rarely runs more
+#: clients at once than this.
+MAX_SLOTS = 4
+
+#: The share of a slot's cached tokens a prompt must start with to take that slot (llama-server's
+#: --slot-prompt-similarity); a prompt that matches no slot this well takes an empty or the least recently used.
+SIMILAR = 0.5
+
+#: What a job hands back, as (kind, value): ("delta", text), ("done", (text, TurnStats)) or ("error", ApiError).
+Emit = Callable[[str, object], None]
+
+
+@dataclass
+class Job:
+    request: ChatRequest
+    emit: Emit
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def default_slots(loaded) -> int:
+    """As many slots as the memory budget holds full-context caches, 1 to MAX_SLOTS (the worker's budget)."""
+    from ..engine.worker import cache_budgets
+
+    live, _, per_context = cache_budgets(loaded)
+    if not live or not per_context:
+        return 1
+    return max(1, min(MAX_SLOTS, live // per_context))
+
+
+class Engine:
+    """The model, its slots and the engine thread; `submit` queues a reply and returns its Job at once."""
+
+    def __init__(self, loaded, slots: int, defaults: object = None):
+        from ..engine.session import ChatSession
+
+        if slots < 1:
+            raise ValueError("a server needs at least one slot")
+        self.loaded = loaded
+        self.name = loaded.source.label
+        self.context_length = loaded.context_length
+        #: Sampling values a request doesn't set: the model's own, then `defaults` (config.toml's Settings).
+        self.layers = [loaded.sampling_defaults(), defaults] if defaults is not None else [loaded.sampling_defaults()]
+        self.slots = [ChatSession(loaded) for _ in range(slots)]
+        #: The slot that answered last (for tests and logs).
+        self.last = None
+        self._used = [0] * slots  # when each slot last answered (a counter), for the least recently used
+        self._clock = itertools.count(1)
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="chatapp-serve-engine")
+        self._thread.start()
+
+    @property
+    def queue_length(self) -> int:
+        """Requests waiting, and the one being answered."""
+        with self._lock:
+            return self._pending
+
+    def submit(self, request: ChatRequest, emit: Emit) -> Job:
+        job = Job(request, emit)
+        with self._lock:
+            self._pending += 1
+        self._jobs.put(job)
+        return job
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def pick(self, messages, max_new_tokens: int) -> int:
+        """The index of the slot this conversation should use (see the module doc)."""
+        from ..engine.session import common_prefix_len
+
+        ids = self.slots[0].preview_ids(messages, max_new_tokens)
+        shared = [common_prefix_len(ids, list(session.cache_ids)) for session in self.slots]
+        # A slot is this conversation's when most of what it holds is this prompt's start: a system prompt or
+        # a template's header shared with another chat is not reason enough to wipe that chat's cache.
+        mine = [i for i, s in enumerate(self.slots) if shared[i] and shared[i] >= SIMILAR * s.cache_tokens]
+        if mine:
+            return max(mine, key=lambda i: (shared[i], self._used[i]))
+        return min(range(len(self.slots)), key=lambda i: (self.slots[i].cache_tokens > 0, self._used[i]))
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                if not job.cancel.is_set():  # its client left while it waited
+                    self._answer(job)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+                job.done.set()
+
+    def _answer(self, job: Job) -> None:
+        from ..engine.session import Message
+
+        request = job.request
+        try:
+            params = resolve(request.sampling, *self.layers)
+            messages = [Message(role, content) for role, content in request.messages]
+            index = self.pick(messages, params.max_new_tokens)
+            self._used[index] = next(self._clock)
+            self.last = self.slots[index]
+            replies = self.slots[index].reply_to(messages, params, job.cancel, request.thinking, stop=request.stop)
+            for response in replies:
+                if response.text:
+                    job.emit("delta", response.text)
+                if response.stats is not None:
+                    job.emit("done", (self.slots[index].messages[-1].content, response.stats))
+        except ContextOverflow as exc:
+            job.emit("error", ApiError(400, first_line(exc), param="messages", code="context_length_exceeded"))
+        except ValueError as exc:  # a sampling value the limits refuse, or a template's complaint
+            job.emit("error", ApiError(400, first_line(exc)))
+        except Exception as exc:  # one line for the client; the server goes on
+            job.emit("error", ApiError(500, f"{type(exc).__name__}: {first_line(exc)}"))
