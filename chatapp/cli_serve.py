@@ -26,7 +26,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, load) -> int:
         import uvicorn  # noqa: F401
 
         from .server.app import MAX_BODY_BYTES, bind, is_loopback, run
-        from .server.slots import Engine, default_slots
+        from .server.slots import Engine, default_slots, disk_cache
     except ImportError as exc:
         raise ChatappError(
             f"chatapp serve needs the serve extra ({exc.name} is missing): pip install 'chatapp[serve]'"
@@ -45,7 +45,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, load) -> int:
         raise ChatappError(f"can't listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     with sock:
         loaded = load(args, settings)
-        engine = Engine(loaded, args.slots or default_slots(loaded), defaults=settings)
+        engine = Engine(loaded, args.slots or default_slots(loaded), settings, disk_cache(loaded, settings))
         try:
             run(engine, sock, api_key, args.max_body_bytes or MAX_BODY_BYTES)
         finally:

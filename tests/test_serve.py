@@ -279,3 +279,52 @@ def _env(tmp_path, key=None):
     if key:
         env["CHATAPP_API_KEY"] = key
     return env
+
+
+def test_a_restarted_server_starts_from_its_slots_snapshots(tiny_words_fp32, settings, tmp_path):
+    """Snapshots work here too: the first request after a restart reads the chat from disk, not the model."""
+    from dataclasses import replace
+
+    from chatapp.server.slots import Engine, disk_cache
+
+    own = replace(settings, data_dir=tmp_path / "data", kv_disk_budget=1.0)
+    chat = [user(TALK)]
+    first = Engine(tiny_words_fp32, slots=2, disk=disk_cache(tiny_words_fp32, own))
+    with serving(first) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+        reply = ask(client, first, chat, max_tokens=40)
+    first.close()
+    assert list((tmp_path / "data" / "kv" / "serve").glob("*"))
+    chat += [{"role": "assistant", "content": reply.choices[0].message.content}, user("Go on")]
+    again = Engine(tiny_words_fp32, slots=2, disk=disk_cache(tiny_words_fp32, own))
+    try:
+        with serving(again) as base:
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+            nxt = ask(client, again, chat)
+    finally:
+        again.close()
+    cached = nxt.usage.prompt_tokens_details.cached_tokens
+    assert cached >= reply.usage.prompt_tokens + reply.usage.completion_tokens - 1
+
+
+def test_bench_serve_reports_each_turn(url, engine, tiny_words_folder):
+    """bench/serve.py: the fields exist and agree with each other (its speed is for the note, not a test)."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    path = Path(__file__).parent.parent / "bench" / "serve.py"
+    spec = importlib.util.spec_from_file_location("bench_serve", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_words_folder)
+    result = bench.run(f"{url}/v1", None, "none", 3, 24, 4, tokenizer)
+    assert result["model"] == engine.name and len(result["turns"]) == 3
+    rows = result["turns"]
+    assert all(0 < row["ttft_s"] <= row["turn_s"] for row in rows)
+    assert sum(row["turn_s"] for row in rows) <= result["total_s"]
+    for before, row in zip(rows, rows[1:], strict=False):
+        assert row["prompt_tokens"] > before["prompt_tokens"] + before["completion_tokens"]
+        assert row["cached_tokens"] >= before["prompt_tokens"] + before["completion_tokens"] - 1
+    assert "turn-3 TTFT / turn-2 TTFT" in bench.table(result)

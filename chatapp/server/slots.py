@@ -41,6 +41,20 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+def disk_cache(loaded, settings):
+    """The slots' snapshots, beside the app's chats' (kv/serve), within kv_disk_budget; None when that is 0."""
+    from ..engine.disk_cache import DiskCache
+    from ..snapshots import kv_dir
+
+    if settings.kv_disk_budget <= 0:
+        return None
+    try:
+        return DiskCache(kv_dir(settings.data_dir) / "serve", loaded, settings.kv_disk_budget)
+    except OSError as exc:
+        print(f"chatapp serve: no KV snapshots: {exc}", flush=True)
+        return None
+
+
 def default_slots(loaded) -> int:
     """As many slots as the memory budget holds full-context caches, 1 to MAX_SLOTS (the worker's budget)."""
     from ..engine.worker import cache_budgets
@@ -54,7 +68,9 @@ def default_slots(loaded) -> int:
 class Engine:
     """The model, its slots and the engine thread; `submit` queues a reply and returns its Job at once."""
 
-    def __init__(self, loaded, slots: int, defaults: object = None):
+    def __init__(self, loaded, slots: int, defaults: object = None, disk=None):
+        """disk: a DiskCache for the slots' snapshots (None: none). Each slot starts from its snapshot, so a
+        restarted server still holds its clients' conversations, and is saved after every reply."""
         from ..engine.session import ChatSession
 
         if slots < 1:
@@ -65,6 +81,10 @@ class Engine:
         #: Sampling values a request doesn't set: the model's own, then `defaults` (config.toml's Settings).
         self.layers = [loaded.sampling_defaults(), defaults] if defaults is not None else [loaded.sampling_defaults()]
         self.slots = [ChatSession(loaded) for _ in range(slots)]
+        self.disk = disk
+        if disk is not None:
+            for i, session in enumerate(self.slots):
+                disk.restore(i, session, None)
         #: The slot that answered last (for tests and logs).
         self.last = None
         self._used = [0] * slots  # when each slot last answered (a counter), for the least recently used
@@ -89,8 +109,11 @@ class Engine:
         return job
 
     def close(self) -> None:
+        """Finish the reply in progress, then stop; the slots' snapshots are on disk when this returns."""
         self._jobs.put(None)
         self._thread.join(timeout=30)
+        if self.disk is not None:
+            self.disk.close()
 
     def pick(self, messages, max_new_tokens: int) -> int:
         """The index of the slot this conversation should use (see the module doc)."""
@@ -131,6 +154,8 @@ class Engine:
                     job.emit("delta", response.text)
                 if response.stats is not None:
                     job.emit("done", (self.slots[index].messages[-1].content, response.stats))
+            if self.disk is not None:
+                self.disk.save(index, self.slots[index])  # in the background, while the client reads
         except ContextOverflow as exc:
             job.emit("error", ApiError(400, first_line(exc), param="messages", code="context_length_exceeded"))
         except ValueError as exc:  # a sampling value the limits refuse, or a template's complaint
