@@ -104,8 +104,16 @@ def _add_draft_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_backend_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend", metavar="URL", help="an OpenAI-compatible server to use instead of the local worker (…/v1)"
+    )
+    parser.add_argument("--api-key", help="the server's API key (default: $CHATAPP_API_KEY, else the keyring)")
+
+
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     _add_draft_arg(parser)
+    _add_backend_args(parser)
     parser.add_argument("--system", "-s", help="system prompt")
     parser.add_argument(
         "--persona", help="a persona's name (its file name without .toml): its system prompt and sampling"
@@ -142,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     tui = sub.add_parser("tui", help="the chat app (the default when no command is given)")
     tui.add_argument("--model", "-m", help="catalog key, Hub repo id (Org/Name[@rev]), folder or .gguf file")
     tui.add_argument("--preset", "-p", choices=planner.PRESETS, help="precision/quantization")
+    _add_backend_args(tui)
 
     repl = sub.add_parser("repl", help="a plain line-based multi-turn chat (/read PATH, /reset, /regen, /exit)")
     _add_model_args(repl, FORCE_SEND_HELP)
@@ -210,9 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--limit", type=_whole(1), default=20)
     search.add_argument("--json", action="store_true")
 
+    from .cli_remote import add_parser as add_key_parser
     from .cli_serve import add_parser as add_serve_parser
 
     add_serve_parser(sub, _add_model_args, _whole)
+    add_key_parser(sub)
 
     cache = sub.add_parser("cache", help="the chats' KV cache snapshots on disk: list them, or clear them")
     cache.add_argument("action", nargs="?", choices=("list", "clear"), default="list")
@@ -320,7 +331,7 @@ def _persona(args: argparse.Namespace, settings: Settings):
 
 
 def _opening(args, persona=None) -> list:
-    from .engine import Message
+    from .protocol import Message
 
     system = _as_text(args.system, "the system prompt") if args.system else (persona.system_prompt if persona else "")
     return [Message("system", system)] if system else []
@@ -340,6 +351,8 @@ def _too_long(session, messages, room: int, attached: bool, force_with: str) -> 
     The conversation is counted as the session would send it today, without dropping any more turns: the turns
     the session dropped already stay dropped. With attachments, a message that fits has its count said too.
     """
+    if getattr(session, "remote", None) is not None:
+        return ""  # the server counts with its own tokenizer, and refuses what doesn't fit in one line
     from .engine.session import render_ids
 
     tokenizer, context = session.loaded.tokenizer, session.context_length
@@ -365,8 +378,20 @@ def _too_long(session, messages, room: int, attached: bool, force_with: str) -> 
     )
 
 
+def _session(args: argparse.Namespace, settings: Settings):
+    """A ChatSession on the model loaded here, or a RemoteSession on the server --backend (or backend_url) names."""
+    url = args.backend or settings.backend_url
+    if url:
+        from .cli_remote import remote_session
+
+        return remote_session(url, args, settings, _note)
+    from .engine import ChatSession
+
+    return ChatSession(_load(args, settings))
+
+
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
-    from .engine import ChatSession, Message
+    from .protocol import Message
 
     prompt = args.prompt
     if prompt in (None, "-"):
@@ -378,9 +403,8 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
         raise ChatappError("the prompt is empty")
     attached = _read_attachments(args.attach)
     persona = _persona(args, settings)
-    loaded = _load(args, settings)
-    params = _sampling(args, settings, loaded, persona)
-    session = ChatSession(loaded)
+    session = _session(args, settings)
+    params = _sampling(args, settings, session.loaded, persona)
     messages = [*_opening(args, persona), Message("user", attachments.message_text(prompt, attached))]
     why = _too_long(session, messages, params.max_new_tokens, bool(attached), "--force")
     if why and not args.force:
@@ -396,12 +420,11 @@ def _read_command(text: str) -> str | None:
 
 
 def cmd_repl(args: argparse.Namespace, settings: Settings) -> int:
-    from .engine import ChatSession, Message
+    from .protocol import Message
 
     persona = _persona(args, settings)
-    loaded = _load(args, settings)
-    session = ChatSession(loaded)
-    params = _sampling(args, settings, loaded, persona)
+    session = _session(args, settings)
+    params = _sampling(args, settings, session.loaded, persona)
     history = _opening(args, persona)
     waiting: list[attachments.Attachment] = []  # /read files for the next message
     refused = None  # the messages last refused as too long, and how many waiting files they hold: /force sends them
@@ -527,7 +550,14 @@ COMMANDS = {
     "models": cmd_models,
     "search": cmd_search,
     "serve": lambda args, settings: _serve(args, settings),
+    "key": lambda args, settings: _key(args, settings),
 }
+
+
+def _key(args: argparse.Namespace, settings: Settings) -> int:
+    from .cli_remote import cmd_key
+
+    return cmd_key(args, settings)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -559,6 +589,14 @@ def _tui(args) -> int:
     check_folders(settings, sources)
     _use_hub_cache(settings)
     route_library_logs(settings.data_dir)  # a library's stray line on stderr would tear the screen
+    if args.backend:
+        from dataclasses import replace
+
+        from .cli_remote import check_url
+
+        settings = replace(settings, backend_url=check_url(args.backend))
+    if args.api_key:
+        os.environ["CHATAPP_API_KEY"] = args.api_key  # this process only: never written anywhere
     from .ui.app import run
 
     return run(settings, errors, args.model, args.preset)

@@ -76,6 +76,9 @@ class Settings:
     kv_disk_budget: float = 10.0
     #: Where downloaded models go (empty: huggingface_hub's own default, from HF_HUB_CACHE or HF_HOME).
     hub_cache: Path | None = None
+    #: An OpenAI-compatible server to chat through instead of the local worker, e.g. http://gpu-box:8000/v1
+    #: (empty: the local worker). Its API key comes from $CHATAPP_API_KEY or the system keyring, never from here.
+    backend_url: str = ""
 
     @property
     def config_file(self) -> Path:
@@ -155,6 +158,10 @@ _RULES = {
     "context_cap": (lambda v: v >= 0, "must be >= 0 (0: the model's own maximum)"),
     **{name: (lambda v, limit=limit: v is None or limit.accepts(v), limit.rule()) for name, limit in LIMITS.items()},
     "theme": (lambda v: bool(v.strip()), "must not be empty"),
+    "backend_url": (
+        lambda v: not v or (v.startswith(("http://", "https://")) and len(v.split("//", 1)[1]) > 0),
+        "must be empty or an http:// or https:// URL",
+    ),
 }
 
 

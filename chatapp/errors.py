@@ -25,6 +25,10 @@ class AttachmentError(ChatappError):
     """A file that can't go into a message: missing, unreadable, binary, not UTF-8 or too big."""
 
 
+class RemoteError(ChatappError):
+    """A remote OpenAI-compatible server refused, failed or could not be reached."""
+
+
 class ConfigError(ChatappError):
     """A bad value in a config or catalog file."""
 

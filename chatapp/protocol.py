@@ -12,6 +12,16 @@ from .sampling import SamplingParams
 
 
 @dataclass
+class Message:
+    """One message of a conversation, as the engine and a remote backend take it."""
+
+    role: str
+    content: str
+    #: A reply that was stopped (cancel) before it finished.
+    cut: bool = False
+
+
+@dataclass
 class TurnStats:
     """What one turn cost: the prompt, how much of it ran through the model, the reply, and how fast."""
 
@@ -37,6 +47,9 @@ class TurnStats:
     accepted_tokens: int = 0
     #: Of generated_tokens, those of the thinking block (a reasoning model's); the rest are the answer's.
     thinking_tokens: int = 0
+    #: Answered by a remote server: the token counts are its usage (when usage_reported), times are ours.
+    remote: bool = False
+    usage_reported: bool = True
 
     @property
     def answer_tokens(self) -> int:

@@ -6,42 +6,20 @@ replies re-tokenize to the ids sampled, so the cache counts below are exact.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
-import threading
 import time
 
 import httpx2 as httpx
 import openai
 import pytest
+from servehelpers import serving
 
 from chatapp.server.openai_schema import ApiError, parse_chat
 
 KEY = "sekret-test-key"
 TALK = "Talk for a long time"
-
-
-@contextlib.contextmanager
-def serving(engine, api_key=None, max_body_bytes=64 * 1024):
-    import uvicorn
-
-    from chatapp.server.app import bind, create_app
-
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key, max_body_bytes), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,25 +7,17 @@ import threading
 import time
 from collections.abc import Iterator
 from copy import deepcopy
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
 from ..errors import ContextOverflow
-from ..protocol import TurnStats
+from ..protocol import Message, TurnStats
 from ..sampling import DEFAULTS, SamplingParams
 from . import bf16_weights, kvcache, reasoning, speculate, static_decode
 from .draftmodel import ModelDrafter, check_draft
 from .generate import GenerationResponse, ReplyText, Sampler, StreamDecoder, decode_step, forward, prefill, stream
 from .loader import LoadedModel
-
-
-@dataclass
-class Message:
-    role: str
-    content: str
-    #: A reply that was stopped (cancel) before it finished.
-    cut: bool = False
 
 
 def render_ids(tokenizer, messages: list[Message], thinking: bool | None = None) -> list[int]:

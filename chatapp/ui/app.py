@@ -19,6 +19,7 @@ from ..config import Settings, save_setting
 from ..errors import ChatappError
 from ..hardware import Hardware
 from ..personas import load_personas
+from ..remote_client import RemoteClient
 from ..store import Store, StoreDamaged
 from ..worker_client import WorkerClient
 from .backend import Backend, Target, WorkerEvent
@@ -53,13 +54,17 @@ class ChatApp(App):
         cache_budget_bytes: int | None = None,
         hardware: Hardware | None = None,
         first_run: bool | None = None,
-        client_factory=WorkerClient,
+        client_factory=None,
     ):
         super().__init__()
         self.settings = settings
         self.store = store
         #: No model was ever loaded here: the picker opens (the starter loads meanwhile).
-        self.first_run = (model is None and store.get_state("last_model") is None) if first_run is None else first_run
+        if first_run is None:  # a remote server has its models: nothing to download first
+            first_run = model is None and store.get_state("last_model") is None and not settings.backend_url
+        self.first_run = first_run
+        if client_factory is None:
+            client_factory = RemoteClient if settings.backend_url else WorkerClient
         self.backend = Backend(
             self,
             client_factory,
@@ -149,11 +154,20 @@ class ChatApp(App):
 
     def action_models(self) -> None:
         from .screens.models import ModelPickerScreen
+        from .screens.remote_models import RemoteModelsScreen
 
+        if self.backend.remote:
+            if not isinstance(self.screen, RemoteModelsScreen):
+                self.push_screen(RemoteModelsScreen())
+            return
         if not isinstance(self.screen, ModelPickerScreen):
             self.push_screen(ModelPickerScreen())
 
     def action_presets(self) -> None:
+        if self.backend.remote:
+            host = self.backend.client.host
+            self.notify(f"Presets, memory and the KV cache are decided by the server (remote: {host}).", timeout=6)
+            return
         self._plan_presets(self.backend.model, self.backend.preset)
 
     @work(thread=True, exclusive=True, group="presets")

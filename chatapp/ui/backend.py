@@ -151,6 +151,11 @@ class Backend:
         #: chat id -> "live" (GPU memory or RAM), "parked" (CPU RAM) or "disk"; a chat not here is cold.
         self.cache_states: dict[int, str] = {}
 
+    @property
+    def remote(self) -> bool:
+        """Whether replies come from a remote server (RemoteClient) rather than the local worker."""
+        return getattr(self.client, "remote", False)
+
     # -- who hears about it ---------------------------------------------------------------------
 
     def listen(self, node: MessagePump) -> None:
@@ -192,6 +197,9 @@ class Backend:
         """In a thread: what the reference names, and a download when it is a Hub model not yet here."""
         from ..refs import parse_ref
 
+        if self.remote:  # the server has its models; nothing to find or download here
+            self.app.call_from_thread(self._send_load, target)
+            return
         try:
             source = parse_ref(target.model, self.app.catalog())
             if source.kind == "hub":

@@ -289,6 +289,8 @@ class StatusBar(Vertical):
 
 
 def loaded_line(loaded) -> str:
+    if loaded.preset == "remote":
+        return f"{loaded.model} · {loaded.device} · presets decided by the server"
     preset = loaded.preset if loaded.preset == loaded.dtype else f"{loaded.preset} ({loaded.dtype})"
     return (
         f"{loaded.model} · {preset} · {loaded.device} · {loaded.attn_implementation} · {size(loaded.footprint_bytes)}"
@@ -296,6 +298,12 @@ def loaded_line(loaded) -> str:
 
 
 def stats_line(stats: dict, context_length: int | None) -> str:
+    speed = f"TTFT {stats['ttft_s']:.2f}s · {stats['decode_tokens_per_s']:.1f} tok/s"
+    if stats.get("remote"):
+        if not stats.get("usage_reported", True):
+            return f"{speed} · the server reported no token counts"
+        cached = stats["prompt_tokens"] - stats["prefilled_tokens"]
+        return f"prompt {stats['prompt_tokens']:,} · cached {cached:,} · {stats['generated_tokens']:,} tok · {speed}"
     used = stats["prompt_tokens"] + stats["generated_tokens"]
     context = f"ctx {used:,}/{context_length:,}" if context_length else f"ctx {used:,}"
     # Stats stored before speculative decoding have no draft counts.

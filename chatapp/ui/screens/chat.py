@@ -219,7 +219,7 @@ class ChatScreen(ChatManagement, ChatAttachments, ChatThinking, Screen):
             why = "this reply finishes" if self.turn else "the model has loaded"
             self.notify(f"Queued: it is sent when {why}.", timeout=3)
             return
-        if attachments:
+        if attachments and not self.app.backend.remote:  # a remote server counts with its own tokenizer
             self.count_first(self.conversation_id, event.text, attachments)  # sends once the count says it fits
             return
         await self.send_now(self.conversation_id, event.text, attachments)
@@ -343,8 +343,9 @@ class ChatScreen(ChatManagement, ChatAttachments, ChatThinking, Screen):
         status.model_line = loaded_line(event.info)
         if self.conversation_id is not None:
             self._show_stats(self._latest_stats(self.store.messages(self.conversation_id)))
-        self._remember("last_model", self.app.backend.model)
-        self._remember("last_preset", self.app.backend.preset)
+        if not self.app.backend.remote:  # a server's model id means nothing to the local worker next time
+            self._remember("last_model", self.app.backend.model)
+            self._remember("last_preset", self.app.backend.preset)
         for note in event.info.notes:
             self.notify(note, timeout=8)
         await self._next_queued()
