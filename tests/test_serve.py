@@ -238,16 +238,22 @@ def test_serving_beyond_this_machine_needs_a_key(tiny_words_folder, tmp_path):
 def test_chatapp_serve_says_where_and_answers(tiny_words_folder, tmp_path):
     command = [sys.executable, "-m", "chatapp.cli", "serve", "--port", "0", "--model", str(tiny_words_folder)]
     command += ["--preset", "fp32", "--slots", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path, key=KEY)
+    )
     try:
         line = process.stdout.readline()
         assert line.startswith("chatapp serve: http://127.0.0.1:") and "1 cache slot" in line, line
+        assert "API key required" in line
         base = line.split()[2].removesuffix("/v1")
         assert httpx.get(f"{base}/health", timeout=30).json()["status"] == "ok"
-        assert KEY not in line
+        assert httpx.get(f"{base}/v1/models", timeout=30).status_code == 401
+        answer = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        assert answer.status_code == 200
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        out, err = process.communicate(timeout=30)
+    assert KEY not in line + out + err  # the key is never printed or logged
 
 
 def _env(tmp_path, key=None):
