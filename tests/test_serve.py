@@ -139,6 +139,27 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_reply(url, client, eng
     assert nxt.usage.prompt_tokens_details.cached_tokens > 0
 
 
+def test_a_non_streaming_client_that_gives_up_cancels_its_reply_too(url, client, engine):
+    body = {"model": engine.name, "messages": [user(TALK + " please")], "max_tokens": 1500, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=1.5)
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{url}/health").json()["queue"]:
+        assert time.monotonic() < deadline, "the reply went on after its client left"
+        time.sleep(0.1)
+    assert engine.last.messages[-1].cut and engine.last.cache_tokens < 1000, (
+        engine.last.messages[-1],
+        engine.last.cache_tokens,
+    )
+
+
+def test_a_seed_makes_a_sampled_reply_repeatable(client, engine):
+    replies = {
+        ask(client, engine, [user("Pick words")], temperature=1.0, seed=7).choices[0].message.content for _ in "ab"
+    }
+    assert len(replies) == 1
+
+
 HI = [{"role": "user", "content": "hi"}]
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}
 

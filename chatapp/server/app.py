@@ -23,8 +23,6 @@ from .openai_schema import ApiError
 #: The largest request body accepted: a long chat with pasted files, with room to spare.
 MAX_BODY_BYTES = 4 * 1024 * 1024
 NEED_KEY = "a valid API key is required: Authorization: Bearer KEY"
-#: How often a request waiting on the engine checks whether its client is still there.
-POLL_S = 0.2
 
 
 def is_loopback(host: str) -> bool:
@@ -58,16 +56,9 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = MAX_BOD
 
         return refuse(ApiError(500, f"{type(exc).__name__}: {first_line(exc)}"))
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if api_key and request.url.path != "/health" and not _authorized(request.headers, api_key):
-            return refuse(
-                ApiError(401, "a valid API key is required: Authorization: Bearer KEY", code="invalid_api_key")
-            )
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_body_bytes:
-            return refuse(_too_big(max_body_bytes))
-        return await call_next(request)
+    # A plain ASGI middleware, not @app.middleware: that one wraps `receive`, and then a request can't see
+    # its client leave (request.is_disconnected), which is how a non-streaming reply gets cancelled.
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.get("/health")
     async def _health():
@@ -106,7 +97,28 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = MAX_BOD
     return app
 
 
-def _authorized(headers, api_key: str) -> bool:
+class Guard:
+    """The key check and the body size check, before any route runs (the body is also counted as it is read)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+            error = None
+            if self.api_key and scope["path"] != "/health" and not _authorized(headers, self.api_key):
+                error = ApiError(401, NEED_KEY, code="invalid_api_key")
+            length = headers.get("content-length", "")
+            if error is None and length.isdigit() and int(length) > self.max_body_bytes:
+                error = _too_big(self.max_body_bytes)
+            if error is not None:
+                await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _authorized(headers: dict, api_key: str) -> bool:
     scheme, _, given = headers.get("authorization", "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
 
@@ -127,12 +139,11 @@ async def _body(request, limit: int) -> bytes:
 
 
 async def _watch(request, job) -> None:
-    """Cancel the job when its client goes away (a closed stream, a timed-out request)."""
-    while not job.done.is_set():
-        if await request.is_disconnected():
-            job.cancel.set()
-            return
-        await asyncio.sleep(POLL_S)
+    """Cancel the job when its client goes away (a closed stream, a request it gave up on): once the body is
+    read, the next ASGI message is the disconnect (after the response, it is harmless)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel.set()
 
 
 async def _rest(events: asyncio.Queue) -> list:
