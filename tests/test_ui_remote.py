@@ -32,6 +32,7 @@ def test_a_chat_on_a_remote_server_works_as_on_the_worker(settings, tmp_path, se
         await loaded(pilot)
         status = app.chat.query_one("StatusBar")
         host = url.split("//")[1].removesuffix("/v1")
+        await until(pilot, lambda: "remote:" in status.model_line, what="the status bar")
         assert status.model_line == f"{engine.name} · remote: {host} · presets decided by the server"
         await say(pilot, "Tell me about rivers")
         await say(pilot, "And bridges?")
@@ -84,7 +85,8 @@ def test_a_stream_cut_mid_reply_is_one_line_and_the_partial_reply_is_kept(settin
 
     async def scenario(pilot):
         await loaded(pilot)
-        assert any("using 'stub'" in n for n in app.notices)  # the server has no default model: its own
+        # The server hasn't the default model: its own is used, with a notice.
+        await until(pilot, lambda: any("using 'stub'" in n for n in app.notices), what="the notice")
         await say(pilot, "hi")
         assert any("closed the stream mid-reply" in n for n in app.notices)
         stored = app.store.messages(app.chat.conversation_id)[-1]
