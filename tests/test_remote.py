@@ -91,11 +91,15 @@ def test_against_transformers_serve_a_reply_streams_and_a_cancel_keeps_the_parti
         client.stop()
 
 
-def test_ask_with_a_backend_prints_the_server_s_reply(peer, tmp_path):
-    command = [sys.executable, "-m", "chatapp.cli", "ask", "--backend", peer, "--max-new-tokens", "8", "Hi"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+def test_ask_with_a_backend_prints_the_server_s_reply_without_torch(peer, tmp_path):
+    argv = ["ask", "--backend", peer, "--max-new-tokens", "8", "Hi"]
+    script = (
+        "import sys; from chatapp.cli import main; code = main(sys.argv[1:]); "
+        "print('torch loaded' if 'torch' in sys.modules else 'no torch', file=sys.stderr); sys.exit(code)"
+    )
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() and "remote: 127.0.0.1" in done.stderr
+    assert done.stdout.strip() and "remote: 127.0.0.1" in done.stderr and "no torch" in done.stderr
 
 
 def test_against_chatapp_serve_usage_shows_the_cache_and_the_key_is_needed(settings, ours, monkeypatch):

@@ -40,6 +40,7 @@ def test_a_chat_on_a_remote_server_works_as_on_the_worker(settings, tmp_path, se
         assert [v.role for v in views] == ["user", "assistant", "user", "assistant"]
         stored = app.store.messages(app.chat.conversation_id)
         assert stored[-1].content == views[-1].content and stored[-1].preset == "remote"
+        assert stored[-1].model == engine.name  # the server's model, not the default the app asked for
         stats = last_stats(app)
         cached = stats["prompt_tokens"] - stats["prefilled_tokens"]
         assert stats["remote"] and cached > 0  # the server's usage: it reused its cache

@@ -328,6 +328,8 @@ class Backend:
             self._post(DownloadUpdate, self.model, event.done_bytes, event.total_bytes, event.bytes_per_s)
         elif isinstance(event, p.Loaded):
             self.loaded, self.fallback = event, None
+            if self.remote:  # the server may serve another model than the one asked for: say which it is
+                self.model = event.model
             self._post(ModelLoaded, event)
         elif isinstance(event, p.Evicted):
             self._post(CachesEvicted, event.conversation_ids, event.freed_bytes, event.to_disk, event.parked)
