@@ -333,3 +333,22 @@ def test_bench_serve_reports_each_turn(url, engine, tiny_words_folder):
         assert row["prompt_tokens"] > before["prompt_tokens"] + before["completion_tokens"]
         assert row["cached_tokens"] >= before["prompt_tokens"] + before["completion_tokens"] - 1
     assert "turn-3 TTFT / turn-2 TTFT" in bench.table(result)
+
+
+def test_a_request_whose_client_left_while_queued_is_skipped_and_still_ends(engine):
+    from chatapp.server.openai_schema import ChatRequest
+
+    long = ChatRequest(engine.name, [("user", TALK)], {"max_new_tokens": 1500, "temperature": 0.0})
+    heard: dict[str, list] = {"long": [], "queued": []}
+    first = engine.submit(long, lambda kind, value: heard["long"].append(kind))
+    queued = engine.submit(ChatRequest(engine.name, [("user", "hi")]), lambda *event: heard["queued"].append(event))
+    deadline = time.monotonic() + 120
+    while "delta" not in heard["long"]:
+        assert time.monotonic() < deadline, "the long reply did not start"
+        time.sleep(0.05)
+    queued.cancel.set()  # its client left while the long reply ran
+    first.cancel.set()
+    assert queued.done.wait(120) and first.done.wait(1)
+    [(kind, error)] = heard["queued"]
+    assert kind == "error" and error.code == "cancelled"  # its handler hears an end instead of waiting forever
+    assert heard["long"][-1] == "done" and engine.queue_length == 0

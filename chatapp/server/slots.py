@@ -91,6 +91,7 @@ class Engine:
         self._clock = itertools.count(1)
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._pending = 0
+        self._current: Job | None = None
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True, name="chatapp-serve-engine")
         self._thread.start()
@@ -109,7 +110,11 @@ class Engine:
         return job
 
     def close(self) -> None:
-        """Finish the reply in progress, then stop; the slots' snapshots are on disk when this returns."""
+        """Stop the reply in progress (its slot stays consistent), then the thread; the slots' snapshots are on
+        disk when this returns."""
+        current = self._current
+        if current is not None:
+            current.cancel.set()
         self._jobs.put(None)
         self._thread.join(timeout=30)
         if self.disk is not None:
@@ -130,10 +135,14 @@ class Engine:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
+            self._current = job
             try:
-                if not job.cancel.is_set():  # its client left while it waited
+                if job.cancel.is_set():  # its client left while it waited; its handler still waits for an end
+                    job.emit("error", ApiError(400, "the client left before its turn", code="cancelled"))
+                else:
                     self._answer(job)
             finally:
+                self._current = None
                 with self._lock:
                     self._pending -= 1
                 job.done.set()
