@@ -185,12 +185,13 @@ class ChatSession:
         self._cache, self._cache_ids = cache, list(ids)
         self._restored = (len(ids), restored_s)
 
-    def preview_ids(self, messages: list[Message], room: int) -> list[int]:
-        """The ids a turn on `messages` would render, older turns dropped to fit as reply_to drops them."""
+    def preview_ids(self, messages: list[Message], room: int, thinking: bool | None = None) -> list[int]:
+        """The ids a turn on `messages` would render, older turns dropped to fit as reply_to drops them
+        (thinking as reply_to takes it: the switch changes what a reasoning template renders)."""
         try:
-            return _fit(self.loaded.tokenizer, messages, 0, room, self.context_length)[0]
+            return _fit(self.loaded.tokenizer, messages, 0, room, self.context_length, thinking)[0]
         except ContextOverflow:
-            return render_ids(self.loaded.tokenizer, messages)
+            return render_ids(self.loaded.tokenizer, messages, thinking)
 
     def move_to(self, device) -> None:
         """Move the cache to another device (parking a GPU cache in CPU RAM, and back)."""

@@ -127,7 +127,7 @@ def _messages(value) -> list[tuple[str, str]]:
 
 def _content(value, where: str, role: str) -> str:
     if isinstance(value, str):
-        return value
+        return _unicode(value, where)
     if value is None and role == "assistant":
         return ""
     if isinstance(value, list):
@@ -137,8 +137,17 @@ def _content(value, where: str, role: str) -> str:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise ApiError(400, f"'{where}' may hold only text parts, got {kind!r}", param=where)
             texts.append(part["text"])
-        return "".join(texts)
+        return _unicode("".join(texts), where)
     raise ApiError(400, f"'{where}' must be a string or a list of text parts", param=where)
+
+
+def _unicode(text: str, where: str) -> str:
+    # JSON lets "\ud800" through as a lone surrogate, which no tokenizer can encode: the client's mistake, not a 500.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"'{where}' is not valid Unicode text ({exc.reason} at {exc.start})", param=where) from None
+    return text
 
 
 def _sampling(body: dict) -> dict:
@@ -164,7 +173,7 @@ def _stop(value) -> tuple[str, ...]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP} non-empty strings", param="stop")
-    return tuple(stops)
+    return tuple(_unicode(s, "stop") for s in stops)
 
 
 # -- what goes back ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import itertools
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import ContextOverflow, first_line
 from ..sampling import resolve
@@ -120,11 +120,11 @@ class Engine:
         if self.disk is not None:
             self.disk.close()
 
-    def pick(self, messages, max_new_tokens: int) -> int:
+    def pick(self, messages, max_new_tokens: int, thinking: bool | None = None) -> int:
         """The index of the slot this conversation should use (see the module doc)."""
         from ..engine.session import common_prefix_len
 
-        ids = self.slots[0].preview_ids(messages, max_new_tokens)
+        ids = self.slots[0].preview_ids(messages, max_new_tokens, thinking)
         shared = [common_prefix_len(ids, list(session.cache_ids)) for session in self.slots]
         # A slot is this conversation's when most of what it holds is this prompt's start: a system prompt or
         # a template's header shared with another chat is not reason enough to wipe that chat's cache.
@@ -154,7 +154,7 @@ class Engine:
         try:
             params = resolve(request.sampling, *self.layers)
             messages = [Message(role, content) for role, content in request.messages]
-            index = self.pick(messages, params.max_new_tokens)
+            index = self.pick(messages, params.max_new_tokens, request.thinking)
             self._used[index] = next(self._clock)
             self.last = self.slots[index]
             replies = self.slots[index].reply_to(messages, params, job.cancel, request.thinking, stop=request.stop)
@@ -162,7 +162,8 @@ class Engine:
                 if response.text:
                     job.emit("delta", response.text)
                 if response.stats is not None:
-                    job.emit("done", (self.slots[index].messages[-1].content, response.stats))
+                    stats = _openai_finish(response.stats, params.max_new_tokens)
+                    job.emit("done", (self.slots[index].messages[-1].content, stats))
             if self.disk is not None:
                 self.disk.save(index, self.slots[index])  # in the background, while the client reads
         except ContextOverflow as exc:
@@ -171,3 +172,15 @@ class Engine:
             job.emit("error", ApiError(400, first_line(exc)))
         except Exception as exc:  # one line for the client; the server goes on
             job.emit("error", ApiError(500, f"{type(exc).__name__}: {first_line(exc)}"))
+
+
+def _openai_finish(stats, max_new_tokens: int):
+    """The stats with "overflow-trimmed" told apart as OpenAI's stop or length.
+
+    The engine's "overflow-trimmed" (older turns dropped to fit) replaces the reason the reply ended, but an
+    API client reads "length" as "raise max_tokens or continue": a trimmed reply that ran out must say so.
+    A reply whose stop string or token is exactly its last allowed token reads as "length" here: the stats
+    no longer say which came first, and asking for more is harmless then."""
+    if stats.finish_reason != "overflow-trimmed":
+        return stats
+    return replace(stats, finish_reason="length" if stats.generated_tokens >= max_new_tokens else "stop")
