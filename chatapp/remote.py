@@ -108,6 +108,10 @@ class Remote:
         except Exception as exc:
             raise self._error(exc, model) from None
         usage, finish, pieces, times, inside = None, None, 0, [], False
+        ended = threading.Event()
+        # A cancel closes the connection at once, from a thread: a server that is slow to send the next token
+        # (a long prefill, a stall) would otherwise hold the stop until that token came.
+        threading.Thread(target=_close_on, args=(cancel, ended, stream), daemon=True, name="remote-cancel").start()
         try:
             for chunk in stream:
                 if cancel.is_set():
@@ -122,9 +126,13 @@ class Remote:
                         times.append(time.perf_counter())
                         yield RemoteResponse(text)
         except Exception as exc:
-            raise self._error(exc, model, midway=bool(times)) from None
+            if not cancel.is_set():
+                raise self._error(exc, model, midway=bool(times)) from None
         finally:
+            ended.set()
             stream.close()
+        if finish is None and cancel.is_set():
+            finish = "cancelled"
         if finish is None:  # the stream ended without saying why: the server went away mid-reply
             raise RemoteError(f"{self.url} closed the stream mid-reply; the partial reply is kept")
         if inside:
@@ -184,6 +192,31 @@ class Remote:
         except RemoteError:
             return ""
         return f"; it has: {', '.join(ids)}" if ids else ""
+
+
+def _close_on(cancel: threading.Event, ended: threading.Event, stream) -> None:
+    while not ended.is_set():
+        if cancel.wait(0.1):
+            _hang_up(stream)
+            return
+
+
+def _hang_up(stream) -> None:
+    """End the connection under a stream, waking a read blocked on it in another thread: closing the socket
+    alone doesn't wake a blocked recv on Linux, shutting it down does."""
+    import socket
+
+    try:
+        network = stream.response.extensions.get("network_stream")
+        sock = network.get_extra_info("socket") if network is not None else None
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except Exception:  # no socket to reach (another transport): closing the stream below is what is left
+        pass
+    try:
+        stream.close()
+    except Exception:  # a connection going away anyway
+        pass
 
 
 def _message(exc) -> str:

@@ -67,7 +67,8 @@ def transformers_serve(folder, timeout: float = 180):
 class StubServer:
     """A misbehaving OpenAI-style server (stdlib http.server): it stands in for a third-party server that fails,
     never for our own code. `mode`: "401", "cut" (two chunks, then the connection drops), "slow" (answers
-    nothing for `delay` seconds), "reasoning" (a reasoning_content delta, then content)."""
+    nothing for `delay` seconds), "stall" (its first words, then nothing for `delay` seconds), "reasoning" (a
+    reasoning_content delta, then content)."""
 
     def __init__(self, mode: str, delay: float = 5.0):
         import http.server
@@ -117,6 +118,8 @@ class StubServer:
                              "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}  # fmt: skip
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     self.wfile.flush()
+                    if stub.mode == "stall":  # the first words, then nothing for a long time
+                        time.sleep(stub.delay)
                 if stub.mode == "cut":
                     self.close_connection = True
                     return

@@ -180,6 +180,25 @@ def test_a_failing_server_is_one_line_and_the_partial_reply_is_kept(settings, mo
         stub.close()
 
 
+def test_a_cancel_stops_a_stalled_stream_at_once(settings):
+    """The server sent its first words and then nothing: Esc must not wait for the next token (here never)."""
+    stub = StubServer("stall", delay=600)
+    try:
+        events = Events()
+        client = RemoteClient(replace(settings, backend_url=stub.url), events)
+        client.start()
+        client.model = "stub"
+        client.send(p.Generate(1, 1, [("user", "hi")], SHORT))
+        assert isinstance(events.until(p.Delta)[-1], p.Delta)
+        client.send(p.Cancel(1))
+        finished = events.until(p.Finished, timeout=30)[-1]
+        assert isinstance(finished, p.Finished), finished
+        assert finished.stats.finish_reason == "cancelled" and finished.text == "Hello"
+        client.stop()
+    finally:
+        stub.close()
+
+
 def test_reasoning_sent_apart_becomes_a_thinking_block():
     from chatapp.thinking import ANSWER, THINKING, Splitter
 
