@@ -133,6 +133,16 @@ def test_an_engine_failure_is_a_one_line_500_and_the_server_goes_on(url, client,
     assert ask(client, engine, [user("hi")], max_tokens=2).usage.completion_tokens <= 2
 
 
+def test_an_empty_reply_is_answered_streamed_or_not(client, engine):
+    """A stop string that matches the reply's first characters leaves no text, so no delta ever comes."""
+    full = ask(client, engine, [user(TALK)]).choices[0].message.content
+    empty = ask(client, engine, [user(TALK)], stop=[full[:2]], timeout=60)
+    assert empty.choices[0].message.content == "" and empty.choices[0].finish_reason == "stop"
+    chunks = list(ask(client, engine, [user(TALK)], stop=[full[:2]], stream=True, timeout=60))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_an_unknown_model_is_404_model_not_found(url, client):
     response = httpx.post(f"{url}/v1/chat/completions", json={"model": "gpt-4o", "messages": [user("hi")]}, timeout=30)
     assert response.status_code == 404

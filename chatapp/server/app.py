@@ -89,7 +89,7 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = MAX_BOD
             raise first[1]
         if not chat.stream:
             try:
-                return _collect(chat, first, await _rest(events))
+                return _collect(chat, first, await _rest(first, events))
             finally:
                 watcher.cancel()
         return StreamingResponse(_stream(chat, first, events, job, watcher), media_type="text/event-stream")
@@ -146,13 +146,12 @@ async def _watch(request, job) -> None:
     job.cancel.set()
 
 
-async def _rest(events: asyncio.Queue) -> list:
-    out = []
-    while True:
-        kind, value = await events.get()
-        out.append((kind, value))
-        if kind in ("done", "error"):
-            return out
+async def _rest(first, events: asyncio.Queue) -> list:
+    """The job's events from `first` to its end; an empty reply (a stop at once) has no delta: `first` ends it."""
+    out = [first]
+    while out[-1][0] not in ("done", "error"):
+        out.append(await events.get())
+    return out
 
 
 def _collect(chat, first, rest: list):
