@@ -23,6 +23,8 @@ from .sampling import LIMITS, SamplingParams
 KEYRING_SERVICE = "chatapp"
 #: Seconds to wait for a server to connect or to send the next piece of a reply.
 TIMEOUT_S = 60.0
+#: Sampling fields beyond OpenAI's that vLLM, SGLang, llama-server and chatapp serve take.
+EXTRAS = ("top_k", "min_p", "repetition_penalty")
 #: The markers a server's separate reasoning text is wrapped in, so the app's thinking blocks show it.
 THINKING = ("<think>", "</think>")
 
@@ -81,6 +83,8 @@ class Remote:
 
         self.url = url.rstrip("/")
         self.timeout = timeout
+        #: Whether to send EXTRAS; False once this server refused them.
+        self.extras = True
         # No retries: a refused connection or a 401 is said at once, not after three silent tries.
         self.client = openai.OpenAI(base_url=self.url, api_key=key or "none", max_retries=0, timeout=timeout)
 
@@ -104,7 +108,7 @@ class Remote:
         cancel = cancel or threading.Event()
         started = time.perf_counter()
         try:
-            stream = self.client.chat.completions.create(**self._request(model, messages, params, thinking))
+            stream = self._create(self._request(model, messages, params, thinking))
         except Exception as exc:
             raise self._error(exc, model) from None
         usage, finish, pieces, times, inside = None, None, 0, [], False
@@ -139,10 +143,26 @@ class Remote:
             yield RemoteResponse(THINKING[1])
         yield RemoteResponse("", finish, _stats(usage, finish, pieces, times, started))
 
+    def _create(self, request: dict):
+        """The streaming request; a server that refuses our sampling extras by name gets it again without them,
+        and never gets them again (transformers serve answers 422 to top_k)."""
+        import openai
+
+        try:
+            return self.client.chat.completions.create(**request)
+        except openai.APIStatusError as exc:
+            extra = request.get("extra_body") or {}
+            named = [name for name in EXTRAS if name in extra and name in _message(exc)]
+            if exc.status_code not in (400, 422) or not named:
+                raise
+        self.extras = False
+        request["extra_body"] = {k: v for k, v in extra.items() if k not in EXTRAS} or None
+        return self.client.chat.completions.create(**request)
+
     def _request(self, model: str, messages, params: SamplingParams, thinking: bool | None) -> dict:
         extra = {}
         # Beyond OpenAI's own fields: vLLM, SGLang, llama-server and chatapp serve take these; others ignore them.
-        for name in ("top_k", "min_p", "repetition_penalty"):
+        for name in EXTRAS if self.extras else ():
             if getattr(params, name) != LIMITS[name].default:
                 extra[name] = getattr(params, name)
         if thinking is not None:
@@ -225,6 +245,8 @@ def _message(exc) -> str:
         error = body.get("error", body)
         if isinstance(error, dict) and error.get("message"):
             return str(error["message"])
+        if body.get("detail"):  # FastAPI's own refusals (transformers serve's among them)
+            return str(body["detail"])
     return str(getattr(exc, "message", exc))
 
 

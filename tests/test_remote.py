@@ -79,6 +79,9 @@ def test_against_transformers_serve_a_reply_streams_and_a_cancel_keeps_the_parti
         assert finished.text == deltas and deltas.strip()
         assert finished.stats.remote and finished.stats.generated_tokens >= 1
         assert finished.stats.finish_reason in ("stop", "length")
+        # It refuses top_k by name (422): asked again without it, and not sent to it again.
+        client.send(p.Generate(3, 1, [("user", "Hi")], SamplingParams(4, temperature=0.0, top_k=5)))
+        assert isinstance(events.until(p.Finished)[-1], p.Finished) and client.server.extras is False
         # A long reply, stopped after its first words: the partial text comes back, marked cancelled.
         client.send(p.Generate(2, 1, [("user", "Write a long story about a river.")], SamplingParams(400)))
         first = events.until(p.Delta)[-1]
