@@ -106,7 +106,10 @@ def _add_draft_arg(parser: argparse.ArgumentParser) -> None:
 
 def _add_backend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--backend", metavar="URL", help="an OpenAI-compatible server to use instead of the local worker (…/v1)"
+        "--backend",
+        metavar="URL|local",
+        help="an OpenAI-compatible server to use instead of the local worker (…/v1); local: the worker, whatever "
+        "backend_url says",
     )
     parser.add_argument("--api-key", help="the server's API key (default: $CHATAPP_API_KEY, else the keyring)")
 
@@ -380,7 +383,7 @@ def _too_long(session, messages, room: int, attached: bool, force_with: str) -> 
 
 def _session(args: argparse.Namespace, settings: Settings):
     """A ChatSession on the model loaded here, or a RemoteSession on the server --backend (or backend_url) names."""
-    url = args.backend or settings.backend_url
+    url = _backend_url(args, settings)
     if url:
         from .cli_remote import remote_session
 
@@ -388,6 +391,13 @@ def _session(args: argparse.Namespace, settings: Settings):
     from .engine import ChatSession
 
     return ChatSession(_load(args, settings))
+
+
+def _backend_url(args: argparse.Namespace, settings: Settings) -> str:
+    """The server --backend names ("local": none, over backend_url), else backend_url ("": the local worker)."""
+    if args.backend == "local":
+        return ""
+    return args.backend or settings.backend_url
 
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
@@ -594,7 +604,8 @@ def _tui(args) -> int:
 
         from .cli_remote import check_url
 
-        settings = replace(settings, backend_url=check_url(args.backend))
+        url = _backend_url(args, settings)
+        settings = replace(settings, backend_url=check_url(url) if url else "")
     if args.api_key:
         os.environ["CHATAPP_API_KEY"] = args.api_key  # this process only: never written anywhere
     from .ui.app import run

@@ -46,7 +46,7 @@ def api_key(url: str, explicit: str | None = None) -> str | None:
 def store_key(url: str, key: str | None) -> None:
     """Put url's key in the system keyring (None: delete it); RemoteError when there is no keyring."""
     import keyring
-    from keyring.errors import KeyringError, PasswordDeleteError
+    from keyring.errors import KeyringError, NoKeyringError, PasswordDeleteError
 
     try:
         if key is None:
@@ -55,6 +55,8 @@ def store_key(url: str, key: str | None) -> None:
             keyring.set_password(KEYRING_SERVICE, url, key)
     except PasswordDeleteError:
         raise RemoteError(f"no key is stored for {url}") from None
+    except NoKeyringError:
+        raise RemoteError("no system keyring on this machine; use $CHATAPP_API_KEY instead") from None
     except (KeyringError, RuntimeError) as exc:
         raise RemoteError(
             f"no system keyring to store the key in ({first_line(exc)}); use $CHATAPP_API_KEY instead"

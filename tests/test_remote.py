@@ -105,6 +105,35 @@ def test_ask_with_a_backend_prints_the_server_s_reply_without_torch(peer, tmp_pa
     assert done.stdout.strip() and "remote: 127.0.0.1" in done.stderr and "no torch" in done.stderr
 
 
+def test_backend_local_uses_the_worker_whatever_backend_url_says(tiny_words_folder):
+    import os
+
+    env = {**os.environ, "CHATAPP_BACKEND_URL": "http://127.0.0.1:9/v1"}  # nothing answers there
+    argv = ["ask", "--model", str(tiny_words_folder), "--preset", "fp32", "--max-new-tokens", "3", "Hi"]
+    command = [sys.executable, "-m", "chatapp.cli", *argv]
+    away = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert away.returncode == 1 and "can't reach http://127.0.0.1:9/v1" in away.stderr
+    here = subprocess.run([*command, "--backend", "local"], capture_output=True, text=True, timeout=300, env=env)
+    assert here.returncode == 0 and here.stdout.strip(), here.stderr
+
+
+def test_without_a_keyring_key_set_says_so_in_one_line(monkeypatch):
+    import keyring
+    from keyring.backends import fail
+
+    monkeypatch.delenv("CHATAPP_API_KEY", raising=False)
+    previous = keyring.get_keyring()
+    keyring.set_keyring(fail.Keyring())
+    try:
+        from chatapp.remote import store_key
+
+        with pytest.raises(RemoteError, match=r"^no system keyring on this machine; use \$CHATAPP_API_KEY instead$"):
+            store_key("http://gpu-box:8000/v1", "k")
+        assert api_key("http://gpu-box:8000/v1") is None  # a lookup without a keyring is no key, silently
+    finally:
+        keyring.set_keyring(previous)
+
+
 def test_against_chatapp_serve_usage_shows_the_cache_and_the_key_is_needed(settings, ours, monkeypatch):
     url, engine = ours
     monkeypatch.setenv("CHATAPP_API_KEY", KEY)
