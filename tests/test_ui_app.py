@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fakeworker import FakeWorkerClient
-from uihelpers import loaded, loaded_event, make_app, make_settings, run, seeded_store
+from uihelpers import loaded, loaded_event, make_app, make_settings, run, seeded_store, until
 
 from chatapp.config import load_settings_checked
 from chatapp.store import Store
@@ -103,6 +103,8 @@ def test_the_app_opens_on_the_last_used_model_else_the_default(settings, tmp_pat
     async def scenario(pilot):
         await loaded(pilot)
         assert (app.chat.loaded.model, app.chat.loaded.preset) == (str(mine), "nf4")
-        assert app.chat.query_one("StatusBar").model_line.startswith(f"{mine} · nf4 (fp32) · cpu")
+        status = app.chat.query_one("StatusBar")
+        # The backend knows before the screen has heard: wait for the status bar, don't race it.
+        await until(pilot, lambda: status.model_line.startswith(f"{mine} · nf4 (fp32) · cpu"), what="the status bar")
 
     run(app, scenario)
