@@ -28,6 +28,20 @@ def serving(engine, api_key=None, max_body_bytes=64 * 1024):
         sock.close()
 
 
+#: A prompt the tiny words-only model answers at length (greedy), for acting mid-reply.
+TALK = "Talk for a long time"
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def ask(client, engine, messages, **options):
+    """A greedy, short, non-streaming reply unless options say otherwise."""
+    options = {"temperature": 0.0, "max_tokens": 8, **options}
+    return client.chat.completions.create(model=engine.name, messages=messages, **options)
+
+
 @contextlib.contextmanager
 def transformers_serve(folder, timeout: float = 180):
     """`transformers serve` on the folder, on 127.0.0.1: a real OpenAI-compatible server that isn't ours.

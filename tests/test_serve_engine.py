@@ -14,11 +14,9 @@ import time
 import httpx2 as httpx
 import openai
 import pytest
-from servehelpers import serving
+from servehelpers import TALK, ask, serving, user
 
 from chatapp.server.openai_schema import ChatRequest
-
-TALK = "Talk for a long time"
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +37,6 @@ def url(engine):
 @pytest.fixture
 def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def ask(client, engine, messages, **options):
-    options = {"temperature": 0.0, "max_tokens": 8, **options}
-    return client.chat.completions.create(model=engine.name, messages=messages, **options)
 
 
 def queue(url) -> int:
