@@ -281,7 +281,7 @@ def _stats(usage, finish: str, pieces: int, times: list[float], started: float) 
         ttft_s=(times[0] if times else time.perf_counter()) - started,
         decode_tokens_per_s=(generated - 1) / decode_s if decode_s > 0 else 0.0,
         cache_tokens=prompt + generated if usage is not None else 0,
-        finish_reason={"length": "length"}.get(finish, "cancelled" if finish == "cancelled" else "stop"),
+        finish_reason=finish if finish in ("length", "cancelled") else "stop",
         remote=True,
         usage_reported=usage is not None,
     )

@@ -89,7 +89,7 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = MAX_BOD
             raise first[1]
         if not chat.stream:
             try:
-                return _collect(chat, first, await _rest(first, events))
+                return _collect(chat, await _rest(first, events))
             finally:
                 watcher.cancel()
         return StreamingResponse(_stream(chat, first, events, job, watcher), media_type="text/event-stream")
@@ -154,7 +154,7 @@ async def _rest(first, events: asyncio.Queue) -> list:
     return out
 
 
-def _collect(chat, first, rest: list):
+def _collect(chat, rest: list):
     kind, value = rest[-1]
     if kind == "error":
         raise value
