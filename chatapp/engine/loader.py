@@ -16,7 +16,7 @@ from ..hardware import GpuInfo, Hardware, detect, detect_cpu, flash_attn_install
 from ..refs import ModelSource, parse_ref
 from ..sampling import model_defaults
 from ..units import mb
-from . import bf16_weights, static_decode
+from . import bf16_weights, cpu_attention, static_decode
 from .checks import check_remote_code, check_weights, remote_code_refusal, tokenizer_problem
 from .gguf import convert_gguf, is_converted
 
@@ -302,6 +302,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as exc:
         raise ModelLoadError(tokenizer_problem(folder, source.label, exc)) from None
+    cpu_attention.install()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder,
