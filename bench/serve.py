@@ -1,6 +1,7 @@
 """The scripted 10-turn chat of `chatapp bench`, through the `openai` client, against any OpenAI-compatible server.
 
-    python bench/serve.py URL [--model ID] [--api-key KEY] [--turns 10 --user-tokens 110 --max-new-tokens 24] [--json]
+    python bench/serve.py URL [--model ID] [--api-key KEY] [--turns 10 --user-tokens 110 --max-new-tokens 24]
+                              [--runs 1] [--json]
 
 URL is the server's base URL, e.g. http://127.0.0.1:8000/v1 for `chatapp serve` or `transformers serve`. Each
 turn sends the whole conversation, as an OpenAI client does, greedy (temperature 0), streaming with
@@ -8,6 +9,11 @@ turn sends the whole conversation, as an OpenAI client does, greedy (temperature
 the first chunk with text), the turn's time, prompt tokens and the server's `usage.prompt_tokens_details.
 cached_tokens` ("-" when the server reports none); then the whole chat's time. Run two servers one after the
 other on the same box to compare them; absolute times drift between runs.
+
+Each run is a new conversation: its first message starts with a tag of its own, so a server that keeps caches
+across requests (as `chatapp serve` does, even across restarts) can't answer a run's turns from an earlier
+run's. `--runs N` runs the chat N times and ends with each turn's median TTFT, which a one-off stall on a
+shared box moves less than a single run.
 
 The user messages are the bench's (`scripted_messages`), sized in tokens by the starter model's tokenizer
 (`--tokenizer`, default the converted starter model), so the chat is the same whichever server answers.
@@ -17,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
+import statistics
 import sys
 import time
 
@@ -66,7 +74,10 @@ def turn(client, model: str, messages: list[dict], max_new_tokens: int) -> dict:
     }
 
 
-def run(url: str, model: str | None, api_key: str, turns: int, user_tokens: int, max_new_tokens: int, tok) -> dict:
+def run(
+    url: str, model: str | None, api_key: str, turns: int, user_tokens: int, max_new_tokens: int, tok, tag: str = ""
+) -> dict:
+    """One chat; tag (if any) starts its first message, making it a conversation no earlier run had."""
     import openai
 
     from chatapp.engine.bench import scripted_messages
@@ -74,6 +85,8 @@ def run(url: str, model: str | None, api_key: str, turns: int, user_tokens: int,
     client = openai.OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=600)
     model = model or client.models.list().data[0].id
     users = scripted_messages(tok, turns, user_tokens)
+    if tag:
+        users[0] = f"[{tag}] {users[0]}"
     messages: list[dict] = []
     rows = []
     started = time.perf_counter()
@@ -83,7 +96,16 @@ def run(url: str, model: str | None, api_key: str, turns: int, user_tokens: int,
         messages.append({"role": "assistant", "content": row["text"]})
         rows.append(row)
     total = time.perf_counter() - started
-    return {"url": url, "model": model, "turns": rows, "total_s": total}
+    return {"url": url, "model": model, "tag": tag, "turns": rows, "total_s": total}
+
+
+def medians(results: list[dict]) -> dict:
+    """Each turn's median TTFT over the runs, and the median whole-chat time."""
+    turns = zip(*(result["turns"] for result in results), strict=True)
+    return {
+        "ttft_s": [statistics.median(row["ttft_s"] for row in rows) for rows in turns],
+        "total_s": statistics.median(result["total_s"] for result in results),
+    }
 
 
 def table(result: dict) -> str:
@@ -101,6 +123,16 @@ def ratio(rows: list[dict]) -> float:
     return rows[-1]["ttft_s"] / rows[1]["ttft_s"] if len(rows) > 1 and rows[1]["ttft_s"] else float("nan")
 
 
+def median_table(results: list[dict]) -> str:
+    mid = medians(results)
+    ttft = mid["ttft_s"]
+    return (
+        f"median of {len(results)} runs: TTFT per turn {' '.join(f'{t:.3f}' for t in ttft)}; "
+        f"whole chat {mid['total_s']:.2f} s; turn-{len(ttft)} TTFT / turn-2 TTFT = "
+        f"{ratio([{'ttft_s': t} for t in ttft]):.2f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8000/v1")
@@ -110,18 +142,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--user-tokens", type=int, default=110)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--tokenizer", help="sizes the user messages (default: the converted starter model)")
+    parser.add_argument("--runs", type=int, default=1, help="run the chat this many times, each a new one")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
-    result = run(
-        args.url,
-        args.model,
-        args.api_key,
-        args.turns,
-        args.user_tokens,
-        args.max_new_tokens,
-        _tokenizer(args.tokenizer),
-    )
-    print(json.dumps(result) if args.json else table(result))
+    if args.runs < 1 or args.turns < 1:
+        parser.error("--runs and --turns must be at least 1")
+    tok = _tokenizer(args.tokenizer)
+    results = []
+    for _ in range(args.runs):
+        tag = secrets.token_hex(3)
+        result = run(args.url, args.model, args.api_key, args.turns, args.user_tokens, args.max_new_tokens, tok, tag)
+        results.append(result)
+        if not args.json:
+            print(table(result), flush=True)
+    if args.json:
+        print(json.dumps(results[0] if args.runs == 1 else {"runs": results, "median": medians(results)}))
+    elif args.runs > 1:
+        print(median_table(results))
     return 0
 
 

@@ -299,6 +299,41 @@ def test_a_restarted_server_starts_from_its_slots_snapshots(tiny_words_fp32, set
     assert cached >= reply.usage.prompt_tokens + reply.usage.completion_tokens - 1
 
 
+def test_snapshots_wait_until_the_server_is_quiet(tiny_words_fp32, settings, tmp_path):
+    """A slot is written once no request has come for quiet_s, not while the next turn may be prefilling."""
+    from dataclasses import replace
+
+    from chatapp.server.openai_schema import ChatRequest
+    from chatapp.server.slots import Engine, disk_cache
+
+    own = replace(settings, data_dir=tmp_path / "data", kv_disk_budget=1.0)
+    folder = tmp_path / "data" / "kv" / "serve"
+    sleepy = Engine(tiny_words_fp32, slots=2, disk=disk_cache(tiny_words_fp32, own), quiet_s=3600)
+    try:
+        job = sleepy.submit(ChatRequest(sleepy.name, [("user", TALK)], {"max_new_tokens": 8}), lambda *event: None)
+        assert job.done.wait(120)
+        sleepy.disk.flush()
+        assert not list(folder.glob("chat*"))  # answered, but the server has not been quiet long enough
+    finally:
+        sleepy.close()
+    assert len(list(folder.glob("chat*"))) == 1  # closing writes what is unsaved
+
+    def on_disk() -> dict:
+        return {path.name: path.stat().st_mtime_ns for path in folder.glob("chat*")}
+
+    before = on_disk()
+    quick = Engine(tiny_words_fp32, slots=2, disk=disk_cache(tiny_words_fp32, own), quiet_s=0.2)
+    try:
+        request = ChatRequest(quick.name, [("user", "Hello there")], {"max_new_tokens": 8, "temperature": 0.0})
+        assert quick.submit(request, lambda *event: None).done.wait(120)
+        deadline = time.monotonic() + 60
+        while on_disk() == before:  # written on its own once the server is quiet, with no close
+            assert time.monotonic() < deadline, "the quiet server never wrote its slot"
+            time.sleep(0.05)
+    finally:
+        quick.close()
+
+
 def test_bench_serve_reports_each_turn(url, engine, tiny_words_folder):
     """bench/serve.py: the fields exist and agree with each other (its speed is for the note, not a test)."""
     import importlib.util
@@ -320,6 +355,13 @@ def test_bench_serve_reports_each_turn(url, engine, tiny_words_folder):
         assert row["prompt_tokens"] > before["prompt_tokens"] + before["completion_tokens"]
         assert row["cached_tokens"] >= before["prompt_tokens"] + before["completion_tokens"] - 1
     assert "turn-3 TTFT / turn-2 TTFT" in bench.table(result)
+    # Another run is another conversation: a tag of its own keeps it from the first run's cache.
+    again = bench.run(f"{url}/v1", None, "none", 2, 24, 4, tokenizer, tag="b1e2")
+    assert again["turns"][0]["cached_tokens"] < again["turns"][0]["prompt_tokens"] / 2
+    assert again["turns"][1]["cached_tokens"] >= again["turns"][0]["prompt_tokens"]
+    mid = bench.medians([result, {**again, "turns": again["turns"] + rows[2:]}])
+    assert mid["ttft_s"][2] == rows[2]["ttft_s"] and len(mid["ttft_s"]) == 3
+    assert "median of 2 runs" in bench.median_table([result, result])
 
 
 def test_a_request_whose_client_left_while_queued_is_skipped_and_still_ends(engine):

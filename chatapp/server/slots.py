@@ -7,6 +7,10 @@ prefills only the rest. A slot counts only when the prompt starts with most of w
 request takes an empty slot, else the least recently used.
 
 Replies run one at a time (batch size 1) on one thread, never on the server's event loop, in arrival order.
+A slot's snapshot is written once no request has come for QUIET_S seconds, and on close, not after every
+reply: the snapshot starts with a copy of the slot's cache on this thread (69 MB at 1,500 tokens of
+SmolLM2-135M), and an agent that sends its next request at once should not wait for that copy, nor share the
+CPU with the write while its prompt is prefilled.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ MAX_SLOTS = 4
 #: The share of a slot's cached tokens a prompt must start with to take that slot (llama-server's
 #: --slot-prompt-similarity); a prompt that matches no slot this well takes an empty or the least recently used.
 SIMILAR = 0.5
+
+#: Seconds without a request after which the slots answered since the last save are written to disk.
+QUIET_S = 1.0
 
 #: What a job hands back, as (kind, value): ("delta", text), ("done", (text, TurnStats)) or ("error", ApiError).
 Emit = Callable[[str, object], None]
@@ -68,9 +75,10 @@ def default_slots(loaded) -> int:
 class Engine:
     """The model, its slots and the engine thread; `submit` queues a reply and returns its Job at once."""
 
-    def __init__(self, loaded, slots: int, defaults: object = None, disk=None):
+    def __init__(self, loaded, slots: int, defaults: object = None, disk=None, quiet_s: float = QUIET_S):
         """disk: a DiskCache for the slots' snapshots (None: none). Each slot starts from its snapshot, so a
-        restarted server still holds its clients' conversations, and is saved after every reply."""
+        restarted server still holds its clients' conversations, and is saved once the server has been
+        quiet for quiet_s seconds after a reply, and on close."""
         from ..engine.session import ChatSession
 
         if slots < 1:
@@ -82,6 +90,8 @@ class Engine:
         self.layers = [loaded.sampling_defaults(), defaults] if defaults is not None else [loaded.sampling_defaults()]
         self.slots = [ChatSession(loaded) for _ in range(slots)]
         self.disk = disk
+        self.quiet_s = quiet_s
+        self._unsaved: set[int] = set()  # slots answered since their last save
         if disk is not None:
             for i, session in enumerate(self.slots):
                 disk.restore(i, session, None)
@@ -134,7 +144,14 @@ class Engine:
         return min(range(len(self.slots)), key=lambda i: (self.slots[i].cache_tokens > 0, self._used[i]))
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self.quiet_s if self._unsaved else None)
+            except queue.Empty:
+                self._save()
+                continue
+            if job is None:
+                break
             self._current = job
             try:
                 if job.cancel.is_set():  # its client left while it waited; its handler still waits for an end
@@ -146,6 +163,14 @@ class Engine:
                 with self._lock:
                     self._pending -= 1
                 job.done.set()
+        self._save()
+
+    def _save(self) -> None:
+        """Hand the answered slots' caches to the disk tier, which copies them here and writes in the background."""
+        if self.disk is not None:
+            for index in sorted(self._unsaved):
+                self.disk.save(index, self.slots[index])
+        self._unsaved.clear()
 
     def _answer(self, job: Job) -> None:
         from ..engine.session import Message
@@ -164,8 +189,7 @@ class Engine:
                 if response.stats is not None:
                     stats = _openai_finish(response.stats, params.max_new_tokens)
                     job.emit("done", (self.slots[index].messages[-1].content, stats))
-            if self.disk is not None:
-                self.disk.save(index, self.slots[index])  # in the background, while the client reads
+            self._unsaved.add(index)
         except ContextOverflow as exc:
             job.emit("error", ApiError(400, first_line(exc), param="messages", code="context_length_exceeded"))
         except ValueError as exc:  # a sampling value the limits refuse, or a template's complaint
