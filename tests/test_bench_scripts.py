@@ -1,0 +1,48 @@
+"""The scripts under bench/ that time things for notes: their output's shape and their errors, not their speed."""
+
+from __future__ import annotations
+
+import pytest
+from modelhelpers import build_family_model
+from transformers import AttentionInterface
+
+from chatapp.engine import cpu_attention
+
+
+def test_bench_prefill_growth_prints_each_context(starter_folder, tmp_path, capsys):
+    """bench/prefill_growth.py: a line per SDPA, each with every context (its speed is for notes, not a test)."""
+    folder = build_family_model(starter_folder, tmp_path / "llama", "llama")
+    bench = _bench_module("prefill_growth")
+    args = ["--model", str(folder), "--preset", "fp32", "--new", "4", "--contexts", "8,20", "--reps", "2", "--both"]
+    assert bench.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "4 new tokens, median of 2" in lines[0]
+    for kind, line in zip(("chatapp", "transformers"), lines[1:], strict=True):
+        assert line.strip().startswith(f"{kind} SDPA: over 8:") and "over 20:" in line and "(1.00x)" in line
+    assert AttentionInterface()["sdpa"] is cpu_attention.sdpa_forward  # put back after timing transformers'
+
+
+def _bench_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_shaped_model_takes_a_catalog_entrys_shape(starter_folder, tmp_path):
+    import json
+
+    from chatapp.catalog import load_catalog
+
+    shaped = _bench_module("shaped_model")
+    assert shaped.main(["smollm2-135m", str(tmp_path / "shaped")]) == 0
+    config = json.loads((tmp_path / "shaped" / "config.json").read_text())
+    shape = load_catalog()["smollm2-135m"].architecture
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == shape["layers"]
+    assert (config["hidden_size"], config["num_key_value_heads"]) == (shape["hidden_size"], shape["kv_heads"])
+    assert (tmp_path / "shaped" / "tokenizer.json").is_file()
+    with pytest.raises(SystemExit, match="no shape for 'gemma-2-2b'; one of: .*qwen2.5-0.5b"):
+        shaped.main(["gemma-2-2b", str(tmp_path / "other")])
