@@ -3,10 +3,10 @@
 A chat's later turns prefill the new message on top of the cache, and a speculative verify runs its drafts
 the same way. Those calls carry a mask, and transformers' SDPA then expands each key/value head to every
 query head it serves (`repeat_kv`) before attending, because on a GPU SDPA's grouped-query path
-(`enable_gqa`) would leave the fast kernels for the math one. On the CPU it is the other way round: at 1,500
-cached tokens, SmolLM2's 30 layers attend 1.6 times faster with `enable_gqa` than on the expanded copies,
-which made turn 10 of a chat wait longer for its first token than turn 2. So on the CPU, masked calls with
-grouped heads take `enable_gqa`; every other call is transformers' own SDPA, unchanged.
+(`enable_gqa`) would leave the fast kernels for the math one. On the CPU it is the other way round: 125 new
+tokens attending to 1,500 cached ones in SmolLM2-135M's 30 layers took 0.16 s with `enable_gqa` and 0.26 s on
+the expanded copies, time that a chat's later turns add to their wait for the first token. So on the CPU,
+masked calls with grouped heads take `enable_gqa`; every other call is transformers' own SDPA, unchanged.
 """
 
 from __future__ import annotations
