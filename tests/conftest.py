@@ -134,3 +134,33 @@ def huge_repo(hub_server, tiny_folder, tmp_path_factory):
     server.requests.clear()
     yield server
     del server.repos[HUGE_REPO]
+
+
+# -- `chatapp serve` on the tiny words-only model, for the test modules that ask for it (test_serve*.py) --
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_words_fp32):
+    """A serve Engine with 2 slots, one per test module: the modules' chats don't share its slots."""
+    from chatapp.server.slots import Engine
+
+    engine = Engine(tiny_words_fp32, slots=2)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    """The base URL of `engine` served over HTTP on 127.0.0.1."""
+    from servehelpers import serving
+
+    with serving(engine) as base:
+        yield base
+
+
+@pytest.fixture
+def client(url):
+    """The official `openai` client on `url`."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)

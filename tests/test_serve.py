@@ -21,26 +21,6 @@ from chatapp.server.openai_schema import ApiError, parse_chat
 KEY = "sekret-test-key"
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_words_fp32):
-    from chatapp.server.slots import Engine
-
-    engine = Engine(tiny_words_fp32, slots=2)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def url(engine):
-    with serving(engine) as base:
-        yield base
-
-
-@pytest.fixture
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
-
-
 def post(url, body, headers=None):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(f"{url}/v1/chat/completions", content=data, headers=headers or {}, timeout=120)

@@ -14,29 +14,9 @@ import time
 import httpx2 as httpx
 import openai
 import pytest
-from servehelpers import TALK, ask, serving, user
+from servehelpers import TALK, ask, user
 
 from chatapp.server.openai_schema import ChatRequest
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_words_fp32):
-    from chatapp.server.slots import Engine
-
-    engine = Engine(tiny_words_fp32, slots=2)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def url(engine):
-    with serving(engine) as base:
-        yield base
-
-
-@pytest.fixture
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def queue(url) -> int:
