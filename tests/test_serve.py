@@ -314,36 +314,6 @@ def test_snapshots_wait_until_the_server_is_quiet(tiny_words_fp32, settings, tmp
         quick.close()
 
 
-def test_bench_serve_reports_each_turn(url, engine, tiny_words_folder):
-    """bench/serve.py: the fields exist and agree with each other (its speed is for the note, not a test)."""
-    import importlib.util
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    path = Path(__file__).parent.parent / "bench" / "serve.py"
-    spec = importlib.util.spec_from_file_location("bench_serve", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_words_folder)
-    result = bench.run(f"{url}/v1", None, "none", 3, 24, 4, tokenizer)
-    assert result["model"] == engine.name and len(result["turns"]) == 3
-    rows = result["turns"]
-    assert all(0 < row["ttft_s"] <= row["turn_s"] for row in rows)
-    assert sum(row["turn_s"] for row in rows) <= result["total_s"]
-    for before, row in zip(rows, rows[1:], strict=False):
-        assert row["prompt_tokens"] > before["prompt_tokens"] + before["completion_tokens"]
-        assert row["cached_tokens"] >= before["prompt_tokens"] + before["completion_tokens"] - 1
-    assert "turn-3 TTFT / turn-2 TTFT" in bench.table(result)
-    # Another run is another conversation: a tag of its own keeps it from the first run's cache.
-    again = bench.run(f"{url}/v1", None, "none", 2, 24, 4, tokenizer, tag="b1e2")
-    assert again["turns"][0]["cached_tokens"] < again["turns"][0]["prompt_tokens"] / 2
-    assert again["turns"][1]["cached_tokens"] >= again["turns"][0]["prompt_tokens"]
-    mid = bench.medians([result, {**again, "turns": again["turns"] + rows[2:]}])
-    assert mid["ttft_s"][2] == rows[2]["ttft_s"] and len(mid["ttft_s"]) == 3
-    assert "median of 2 runs" in bench.median_table([result, result])
-
-
 def test_a_request_whose_client_left_while_queued_is_skipped_and_still_ends(engine):
     from chatapp.server.openai_schema import ChatRequest
 
