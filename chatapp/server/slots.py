@@ -91,7 +91,7 @@ class Engine:
         self.slots = [ChatSession(loaded) for _ in range(slots)]
         self.disk = disk
         self.quiet_s = quiet_s
-        self._unsaved: set[int] = set()  # slots answered since their last save
+        self._unsaved: set[int] = set()  # slots answered since their last save (only with a disk tier)
         if disk is not None:
             for i, session in enumerate(self.slots):
                 disk.restore(i, session, None)
@@ -167,9 +167,8 @@ class Engine:
 
     def _save(self) -> None:
         """Hand the answered slots' caches to the disk tier, which copies them here and writes in the background."""
-        if self.disk is not None:
-            for index in sorted(self._unsaved):
-                self.disk.save(index, self.slots[index])
+        for index in sorted(self._unsaved):
+            self.disk.save(index, self.slots[index])
         self._unsaved.clear()
 
     def _answer(self, job: Job) -> None:
@@ -189,7 +188,8 @@ class Engine:
                 if response.stats is not None:
                     stats = _openai_finish(response.stats, params.max_new_tokens)
                     job.emit("done", (self.slots[index].messages[-1].content, stats))
-            self._unsaved.add(index)
+            if self.disk is not None:  # without a disk tier the engine has nothing to wake for when quiet
+                self._unsaved.add(index)
         except ContextOverflow as exc:
             job.emit("error", ApiError(400, first_line(exc), param="messages", code="context_length_exceeded"))
         except ValueError as exc:  # a sampling value the limits refuse, or a template's complaint
