@@ -1,5 +1,5 @@
-"""SDPA with enable_gqa for masked multi-token calls on the CPU (cpu_attention): what transformers' own SDPA
-computes, on a tiny random model of every family in the catalog."""
+"""SDPA on the CPU for grouped heads (cpu_attention): enable_gqa for masked multi-token calls and packed heads for
+decode steps compute what transformers' own SDPA does, on a tiny random model of every family in the catalog."""
 
 from __future__ import annotations
 
@@ -22,30 +22,41 @@ def family(request, starter_folder, tmp_path_factory, settings):
 
 
 @pytest.fixture
-def grouped_calls(monkeypatch):
-    """The query lengths of the SDPA calls made with enable_gqa over a mask."""
-    calls: list[int] = []
+def sdpa_calls(monkeypatch):
+    """Every SDPA call: (query length, query heads, key/value heads, enable_gqa, masked)."""
+    calls: list[tuple[int, int, int, bool, bool]] = []
     real = torch.nn.functional.scaled_dot_product_attention
 
     def spy(query, key, value, attn_mask=None, **kwargs):
-        if kwargs.get("enable_gqa") and attn_mask is not None:
-            calls.append(query.shape[2])
+        gqa = bool(kwargs.get("enable_gqa"))
+        calls.append((query.shape[2], query.shape[1], key.shape[1], gqa, attn_mask is not None))
         return real(query, key, value, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     return calls
 
 
-def _logits(loaded, ids: list[int], attention) -> torch.Tensor:
-    """Prefill ids[:60] (no mask on the CPU), then ids[60:-1] on top of it, then the last id alone: the logits of
-    the rows after the first prefill."""
+def _grouped(calls) -> list[int]:
+    """The query lengths of the calls made with enable_gqa over a mask."""
+    return [length for length, _, _, gqa, masked in calls if gqa and masked]
+
+
+def _packed(calls) -> list[int]:
+    """The row counts of the unmasked calls whose query heads were packed onto the key/value heads."""
+    return [length for length, heads, kv_heads, gqa, masked in calls if heads == kv_heads and not gqa and not masked]
+
+
+def _logits(loaded, ids: list[int], attention, steps: int = 3) -> torch.Tensor:
+    """Prefill ids[:60] (no mask on the CPU), then ids[60:-steps] on top of it, then the last `steps` ids one at a
+    time as decode steps: the logits of the rows after the first prefill."""
     AttentionInterface.register("sdpa", attention)
     try:
         cache = kvcache.new_cache(loaded.model.config)
         with torch.inference_mode():
             prefill(loaded.model, cache, ids[:60])
-            rows = forward(loaded.model, cache, ids[60:-1], rows=len(ids) - 61)
-            return torch.cat([rows, forward(loaded.model, cache, ids[-1:])])
+            rows = [forward(loaded.model, cache, ids[60:-steps], rows=len(ids) - 60 - steps)]
+            rows += [forward(loaded.model, cache, ids[i : i + 1]) for i in range(len(ids) - steps, len(ids))]
+            return torch.cat(rows)
     finally:
         cpu_attention.install()
 
@@ -54,26 +65,29 @@ def test_loading_a_model_installs_it(family):
     assert AttentionInterface()["sdpa"] is cpu_attention.sdpa_forward
 
 
-def test_a_prefill_on_a_cache_computes_what_transformers_sdpa_does(family, grouped_calls):
+def test_a_prefill_and_decode_steps_on_a_cache_compute_what_transformers_sdpa_does(family, sdpa_calls):
     ids = family.tokenizer("The bridge over the river was built of stone, and the town grew around it. " * 6).input_ids
     assert len(ids) > 70
     ours = _logits(family, ids, cpu_attention.sdpa_forward)
     if family.attn_implementation == "sdpa":
-        # The families' heads are grouped (4 query heads to 2 key/value heads), so the new path ran.
-        assert len(ids) - 61 in grouped_calls and 1 not in grouped_calls
-    grouped_calls.clear()
+        # The families' heads are grouped (4 query heads to 2 key/value heads), so the prefill ran with
+        # enable_gqa, and every decode step had each key/value head's 2 query heads as its rows: packed here
+        # when unmasked, by transformers under a sliding window's mask.
+        assert len(ids) - 63 in _grouped(sdpa_calls)
+        assert not [call for call in sdpa_calls if call[0] == 1]
+    sdpa_calls.clear()
     theirs = _logits(family, ids, sdpa_attention_forward)
-    assert not grouped_calls
+    assert not _grouped(sdpa_calls) and not _packed(sdpa_calls)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     assert ours.argmax(-1).tolist() == theirs.argmax(-1).tolist()
 
 
-def test_ungrouped_heads_are_transformers_own(grouped_calls):
+def test_ungrouped_heads_are_transformers_own(sdpa_calls):
     module = torch.nn.Module()
     module.num_key_value_groups = 1
     module.is_causal = True
     query, key = torch.randn(1, 4, 5, 8), torch.randn(1, 4, 9, 8)
     mask = torch.ones(5, 9, dtype=torch.bool).tril(4)[None, None]
     out, _ = cpu_attention.sdpa_forward(module, query, key, key, mask)
-    assert not grouped_calls
+    assert not _grouped(sdpa_calls)
     torch.testing.assert_close(out, sdpa_attention_forward(module, query, key, key, mask)[0])
