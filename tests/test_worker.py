@@ -157,6 +157,30 @@ def test_a_bad_model_is_one_error_line_and_the_worker_stays_up(worker):
     assert client.alive
 
 
+def test_a_failed_load_gives_the_device_its_memory_back_before_the_app_asks_again(own_settings, monkeypatch):
+    """A load that fails part way (CUDA out of memory) leaves its tensors behind until the exception is gone; the
+    worker frees them then, before its next request (the app's reload of the previous model), which must fit.
+
+    In this process, with the one-line device call counted in place of torch's: there is no GPU here. The memory
+    itself is measured by bench/gpu_check.py's oom step on a GPU.
+    """
+    import multiprocessing
+
+    from chatapp.engine import worker as worker_module
+
+    seen = []
+    monkeypatch.setattr(worker_module, "_empty_device_cache", lambda: seen.append("freed"))
+    ours, theirs = multiprocessing.Pipe()
+    try:
+        worker = worker_module.Worker(theirs, own_settings)
+        monkeypatch.setattr(worker, "send", lambda event: seen.append(type(event).__name__))
+        worker.handle(p.Load("no-such-model-anywhere", "fp32"))
+    finally:
+        ours.close()
+        theirs.close()
+    assert seen == ["freed", "Error", "freed"] and worker.loaded is None
+
+
 def test_the_client_module_does_not_import_torch():
     code = "import sys, chatapp.worker_client, chatapp.engine.worker; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

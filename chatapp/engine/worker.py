@@ -128,21 +128,26 @@ class Worker:
 
     # -- requests --------------------------------------------------------------------------
 
-    def load(self, request: p.Load) -> None:
+    def unload(self) -> None:
+        """Free the model and every chat's cache: the first half of a switch. Caches are saved first, to come back
+        on a switch back; then the device gets the memory back, so the next model has all of it."""
         import gc
 
-        from .loader import load_model
-
-        self._save_all()  # a switch: the old model's caches leave memory, to come back on a switch back
+        self._save_all()
         self.sessions.clear()
         self.parked.clear()
         if self.disk is not None:
             self.disk.close()
             self.disk = None
-        if self.loaded is not None:
-            self.loaded = None
-            gc.collect()
-            _empty_device_cache()
+        self.loaded = None
+        gc.collect()
+        _empty_device_cache()
+
+    def load(self, request: p.Load) -> None:
+        from .loader import load_model
+
+        self.unload()
+        loaded = None
         try:
             loaded = load_model(
                 self._source(request.model),
@@ -157,6 +162,11 @@ class Worker:
             )
         except Exception as exc:  # every load failure becomes one line for the user; the worker stays up
             self._error(request, exc)
+        if loaded is None:
+            # A load that failed part way (CUDA out of memory) left its tensors to the garbage collector and their
+            # blocks in torch's cache; with the exception gone, free them, or the model the app loads next (the
+            # previous one) may not fit beside them.
+            self.unload()
             return
         self.loaded = loaded
         live, parked = _cache_budgets(loaded)
