@@ -1,18 +1,254 @@
-"""bench/gpu_check.py, the GPU check of issue 16: the models it builds from bench/configs."""
+"""bench/gpu_check.py, the GPU check of issue 16: its dry run on the CPU end to end, and its pure parts.
+
+The dry run is the device run's rehearsal: the same steps, through chatapp's loader, sessions and worker, on tiny
+models. These tests check that every step leaves a well-formed record, and what the CPU can check for real (cache
+reuse is exact in fp32, a squeezed worker answers a forced load with one out-of-memory line and comes back).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
+STEPS = ["attention", "exactness", "switch", "oom", "decode", "planner"]
 
 
 @pytest.fixture
 def bench_path(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """The dry run as the device runs it, a script in its own process: (results.json's data, results.md, stdout)."""
+    out = tmp_path_factory.mktemp("gpu-check")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py"), "--out", str(out), "--dry-run", "--scratch", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert time.monotonic() - started < 150, "the dry run is meant to take about half a minute"
+    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text(), done.stdout
+
+
+def _step(data: dict, name: str) -> dict:
+    return next(record for record in data["steps"] if record["step"] == name)
+
+
+def test_the_dry_run_records_every_step_in_order_and_all_ran(dry_run):
+    data, markdown, stdout = dry_run
+    assert data["finished"] is True and data["meta"]["dry_run"] is True
+    assert [record["step"] for record in data["steps"]] == STEPS
+    for record in data["steps"]:
+        assert record["status"] == "ok", (record["step"], record.get("error"))
+        assert record["seconds"] >= 0 and record["goal"] and record["title"] in markdown
+        assert f"step {record['step']}: ok" in stdout  # progress lines, timestamped
+    assert "[" in stdout.splitlines()[0] and " s] step attention" in stdout.splitlines()[0]
+
+
+def test_the_planner_rows_carry_the_estimate_parts_and_the_measured_ones(dry_run):
+    record = _step(dry_run[0], "planner")
+    rows = record["rows"]
+    assert [(r["model"], r["preset"]) for r in rows] == [
+        (model, preset) for model in ("llama-3.1-8b", "gemma-2-9b", "qwen2.5-7b") for preset in ("bf16", "nf4", "int8")
+    ]
+    for row in rows:
+        parts = ("est_weights_bytes", "est_kv_bytes", "est_activations_bytes", "est_overhead_bytes")
+        assert row["est_total_bytes"] == sum(row[part] for part in parts)
+        # Weights are counted right: the footprint of what was loaded is within 3% of the estimate.
+        assert row["weights_bytes"] == pytest.approx(row["est_weights_bytes"], rel=0.03)
+        # The session's cache grows in 256-token steps (kvcache.STEP): never less than the estimate of what it holds.
+        assert row["est_kv_bytes"] <= row["kv_bytes"] < 3 * row["est_kv_bytes"]
+        assert row["context"] == 192 + 4 - 1  # the prompt and the reply but its last token
+        assert "needs CUDA" in row["status"] and "est_vs_process" not in row  # no device memory to compare on a CPU
+    assert record["goal_met"] is None
+
+
+def test_the_decode_rows_set_each_rate_against_the_same_bandwidth(dry_run):
+    record = _step(dry_run[0], "decode")
+    bandwidth = record["copy_bandwidth_bytes_per_s"]
+    rows = record["rows"]
+    assert [(r["preset"], r["decode"], r["chat"]) for r in rows] == [
+        ("bf16", "dynamic", "first"),
+        ("bf16", "static", "first"),
+        ("bf16", "static", "another, same size"),
+        ("bf16", "dynamic", "first"),
+        ("bf16", "static", "first"),
+        ("nf4", "dynamic", "first"),
+        ("nf4", "dynamic", "first"),
+        ("nf4", "static", "first"),
+    ]
+    for row in rows:
+        read = row["weights_read_bytes"] + row["kv_read_bytes"]
+        assert row["limit_tokens_per_s"] == pytest.approx(bandwidth / read, rel=1e-6)
+        assert row["fraction_of_limit"] == pytest.approx(row["tokens_per_s"] / row["limit_tokens_per_s"], rel=1e-9)
+        # A prompt of context - new - warm tokens, then the measured turn's new tokens but the last.
+        assert row["tokens_per_s"] > 0 and row["context"] in (128 - 2 - 1, 512 - 2 - 1)
+    static = [r["kv_read_bytes"] for r in rows if r["decode"] == "static" and r["preset"] == "bf16"]
+    assert static[0] == static[2], "a static cache is read whole: a 1,024-token bucket at both contexts"
+
+
+def test_the_exactness_rows_compare_every_turn_with_a_reencode(dry_run):
+    record = _step(dry_run[0], "exactness")
+    rows = record["rows"]
+    assert [(r["preset"], r["decode"]) for r in rows] == [
+        ("fp32", "dynamic"),
+        ("fp32", "static"),
+        ("bf16", "dynamic"),
+        ("bf16", "static"),
+    ]
+    for row in rows:
+        assert row["turns"] == 2 and len(row["tokens_agreeing_before_divergence"]) == 2
+        assert row["identical_turns"] == sum(n == 6 for n in row["tokens_agreeing_before_divergence"])
+        # After the first turn only the new message and the template's glue are prefilled, not the history.
+        first, second = row["prefilled_per_turn"]
+        assert first == row["prompt_per_turn"][0] and row["prompt_per_turn"][1] - second >= first
+    assert all(row["all_identical"] for row in rows if row["preset"] == "fp32")
+    assert record["goal_met"] is True
+
+
+def test_the_worker_steps_switch_and_come_back_from_a_failed_load(dry_run):
+    data = dry_run[0]
+    switch = _step(data, "switch")
+    phases = [row["phase"] for row in switch["rows"]]
+    assert phases == [
+        "baseline: nothing loaded",
+        "loaded bf16, one turn",
+        "unloaded bf16",
+        "loaded nf4, one turn",
+        "unloaded nf4",
+        "loaded bf16, one turn",
+        "unloaded bf16",
+    ]
+    assert all("back_to_baseline" in row for row in switch["rows"] if row["phase"].startswith("unloaded"))
+    oom = _step(data, "oom")
+    assert oom["answered"] == "Error" and "memory" in oom["error_line"].lower()
+    for check in ("out_of_memory", "one_line", "worker_alive", "previous_back", "answers", "memory_as_before"):
+        assert oom[check] is True, check
+    assert [row["phase"] for row in oom["rows"]][-1] == "worker stopped"
+
+
+def test_the_attention_rows_name_the_backend_sdpa_chooses(dry_run):
+    record = _step(dry_run[0], "attention")
+    assert "not measured" in record["flash_attention_2"]
+    for case in ("causal prefill of 512", "128 over a 512 cache"):
+        rows = {row["backend"]: row for row in record["rows"] if row["case"] == case}
+        default = next(name for name in rows if name.startswith("default (chooses "))
+        assert rows["MATH"]["ms"] > 0 and rows["MATH"]["vs_math"] == 1.0
+        assert default.removeprefix("default (chooses ").rstrip(")") in (*rows, "MATH")
+        assert all(("ms" in row) != ("error" in row) for row in rows.values())
+
+
+# -- the pure parts ---------------------------------------------------------------------------------------------
+
+
+def test_bandwidth_fraction_is_the_rate_over_bandwidth_per_bytes_read(bench_path):
+    import gpu_speed
+
+    limit, fraction = gpu_speed.bandwidth_fraction(50.0, 16 * 10**9, 3.2e12)
+    assert limit == pytest.approx(200.0) and fraction == pytest.approx(0.25)
+    assert gpu_speed.bandwidth_fraction(200.0, 16 * 10**9, 3.2e12)[1] == pytest.approx(1.0)
+
+
+def test_the_verdict_allows_ten_percent_over_and_five_under(bench_path):
+    import gpu_memory
+
+    assert gpu_memory.verdict(110, 100)[1:] == ("within", True)
+    assert gpu_memory.verdict(95, 100)[1:] == ("within", True)
+    assert gpu_memory.verdict(94, 100)[1:] == ("under by 6%", False)
+    assert gpu_memory.verdict(111, 100)[1:] == ("over by 11%", False)
+    assert gpu_memory.verdict(50, 100)[0] == 0.5
+
+
+def _context(budget_s: float):
+    import gpu_check
+
+    return gpu_check.Context(
+        dry_run=True,
+        device="cpu",
+        sizes=gpu_check.DRY_SIZES,
+        settings=None,
+        checkpoints=None,
+        scratch=Path("."),
+        deadline=time.monotonic() + budget_s,
+        say=lambda _text: None,
+    )
+
+
+def test_a_step_that_raises_is_one_line_and_the_next_step_still_runs(bench_path):
+    import gpu_check
+
+    def broken(ctx, record):
+        record["rows"] = [{"got": "this far"}]
+        raise ValueError("the first line\nand a second")
+
+    def fine(ctx, record):
+        record["measured"] = 1
+
+    written = []
+    steps = [gpu_check.Step("broken", "B", "g", broken, 1.0), gpu_check.Step("fine", "F", "g", fine, 1.0)]
+    records = gpu_check.run_steps(steps, _context(60), 60, lambda rs: written.append(len(rs)))
+    assert [r["status"] for r in records] == ["failed", "ok"]
+    assert records[0]["error"] == "ValueError: the first line" and records[0]["rows"] == [{"got": "this far"}]
+    assert records[1]["measured"] == 1 and written == [1, 2]  # the report is rewritten after each step
+
+
+def test_the_time_budget_stops_a_long_step_and_skips_what_is_left(bench_path):
+    import gpu_check
+
+    def slow(ctx, record):
+        record["started"] = True
+        time.sleep(30)
+
+    steps = [
+        gpu_check.Step("first", "1", "g", slow, 0.4),
+        gpu_check.Step("second", "2", "g", slow, 1.0),
+        gpu_check.Step("third", "3", "g", slow, 1.0),
+    ]
+    started = time.monotonic()
+    records = gpu_check.run_steps(steps, _context(3.0), 3.0, lambda rs: None)
+    assert time.monotonic() - started < 5
+    assert [r["status"] for r in records] == ["failed", "failed", "skipped"]
+    assert records[0]["error"].startswith("out of time: stopped after") and records[0]["started"]
+    assert records[0]["seconds"] == pytest.approx(1.2, abs=0.5)  # its share: 40% of the budget
+    assert records[1]["seconds"] == pytest.approx(1.8, abs=0.5)  # what was left of the budget
+    assert records[2]["reason"] == "out of time: the 3 s budget is spent"
+
+
+def test_steps_not_asked_for_are_recorded_as_skipped(bench_path):
+    import gpu_check
+
+    ran = []
+    steps = [gpu_check.Step(name, name, "g", lambda ctx, rec, n=name: ran.append(n), 1.0) for name in "abc"]
+    records = gpu_check.run_steps(steps, _context(60), 60, lambda rs: None, only={"b"})
+    assert ran == ["b"] and [r["status"] for r in records] == ["skipped", "ok", "skipped"]
+    assert records[0]["reason"] == "not asked for (--only)"
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--out", "unused", "--only", "planner,nonsense"])
+
+
+def test_without_cuda_the_device_run_says_so_in_its_results(bench_path, tmp_path):
+    import gpu_check
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert "no CUDA" in data["meta"]["error"] and data["steps"] == []
 
 
 def test_the_configs_have_the_catalogs_shapes(bench_path):
