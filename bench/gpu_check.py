@@ -2,6 +2,14 @@
 
     python bench/gpu_check.py --out DIR [--dry-run] [--only STEP,...] [--budget-s 480]
 
+The GPU machine has torch 2.11 but an older transformers and no bitsandbytes or platformdirs: bench/gpu_wheels.sh
+fetches what it lacks into .whl/ here first (ignored by git; the run carries it: carry [".whl"]). The device run is
+then one command, from the repository root (split at && to fit here; paste it as it is):
+
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+  export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 &&
+  timeout 540 python3 bench/gpu_check.py --out $OUT
+
 Models are random-weight checkpoints built from the real configs in bench/configs (bench/gpu_models.py) and loaded
 through chatapp's own loader, sessions and worker. Each step is isolated: one that raises (CUDA out of memory, no
 bitsandbytes) is recorded with its one-line error and the next runs. A step may use at most its share of the time

@@ -305,3 +305,18 @@ def test_the_tokenizer_is_the_same_when_transformers_rebuilds_it_as_qwen2s(bench
     assert len(render_ids(tokenizer, [Message("user", gpu_models.user_message(tokenizer, 100))])) == 100
     saved = gpu_models.byte_tokenizer(512)
     assert saved("hello, world", add_special_tokens=False)["input_ids"] == tokenizer("hello, world")["input_ids"]
+
+
+def test_the_device_command_is_the_same_in_both_places_and_fits_one_run():
+    """The one command a GPU session runs is written in bench/gpu_check.py and bench/gpu_wheels.sh."""
+
+    def command(path: Path) -> str:
+        lines = [line.lstrip("#").strip() for line in path.read_text().splitlines()]
+        start = next(i for i, line in enumerate(lines) if line.startswith("python3 -m pip install"))
+        end = next(i for i in range(start, len(lines)) if lines[i].endswith("--out $OUT"))
+        return " ".join(lines[start : end + 1])
+
+    ours = command(BENCH / "gpu_check.py")
+    assert ours == command(BENCH / "gpu_wheels.sh") and len(ours) < 2000
+    assert "--no-index --no-deps" in ours and ".whl/*.whl" in ours and "PYTHONPATH=/tmp/site:$PWD" in ours
+    assert "timeout 540 python3 bench/gpu_check.py --out $OUT" in ours
