@@ -147,6 +147,25 @@ def read_config(path: Path) -> dict:
     return config
 
 
+#: Model types whose transformers config class ties the output layer to the embeddings unless config.json says
+#: otherwise: Gemma's published config.json files leave `tie_word_embeddings` out.
+TIED_BY_DEFAULT = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
+
+
+def _sliding_layers(config: dict, layers: int) -> int:
+    """How many layers attend through the sliding window, as transformers lays them out when config.json has no
+    `layer_types`: Gemma 2 alternates from the first layer, Gemma 3 makes every `sliding_window_pattern`-th
+    layer (6th by default) global, and the others slide in every layer."""
+    model_type = config.get("model_type")
+    if model_type == "gemma2":
+        return (layers + 1) // 2
+    if model_type in ("gemma3", "gemma3_text"):
+        pattern = config.get("sliding_window_pattern")
+        pattern = pattern if isinstance(pattern, int) and pattern > 0 else 6
+        return layers - layers // pattern
+    return layers
+
+
 def facts_from_config(name: str, config: dict, params: int, where: str | None = None) -> ModelFacts:
     """ModelFacts from a transformers config.json (text part) and a parameter count; `where` names the file in
     errors."""
@@ -159,9 +178,9 @@ def facts_from_config(name: str, config: dict, params: int, where: str | None = 
     window = _size(config, "sliding_window", where, False) if config.get("use_sliding_window", True) else None
     layer_types = config.get("layer_types")
     layer_types = layer_types if isinstance(layer_types, list) else []
-    sliding_layers = (
-        sum(1 for t in layer_types if t == "sliding_attention") if layer_types else (layers if window else 0)
-    )
+    sliding_layers = sum(1 for t in layer_types if t == "sliding_attention") if layer_types else None
+    if sliding_layers is None:
+        sliding_layers = _sliding_layers(config, layers) if window else 0
     return ModelFacts(
         name=name,
         params=params,
@@ -172,7 +191,7 @@ def facts_from_config(name: str, config: dict, params: int, where: str | None = 
         kv_heads=_size(config, "num_key_value_heads", where, False) or heads,
         head_dim=_size(config, "head_dim", where, False) or max(1, hidden // heads),
         vocab_size=_size(config, "vocab_size", where),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        tied_embeddings=bool(config.get("tie_word_embeddings", config.get("model_type") in TIED_BY_DEFAULT)),
         max_context=_size(config, "max_position_embeddings", where, False) or 4096,
         sliding_window=window,
         sliding_layers=sliding_layers if window else 0,

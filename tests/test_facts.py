@@ -42,3 +42,39 @@ def test_hub_facts_offline_is_one_line():
 
     with pytest.raises(HubError, match="can't be reached"):
         facts_for(parse_ref("SomeOrg/SomeModel", load_catalog()))
+
+
+@pytest.mark.parametrize(
+    "config,catalog_name",
+    [
+        ("gemma-2-9b-it.json", "gemma-2-9b"),
+        ("llama-3.1-8b-instruct.json", "llama-3.1-8b"),
+        ("qwen2.5-7b-instruct.json", "qwen2.5-7b"),
+    ],
+)
+def test_a_published_config_json_gives_the_catalogs_shape(config, catalog_name):
+    """The Hub's config.json as published (bench/configs): Gemma 2's leaves out `tie_word_embeddings` and
+    `layer_types`, which transformers then takes as tied and every other layer sliding."""
+    import json
+    from pathlib import Path
+
+    from chatapp.facts import facts_from_config
+
+    raw = json.loads((Path(__file__).parent.parent / "bench" / "configs" / config).read_text())
+    facts = facts_from_config(catalog_name, raw, 1)
+    spec = facts_from_spec(load_catalog()[catalog_name])
+    for field in ("layers", "kv_heads", "head_dim", "tied_embeddings", "sliding_window", "sliding_layers"):
+        assert getattr(facts, field) == getattr(spec, field), field
+
+
+def test_gemma_3_makes_every_sixth_layer_global_unless_its_config_lists_them():
+    from chatapp.facts import facts_from_config
+
+    config = {"model_type": "gemma3_text", "hidden_size": 1152, "num_attention_heads": 4, "num_hidden_layers": 26}
+    config |= {"vocab_size": 262144, "sliding_window": 512}
+    assert facts_from_config("g", config, 1).sliding_layers == 22
+    assert facts_from_config("g", config | {"sliding_window_pattern": 2}, 1).sliding_layers == 13
+    listed = config | {"layer_types": ["sliding_attention", "full_attention"] * 13}
+    assert facts_from_config("g", listed, 1).sliding_layers == 13
+    assert facts_from_config("g", config, 1).tied_embeddings
+    assert not facts_from_config("g", config | {"tie_word_embeddings": False}, 1).tied_embeddings
