@@ -176,7 +176,7 @@ def _cell(key: str, value) -> str:
         return "—"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, int) and key.endswith("bytes"):
+    if isinstance(value, int) and (key.endswith("bytes") or key.endswith("bytes_per_s")):
         return f"{value / MIB:,.1f}"
     if isinstance(value, float):
         return f"{value:.3g}"

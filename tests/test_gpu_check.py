@@ -99,6 +99,8 @@ def test_the_decode_rows_set_each_rate_against_the_same_bandwidth(dry_run):
         assert row["tokens_per_s"] > 0 and row["context"] in (128 - 2 - 1, 512 - 2 - 1)
     static = [r["kv_read_bytes"] for r in rows if r["decode"] == "static" and r["preset"] == "bf16"]
     assert static[0] == static[2], "a static cache is read whole: a 1,024-token bucket at both contexts"
+    # The Markdown gives the bandwidth in the unit its heading names.
+    assert f"| copy_bandwidth MiB_per_s |\n|---|\n| {bandwidth / 2**20:,.1f} |" in dry_run[1]
 
 
 def test_the_exactness_rows_compare_every_turn_with_a_reencode(dry_run):
