@@ -7,14 +7,13 @@
 # accelerate, safetensors, tokenizers, nvidia-ml-py and psutil, with their dependencies, and reaches no index.
 # chatapp needs transformers 5.24 and huggingface_hub 2.4 (which imports httpx2, and httpx2 its own stack, at its
 # top), bitsandbytes for nf4 and int8, and platformdirs (chatapp.config imports it for default folders). The
-# versions are the ones chatapp's own environment runs (`pip show` in /work/main/.venv). bitsandbytes' wheel holds
+# versions are the ones chatapp's own environment runs (`pip show` in its .venv). bitsandbytes' wheel holds
 # a library for every CUDA, ROCm and XPU release (43 MB); only the CPU and CUDA 13.x ones are kept, which brings
 # the set to about 18 MB. Every wheel's Requires-Dist is then checked against what is shipped and what the
 # machine has; a requirement neither covers fails the script.
 #
-# .whl/ must not be committed: add the line `.whl/` to /work/main/.git/info/exclude (the worktrees share it). An
-# ignored folder travels to the device only when the run names it (run's carry: [".whl"]); an untracked one that
-# git doesn't ignore travels by itself. Working tree and wheels together must stay under 64 MiB.
+# .gitignore keeps .whl/ out of commits. An ignored folder travels to the device only when the run names it (run's
+# carry: [".whl"]). Working tree and wheels together must stay under 64 MiB.
 #
 # The device run, from the repository root, is then one command (split at && to fit here; paste it as it is):
 #
