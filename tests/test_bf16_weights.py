@@ -66,9 +66,16 @@ def test_each_family_keeps_bf16_weights_and_computes_in_fp32(family, settings, n
         for rows in (ids, ids[:, :7], ids[:, :1]):
             logits = loaded.model(rows).logits
             assert logits.dtype == torch.float32
-            assert torch.allclose(logits, reference(rows).logits, atol=1e-4, rtol=0)
+            off = (logits - reference(rows).logits).abs()
+            unrounded = (logits - fp32.model(rows).logits).abs()
+            # A sum that lands on a bf16 rounding boundary can round the other way when the kernel adds in
+            # another order (a CPU with AVX512-BF16 does, for one of these 21 cases), and a few logits then move
+            # by a bf16 step. So: almost all equal to 1e-4, and the rest nearer the rounded model than the
+            # unrounded one...
+            assert (off > 1e-4).float().mean() < 0.01
+            assert off.mean() < 0.2 * unrounded.mean()
             # ... and the rounding is real: the unrounded fp32 model gives other logits.
-            assert (logits - fp32.model(rows).logits).abs().max() > 1e-3
+            assert unrounded.max() > 1e-3
 
 
 def test_each_family_keeps_the_cache_contract_with_bf16_weights(family, settings, no_native_bf16):
