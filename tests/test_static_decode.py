@@ -110,3 +110,32 @@ def test_the_loader_keeps_the_static_path_for_one_whole_cuda_device(tiny_fp32):
 def test_an_unknown_decode_option_is_refused_in_one_line(tiny_fp32):
     with pytest.raises(ValueError, match="decode must be one of auto, dynamic, static, got 'fast'"):
         ChatSession(tiny_fp32, decode="fast")
+
+
+def test_a_step_that_fails_to_compile_decodes_eagerly_with_the_same_tokens(full_family):
+    """Where torch.compile can't build the step (Triton without a C compiler, say), the reply still comes, the
+    same as the dynamic path's, and the model decodes eagerly from then on."""
+    import torch
+
+    calls = []
+
+    class FailsToCompile:
+        """What compiled_step makes on CUDA (the model, compiled on its first call), failing as such a box would."""
+
+        device = full_family.model.device
+
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            raise torch._inductor.exc.InductorError(RuntimeError("Failed to find C compiler"), None)
+
+    dynamic = Chat(full_family, decode="dynamic")
+    full_family.compiled_step = FailsToCompile()
+    try:
+        static = Chat(full_family, decode="static")
+        assert _chat_through(static) == _chat_through(dynamic)
+        assert calls == [1] and full_family.compiled_step is full_family.model
+        assert "decode: the compiled step failed (RuntimeError: Failed to find C compiler)" in full_family.reasons[-1]
+        assert "so it runs eagerly on the static cache" in full_family.reasons[-1]
+    finally:
+        full_family.compiled_step = None
+        full_family.reasons[:] = [r for r in full_family.reasons if "compiled step failed" not in r]

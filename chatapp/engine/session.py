@@ -268,10 +268,10 @@ class ChatSession:
                 logits = forward(model, self._cache, ids, rows=len(ids))
             elif len(ids) > 1:
                 logits = prefill(model, self._cache, ids)
+            elif self.static:
+                logits = static_decode.step(self.loaded, self._cache, ids[0])
             else:
-                logits = decode_step(
-                    static_decode.compiled_step(self.loaded) if self.static else model, self._cache, ids[0]
-                )
+                logits = decode_step(model, self._cache, ids[0])
         except BaseException:
             # A failed forward may have updated some layers and not others: don't trust the cache again.
             self._cache = None

@@ -15,9 +15,16 @@ around in a static cache, so those models keep the dynamic cache.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
+
+from ..errors import first_line
+from .generate import decode_step
+
+log = logging.getLogger(__name__)
 
 #: Tokens a static cache grows by. Each size compiles the decode step once; 1,024 tokens of room cost an
 #: 8B Llama 128 MiB in bf16.
@@ -90,3 +97,24 @@ def compiled_step(loaded):
         if loaded.model.device.type == "cuda":
             loaded.compiled_step = torch.compile(loaded.model, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return loaded.compiled_step
+
+
+def step(loaded, cache, token: int) -> torch.Tensor:
+    """One decode token on a static cache, through the compiled step.
+
+    A step that fails to compile (Triton finds no C compiler, inductor lacks an operator) would fail every
+    reply. Instead this model decodes eagerly from then on, on the same cache, and its reasons say why. A
+    retry is safe: a static cache writes each token at its position, so a capture that ran before failing
+    wrote what the eager step writes again.
+    """
+    compiled = compiled_step(loaded)
+    if compiled is loaded.model:
+        return decode_step(loaded.model, cache, token)
+    try:
+        return decode_step(compiled, cache, token)
+    except torch._dynamo.exc.TorchDynamoException as exc:
+        loaded.compiled_step = loaded.model
+        why = f"decode: the compiled step failed ({first_line(exc)}), so it runs eagerly on the static cache"
+        loaded.reasons.append(why)
+        log.warning(why)
+        return decode_step(loaded.model, cache, token)
