@@ -178,9 +178,9 @@ def facts_from_config(name: str, config: dict, params: int, where: str | None = 
     window = _size(config, "sliding_window", where, False) if config.get("use_sliding_window", True) else None
     layer_types = config.get("layer_types")
     layer_types = layer_types if isinstance(layer_types, list) else []
-    sliding_layers = sum(1 for t in layer_types if t == "sliding_attention") if layer_types else None
-    if sliding_layers is None:
-        sliding_layers = _sliding_layers(config, layers) if window else 0
+    sliding_layers = (
+        sum(1 for t in layer_types if t == "sliding_attention") if layer_types else _sliding_layers(config, layers)
+    )
     return ModelFacts(
         name=name,
         params=params,

@@ -42,7 +42,7 @@ def sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling
         return _theirs(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     if query.shape[2] == 1 and attention_mask is None:
         return _decode(query, key, value, dropout, scaling)
-    if attention_mask is None or query.shape[2] == 1:
+    if query.shape[2] == 1 or attention_mask is None:  # under a mask, transformers packs a decode step's heads
         return _theirs(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     output = torch.nn.functional.scaled_dot_product_attention(
         query,
