@@ -178,7 +178,7 @@ def bytes_per_token(loaded, cache_bytes: int) -> tuple[int, int]:
     """(weight bytes, KV bytes) one decode step reads: see the module doc."""
     model = loaded.model
     embed = model.get_input_embeddings().weight
-    tied = embed.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    tied = model.get_output_embeddings().weight is embed  # a packed CPU weight (cpu_linear) has no data_ptr
     return loaded.footprint_bytes - (0 if tied else embed.numel() * embed.element_size()), cache_bytes
 
 
