@@ -91,3 +91,72 @@ def test_ungrouped_heads_are_transformers_own(sdpa_calls):
     out, _ = cpu_attention.sdpa_forward(module, query, key, key, mask)
     assert not _grouped(sdpa_calls)
     torch.testing.assert_close(out, sdpa_attention_forward(module, query, key, key, mask)[0])
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_bf16(request, starter_folder, tmp_path_factory, settings):
+    from chatapp.engine import loader
+
+    folder = build_family_model(starter_folder, tmp_path_factory.mktemp(request.param), request.param)
+    real = loader._device_facts
+    loader._device_facts = lambda device: (True, None)  # compute in bf16 whatever this CPU is
+    try:
+        return loader.load_model(str(folder), "bf16", settings=settings)
+    finally:
+        loader._device_facts = real
+
+
+@pytest.fixture
+def products(monkeypatch):
+    """Every decode step from the first cached token attends by matrix products; the row counts of those calls."""
+    calls: list[int] = []
+    real = cpu_attention._products
+
+    def spy(packed, keys, values, length, scale):
+        calls.append(packed.shape[2])
+        return real(packed, keys, values, length, scale)
+
+    monkeypatch.setattr(cpu_attention, "_products", spy)
+    monkeypatch.setattr(cpu_attention, "LONG", 1)
+    return calls
+
+
+def _decode_logits(loaded, ids: list[int], steps: int = 4) -> torch.Tensor:
+    cache = kvcache.new_cache(loaded.model.config)
+    with torch.inference_mode():
+        prefill(loaded.model, cache, ids[:-steps])
+        return torch.cat([forward(loaded.model, cache, [token]) for token in ids[-steps:]])
+
+
+def test_bf16_decode_steps_by_matrix_products_pick_what_transformers_sdpa_picks(family_bf16, products):
+    assert family_bf16.dtype == "bf16"
+    ids = torch.randint(100, 5000, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours = _decode_logits(family_bf16, ids)
+    # Every step of every full-attention layer, with the 2 query heads of each key/value head as rows. Sliding
+    # layers pass a mask (mistral has only those) and gemma2's softcap runs eager.
+    full = [type(layer) is kvcache.GrowingLayer for layer in kvcache.new_cache(family_bf16.model.config).layers]
+    sdpa = family_bf16.attn_implementation == "sdpa"
+    assert products == [2] * (4 * sum(full) if sdpa else 0)
+    AttentionInterface.register("sdpa", sdpa_attention_forward)
+    try:
+        theirs = _decode_logits(family_bf16, ids)
+    finally:
+        cpu_attention.install()
+    # bf16 scores round where SDPA's kernel keeps them in fp32, as transformers' eager attention does.
+    assert (ours - theirs).abs().mean() < 0.02 * theirs.abs().mean()
+    assert ours.argmax(-1).tolist() == theirs.argmax(-1).tolist()
+
+
+def test_a_step_after_a_rollback_reads_nothing_of_the_tokens_dropped(family_bf16, products):
+    """The products read the room past the tokens in use, where dropped tokens stay: their weights must be 0."""
+    ids = torch.randint(100, 5000, (200,), generator=torch.Generator().manual_seed(2)).tolist()
+    logits = []
+    for detour in ([], [7, 8, 9]):
+        cache = kvcache.new_cache(family_bf16.model.config)
+        with torch.inference_mode():
+            prefill(family_bf16.model, cache, ids[:-1])
+            if detour:
+                forward(family_bf16.model, cache, detour, rows=len(detour))
+                kvcache.drop(cache, len(detour))
+            logits.append(forward(family_bf16.model, cache, ids[-1:]))
+    assert torch.equal(*logits)

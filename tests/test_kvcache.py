@@ -118,3 +118,15 @@ def test_a_sliding_layer_gives_back_the_room_a_long_turn_took(starter_folder, tm
     # then added its own tokens.
     held = sliding[0].sliding_window - 1 + turn.stats.prefilled_tokens + turn.stats.generated_tokens
     assert all(_room(layer) <= held + kvcache.STEP for layer in sliding)
+
+
+def test_attention_can_read_a_layers_whole_buffer_and_finds_zeros_past_its_tokens(tiny_fp32):
+    cache = kvcache.new_cache(tiny_fp32.model.config)
+    _run(tiny_fp32, cache, list(range(1, 11)))
+    layer = cache.layers[0]
+    assert kvcache.whole(layer.keys) is layer._k and kvcache.whole(layer.values) is layer._v
+    assert torch.equal(layer._k[..., 10:, :], torch.zeros_like(layer._k[..., 10:, :]))
+    # Anything else is not a buffer's first tokens: a plain tensor, a sliding layer's last tokens, a copy.
+    assert kvcache.whole(torch.zeros(1, 2, 10, 16)) is None
+    assert kvcache.whole(layer.keys[..., 1:, :]) is None
+    assert kvcache.whole(layer.keys.clone()) is None

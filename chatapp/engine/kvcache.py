@@ -30,8 +30,20 @@ def _room(tokens: int) -> int:
 
 
 def _buffer(like: torch.Tensor, tokens: int) -> torch.Tensor:
-    """An empty buffer shaped like `like` with _room(tokens)."""
-    return like.new_empty((*like.shape[:-2], _room(tokens), like.shape[-1]))
+    """A zeroed buffer shaped like `like` with _room(tokens).
+
+    Zeroed, because attention may read all of it (`whole`): past the tokens in use it then finds zeros or
+    tokens rolled back, never uninitialized memory that could hold a NaN.
+    """
+    return like.new_zeros((*like.shape[:-2], _room(tokens), like.shape[-1]))
+
+
+def whole(view: torch.Tensor) -> torch.Tensor | None:
+    """The buffer whose first tokens `view` is, when `view` is a growing layer's keys or values; else None."""
+    buffer = getattr(view, "buffer", None)
+    if buffer is None or view.data_ptr() != buffer.data_ptr():
+        return None
+    return buffer
 
 
 class _Buffered:
@@ -58,6 +70,8 @@ class _Buffered:
         self.length = length
         self.keys = self._k[..., :length, :]
         self.values = self._v[..., :length, :]
+        # Views made in inference mode don't know their base (`_base` is None), so they are told.
+        self.keys.buffer, self.values.buffer = self._k, self._v
 
     def forget(self, tokens: int) -> None:
         """Drop the last `tokens` tokens; the next ones written take their place."""
