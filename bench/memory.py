@@ -4,7 +4,7 @@ Each preset runs in a fresh process: RSS after importing torch + transformers (t
 then after loading (weights), then after two long messages (KV cache + activations of a whole first prefill
 and of masked chunks).
 
-    python bench/memory.py [--tokens 4096] [--json]
+    python bench/memory.py [--tokens 4096] [--presets fp32,bf16,fp16,int8,nf4] [--json]
 """
 
 from __future__ import annotations
@@ -23,21 +23,27 @@ def rss():
 import torch, transformers
 base = rss()
 from chatapp.engine import ChatSession, load_model
+from chatapp.engine.session import Message
+from chatapp.hardware import detect_cpu
+from chatapp.sampling import SamplingParams
 from chatapp.facts import facts_from_folder
 from chatapp import planner
 preset, tokens = sys.argv[1], int(sys.argv[2])
 loaded = load_model("smollm2-135m-local", preset)
 after_load = rss()
 session = ChatSession(loaded)
+params = SamplingParams(max_new_tokens=1, temperature=0.0)
 # Two long messages: the first prefills an empty cache, the second attends to it in masked chunks.
-*_, stats = session.send("word " * (tokens // 2 - 40), max_new_tokens=1, temperature=0.0)
-*_, stats = session.send("more " * (tokens // 2 - 40), max_new_tokens=1, temperature=0.0)
+for text in ("word " * (tokens // 2 - 40), "more " * (tokens // 2 - 40)):
+    *_, last = session.reply_to([*session.messages, Message("user", text)], params)
+stats = last.stats
 cache = session._cache
 kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
 after_prompt = rss()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 facts = facts_from_folder(loaded.folder)
-est = planner.estimate(facts, loaded.preset, stats.prompt_tokens, device_type="cpu", bf16_supported=False)
+native = detect_cpu().bf16_native
+est = planner.estimate(facts, loaded.preset, stats.prompt_tokens, device_type="cpu", bf16_supported=native)
 print(json.dumps({
     "preset": loaded.preset, "prompt_tokens": stats.prompt_tokens,
     "runtime_rss": base, "footprint": loaded.footprint_bytes, "load_rss_growth": after_load - base,
@@ -48,13 +54,14 @@ print(json.dumps({
 """
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--presets", default="fp32,bf16,fp16,int8,nf4")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = []
-    for preset in ("fp32", "bf16", "fp16", "int8", "nf4"):
+    for preset in args.presets.split(","):
         out = subprocess.run(
             [sys.executable, "-c", CHILD, preset, str(args.tokens)],
             capture_output=True,

@@ -70,3 +70,14 @@ def test_bench_serve_reports_each_turn(url, engine, tiny_words_folder):
     mid = bench.medians([result, {**again, "turns": again["turns"] + rows[2:]}])
     assert mid["ttft_s"][2] == rows[2]["ttft_s"] and len(mid["ttft_s"]) == 3
     assert "median of 2 runs" in bench.median_table([result, result])
+
+
+def test_bench_memory_sets_the_planners_terms_against_a_real_load(starter_folder, capsys):
+    """bench/memory.py: weights and KV cache measured as the planner counts them, and a peak RSS above both."""
+    import json
+
+    _bench_module("memory").main(["--presets", "bf16", "--tokens", "400", "--json"])
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["preset"] == "bf16" and 300 < row["prompt_tokens"] <= 400
+    assert abs(row["footprint"] - row["est_weights"]) < 1e-3 * row["footprint"] and row["kv_cache"] == row["est_kv"]
+    assert row["peak_rss"] > row["runtime_rss"] + row["footprint"]
