@@ -19,6 +19,7 @@ otherwise they stayed in the process's memory beside the packed copy, 212 of Smo
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 from pathlib import Path
 
@@ -87,8 +88,12 @@ def _release(start: int, nbytes: int, files: list[tuple[int, int]]) -> None:
     first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
     last = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first and any(low <= first and last <= high for low, high in files):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _shared_weights(model: torch.nn.Module) -> set[int]:
