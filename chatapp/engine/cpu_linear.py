@@ -9,23 +9,13 @@ prefill's thousands, and computes the same bits (oneDNN runs the same kernel on 
 what torch.compile's freezing pass does for CPU inference; here it is done without compiling.
 
 Only for models that compute in bf16 on a CPU whose oneDNN has native bf16 kernels. A weight shared with
-another module (tied embeddings) stays as it is: packing it would need a second copy.
-
-transformers maps a safetensors file and uses its weights where they lie, and the mapping lives as long as
-any of its tensors does. So a packed weight's original pages are given back to the kernel (`_release`):
-otherwise they stayed in the process's memory beside the packed copy, 212 of SmolLM2-135M's 269 MB.
+another module (tied embeddings) stays as it is: packing it would need a second copy. The pages the
+original weights leave in the mapped checkpoint go back to the kernel after loading (mapped.py).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import mmap
-from pathlib import Path
-
 import torch
-
-_MADV_DONTNEED = 4  # Linux's value
 
 
 class PackedLinear(torch.nn.Linear):
@@ -43,7 +33,6 @@ def supported() -> bool:
 def apply(model: torch.nn.Module) -> int:
     """Pack the weight of every plain bf16 Linear of a CPU model in place; how many were packed."""
     shared = _shared_weights(model)
-    files = _file_mappings()
     packed = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -59,41 +48,8 @@ def apply(model: torch.nn.Module) -> int:
                 torch.ops.mkldnn._reorder_linear_weight(weight.detach()), requires_grad=False
             )
         module.__class__ = PackedLinear
-        _release(weight.data_ptr(), weight.nbytes, files)
         packed += 1
     return packed
-
-
-def _file_mappings() -> list[tuple[int, int]]:
-    """The address ranges this process has mapped from files (Linux; none elsewhere)."""
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return []
-    spans = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/"):
-            start, end = (int(part, 16) for part in fields[0].split("-"))
-            spans.append((start, end))
-    return spans
-
-
-def _release(start: int, nbytes: int, files: list[tuple[int, int]]) -> None:
-    """Drop the pages wholly inside [start, start + nbytes) from memory, where a file holds them.
-
-    Only a file's pages: read again, they come back from the file unchanged, where anonymous pages would come
-    back as zeros. Pages shared with a neighbouring tensor stay.
-    """
-    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-    last = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first and any(low <= first and last <= high for low, high in files):
-        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def _shared_weights(model: torch.nn.Module) -> set[int]:
