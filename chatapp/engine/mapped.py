@@ -13,6 +13,7 @@ back from the file, where anonymous pages would come back as zeros.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 from pathlib import Path
 
@@ -67,7 +68,11 @@ def _drop(start: int, end: int) -> int:
     last = end // mmap.PAGESIZE * mmap.PAGESIZE
     if last <= first:
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
+    if _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
         return 0
     return last - first
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
