@@ -274,7 +274,8 @@ def _rate(ctx, loaded, path: str, context: int, bandwidth: float) -> dict:
         "fraction_of_limit": fraction,
         "warmup_turn_s": round(warmup_s, 1),
         # A step that failed to compile falls back to eager (static_decode.step): say which one was timed.
-        "step": "compiled" if loaded.compiled_step not in (None, loaded.model) else "eager",
+        # The dynamic path never uses the compiled step, even when an earlier static row left one on the model.
+        "step": "compiled" if path == "static" and loaded.compiled_step not in (None, loaded.model) else "eager",
         "status": "ok",
     }
     if ctx.device.startswith("cuda"):
