@@ -55,6 +55,8 @@ ARCHITECTURE_FIELDS = {
     "qk_norm": (bool, False),
     "sliding_window": (int, False),
     "sliding_layers": (int, False),
+    #: Attention that runs eagerly and holds its scores (see ModelFacts.eager_attention).
+    "eager_attention": (bool, False),
     #: Total parameters, where the architecture formula doesn't cover the checkpoint (e.g. a vision tower).
     "params": (int, False),
 }

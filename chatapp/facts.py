@@ -33,6 +33,9 @@ class ModelFacts:
     #: Sliding-window attention: the window, and how many of the layers use it (the rest attend to everything).
     sliding_window: int | None = None
     sliding_layers: int = 0
+    #: transformers runs this architecture's attention eagerly, holding each layer's scores: Gemma 2, whose
+    #: soft-capped logits SDPA can't take.
+    eager_attention: bool = False
 
     @property
     def embedding_params(self) -> int:
@@ -102,6 +105,7 @@ def facts_from_spec(spec: ModelSpec) -> ModelFacts | None:
         max_context=spec.context_length or 4096,
         sliding_window=a.get("sliding_window"),
         sliding_layers=a.get("sliding_layers", 0),
+        eager_attention=a.get("eager_attention", False),
     )
 
 
@@ -195,6 +199,7 @@ def facts_from_config(name: str, config: dict, params: int, where: str | None = 
         max_context=_size(config, "max_position_embeddings", where, False) or 4096,
         sliding_window=window,
         sliding_layers=sliding_layers if window else 0,
+        eager_attention=config.get("attn_logit_softcapping") is not None,
     )
 
 
@@ -256,6 +261,7 @@ def facts_from_gguf(path: Path, name: str | None = None) -> ModelFacts:
         vocab_size=_size(fields, "vocab_size", where),
         tied_embeddings="output.weight" not in names,
         max_context=_size(fields, "context_length", where, False) or 4096,
+        eager_attention=f"{arch}.attn_logit_softcapping" in reader.fields,
     )
 
 

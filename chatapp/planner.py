@@ -123,18 +123,28 @@ def kv_cache_bytes(facts: ModelFacts, context_tokens: int, dtype: str) -> int:
 
 
 def activation_bytes(facts: ModelFacts, context_tokens: int, dtype: str, device_type: str = "cuda") -> int:
-    """Peak of a prefill: the MLP's gate/up/act tensors plus two hidden-state copies, and fp32 logits.
+    """Peak of a prefill: the MLP's gate/up/act tensors plus two hidden-state copies, fp32 logits, and the attention
+    scores where something holds them.
 
     A GPU prefills in chunks of PREFILL_CHUNK, and SDPA's fused kernels never hold the attention scores.
     A CPU prefills a first prompt whole (the causal kernel holds no scores), but a chunk on top of a cache
     needs a mask, takes SDPA's math path, and its scores (heads x chunk x context) are real memory.
+    Eager attention (facts.eager_attention: Gemma 2, as SDPA can't softcap) holds the largest chunk's scores on
+    every device, three times over: the product in the compute dtype, its fp32 softmax, and the softmax cast back.
+    A CPU then prefills even a first prompt in chunks (engine/generate.py), so that chunk is PREFILL_CHUNK at most.
     """
     per_token = (3 * facts.intermediate_size + 2 * facts.hidden_size) * DTYPE_BYTES[dtype]
     logits = 4 * facts.vocab_size
-    if device_type != "cpu":  # CUDA and MPS: chunked prefill, fused attention
-        return min(context_tokens, PREFILL_CHUNK) * per_token + logits
-    whole = context_tokens * per_token
     chunk = min(context_tokens, PREFILL_CHUNK)
+    if facts.eager_attention:
+        # In fp32 the cast back is the same tensor, so 4 of the 12 bytes a score counts there aren't held.
+        # flash_attention_2 takes softcaps: with flash-attn installed Gemma 2 holds no scores, and counting them
+        # anyway overestimates a 9B by ~5%, which is simpler than making the estimate depend on the attention chosen.
+        scores = facts.attention_heads * chunk * context_tokens * (2 * DTYPE_BYTES[dtype] + 4)
+        return chunk * per_token + scores + logits
+    if device_type != "cpu":  # CUDA and MPS: chunked prefill, fused attention
+        return chunk * per_token + logits
+    whole = context_tokens * per_token
     scores = facts.attention_heads * chunk * context_tokens * DTYPE_BYTES[dtype]
     return max(whole, chunk * per_token + scores) + logits
 

@@ -63,7 +63,8 @@ def test_a_published_config_json_gives_the_catalogs_shape(config, catalog_name):
     raw = json.loads((Path(__file__).parent.parent / "bench" / "configs" / config).read_text())
     facts = facts_from_config(catalog_name, raw, 1)
     spec = facts_from_spec(load_catalog()[catalog_name])
-    for field in ("layers", "kv_heads", "head_dim", "tied_embeddings", "sliding_window", "sliding_layers"):
+    shape = ("layers", "kv_heads", "head_dim", "tied_embeddings", "sliding_window", "sliding_layers", "eager_attention")
+    for field in shape:
         assert getattr(facts, field) == getattr(spec, field), field
 
 
@@ -78,3 +79,36 @@ def test_gemma_3_makes_every_sixth_layer_global_unless_its_config_lists_them():
     assert facts_from_config("g", listed, 1).sliding_layers == 13
     assert facts_from_config("g", config, 1).tied_embeddings
     assert not facts_from_config("g", config | {"tie_word_embeddings": False}, 1).tied_embeddings
+
+
+def test_soft_capped_attention_runs_eagerly_from_config_catalog_and_gguf(tmp_path):
+    """Gemma 2's soft-capped logits leave SDPA out, and transformers' eager attention holds the scores: the
+    planner counts them where the config, the catalog or the GGUF says the logits are capped."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from chatapp.facts import facts_from_config
+
+    config = {"model_type": "gemma2", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    config |= {"vocab_size": 100}
+    assert facts_from_config("g", config | {"attn_logit_softcapping": 50.0}, 1).eager_attention
+    assert not facts_from_config("g", config | {"attn_logit_softcapping": None}, 1).eager_attention
+    assert not facts_from_config("g", config, 1).eager_attention
+    eager = {key for key, spec in load_catalog().items() if spec.architecture and facts_from_spec(spec).eager_attention}
+    assert eager == {"gemma-2-2b", "gemma-2-9b", "gemma-2-27b"}
+
+    for capped in (True, False):
+        path = tmp_path / f"capped-{capped}.gguf"
+        writer = GGUFWriter(path, "gemma2")
+        writer.add_block_count(2)
+        writer.add_embedding_length(64)
+        writer.add_head_count(4)
+        writer.add_vocab_size(100)
+        if capped:
+            writer.add_attn_logit_softcapping(50.0)
+        writer.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        assert facts_from_gguf(path).eager_attention is capped

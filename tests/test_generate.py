@@ -124,3 +124,38 @@ def test_bf16_cached_first_token_logits_match_full_prefill(tiny_folder, settings
     assert keep > len(ids) / 2
     assert torch.allclose(chunked, whole, atol=0.15 * whole.abs().max().item(), rtol=0)
     assert torch.nn.functional.cosine_similarity(chunked, whole).item() > 0.999
+
+
+def test_a_first_prompt_on_a_cpu_is_chunked_under_eager_attention_and_whole_under_sdpa(
+    starter_folder, tmp_path, tiny_fp32, settings, monkeypatch
+):
+    """SDPA's causal kernel holds no scores, so a CPU prefills a first prompt whole; Gemma 2's eager attention holds
+    heads x rows x keys of them, so its prompt goes in chunks, as the planner counts (facts.eager_attention)."""
+    from modelhelpers import build_family_model
+
+    from chatapp.engine import generate, kvcache
+    from chatapp.facts import facts_from_folder
+
+    folder = build_family_model(starter_folder, tmp_path / "gemma2", "gemma2")
+    gemma = load_model(str(folder), "fp32", settings=settings)
+    assert gemma.attn_implementation == "eager" and facts_from_folder(folder).eager_attention
+    assert tiny_fp32.attn_implementation == "sdpa"
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 64)
+    forwards: list[int] = []
+    real_forward = generate.forward
+    monkeypatch.setattr(
+        generate, "forward", lambda model, cache, ids: forwards.append(len(ids)) or real_forward(model, cache, ids)
+    )
+    score_rows: list[int] = []
+    real_softmax = torch.nn.functional.softmax
+    monkeypatch.setattr(
+        torch.nn.functional, "softmax", lambda x, *a, **k: score_rows.append(x.shape[-2]) or real_softmax(x, *a, **k)
+    )
+    ids = list(range(100, 300))
+    for loaded, expected in ((gemma, [64, 64, 64, 8]), (tiny_fp32, [200])):
+        forwards.clear()
+        with torch.inference_mode():
+            generate.prefill(loaded.model, kvcache.new_cache(loaded.model.config), ids)
+        assert forwards == expected
+    # Eager attention's softmax never saw more rows than a chunk's: the scores it held were chunk x keys.
+    assert score_rows and max(score_rows) == 64

@@ -12,6 +12,8 @@ from chatapp.facts import facts_from_spec
 from chatapp.hardware import CpuInfo, GpuInfo, Hardware, describe_by_hand
 from chatapp.planner import (
     CONTEXT_FLOOR,
+    PREFILL_CHUNK,
+    activation_bytes,
     auto_ladder,
     bandwidth_bytes_per_s,
     choose,
@@ -92,6 +94,24 @@ def test_sliding_window_layers_cap_their_cache():
     per = 2 * f.kv_heads * f.head_dim * 2
     assert kv_cache_bytes(f, 8192, "bf16") == per * (full * 8192 + sliding * 4096)
     assert kv_cache_bytes(f, 2048, "bf16") == per * f.layers * 2048
+
+
+@pytest.mark.parametrize("preset, peak_mib", [("bf16", 20_441.2), ("nf4", 8_660.8), ("int8", 12_513.7)])
+def test_eager_attention_counts_the_scores_of_the_largest_chunk(preset, peak_mib):
+    """Gemma 2 attends eagerly (SDPA can't softcap): the bf16 product, its fp32 softmax and the bf16 copy of that
+    are alive at once. On an H200 (bench/GPU.md, section 6), 4,159 tokens in chunks of 2,048 peaked at peak_mib
+    allocated, 7-16% above the estimate without the scores."""
+    f = facts("gemma-2-9b")
+    assert f.eager_attention and PREFILL_CHUNK == 2048
+    scores = 16 * 2048 * 4159 * (2 * 2 + 4)
+    with_scores = estimate(f, preset, 4159)
+    without = estimate(replace(f, eager_attention=False), preset, 4159)
+    assert with_scores.activation_bytes - without.activation_bytes == scores == 1_090_256_896
+    # The measured peak is torch's allocations, which the CUDA context and cuBLAS workspace are not.
+    counted = (with_scores.total_bytes - with_scores.overhead_bytes) / 1024**2
+    assert 0.95 < counted / peak_mib < 1.10
+    # A CPU chunks a first prompt too (engine/generate.py), so no whole-prompt term: the same chunk and scores.
+    assert activation_bytes(f, 8192, "bf16", "cpu") == activation_bytes(f, 8192, "bf16", "cuda")
 
 
 # -- choices over simulated hardware ------------------------------------------------------------
