@@ -161,3 +161,43 @@ def test_load_anyway_in_the_preset_picker_forces_the_load(settings, tiny_folder,
         assert app.backend.force
 
     run(app, check)
+
+
+@pytest.mark.parametrize("planned", [True, False], ids=["with a plan", "forced past no plan"])
+def test_a_load_the_gpu_runs_out_of_memory_for_is_one_line_with_the_need(planned, tiny_folder, settings, monkeypatch):
+    """torch's CUDA out-of-memory message is one long paragraph about this process's memory; the user gets one
+    line: the model, the preset, what it needs (the plan's numbers, else the size torch couldn't allocate), and
+    what to do. The GPU itself ran it in bench/gpu_check.py's oom step; here torch's error is raised in its place."""
+    import transformers
+
+    from chatapp.engine import loader
+    from chatapp.errors import ChatappError, ModelLoadError
+
+    torch_says = (
+        "CUDA out of memory. Tried to allocate 29.93 GiB. GPU 0 has a total capacity of 139.81 GiB of which "
+        "3.95 GiB is free. Including non-PyTorch memory, this process has 135.2 GiB memory in use. Of the "
+        "allocated memory 134.2 GiB is allocated by PyTorch, and 1.1 MiB is reserved by PyTorch but unallocated."
+    )
+
+    def runs_out(*args, **kwargs):
+        import torch
+
+        raise torch.OutOfMemoryError(torch_says)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", runs_out)
+    if not planned:
+
+        def no_plan(*args, **kwargs):
+            raise ChatappError("no plan for this one")
+
+        monkeypatch.setattr(loader, "_plan", no_plan)
+    with pytest.raises(ModelLoadError) as caught:
+        loader.load_model(str(tiny_folder), "fp32", settings=settings, device="cpu", force=True)
+    line = str(caught.value)
+    assert "\n" not in line and len(line) < 300, line
+    assert line.startswith(f"'{tiny_folder}' ran out of GPU memory loading fp32 (")
+    assert line.endswith("; free the GPU or pick a smaller preset")
+    if planned:
+        assert "fp32 needs " in line and " usable)" in line
+    else:
+        assert "(Tried to allocate 29.93 GiB)" in line

@@ -181,6 +181,46 @@ def test_a_failed_load_gives_the_device_its_memory_back_before_the_app_asks_agai
     assert seen == ["freed", "Error", "freed"] and worker.loaded is None
 
 
+@pytest.mark.parametrize("unused, trimmed", [(2 * 1024**3, True), (512 * 1024**2, False)])
+def test_after_a_turn_a_cache_holding_over_a_gib_unused_goes_back_to_the_driver(unused, trimmed, monkeypatch):
+    """bitsandbytes' int8 prefill left torch's cache holding 7 GB more than its tensors on an H200 (bench/GPU.md);
+    the worker gives such a surplus back after each turn, and leaves a small one (a cudaFree costs a sync). torch's
+    counters are set here: there is no GPU."""
+    import torch
+
+    from chatapp.engine import worker as worker_module
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 9 * 1024**3)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 9 * 1024**3 + unused)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    worker_module._trim_device_cache()
+    assert emptied == ([True] if trimmed else [])
+
+
+def test_every_turn_ends_with_the_trim(own_settings, tiny_folder, monkeypatch):
+    import multiprocessing
+
+    from chatapp.engine import worker as worker_module
+    from chatapp.sampling import SamplingParams
+
+    seen = []
+    monkeypatch.setattr(worker_module, "_trim_device_cache", lambda: seen.append("trim"))
+    ours, theirs = multiprocessing.Pipe()
+    try:
+        worker = worker_module.Worker(theirs, own_settings)
+        monkeypatch.setattr(worker, "send", lambda event: seen.append(type(event).__name__))
+        worker.handle(p.Load(str(tiny_folder), "fp32"))
+        worker.handle(p.Generate(1, 1, [("user", "hi")], SamplingParams(temperature=0.0, max_new_tokens=2)))
+    finally:
+        ours.close()
+        theirs.close()
+    finished = seen.index("Finished")
+    assert "trim" not in seen[:finished] and "trim" in seen[finished:]
+
+
 def test_the_client_module_does_not_import_torch():
     code = "import sys, chatapp.worker_client, chatapp.engine.worker; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .. import hub_download, planner
 from ..catalog import ModelSpec, load_catalog
@@ -78,7 +81,6 @@ class LoadedModel:
 
 
 def pick_device(requested: str | None = None) -> str:
-    import torch
 
     if requested:
         return requested
@@ -91,7 +93,6 @@ def pick_device(requested: str | None = None) -> str:
 
 def _device_facts(device: str) -> tuple[bool, tuple[int, int] | None]:
     """(bf16 runs natively, compute capability) for the device."""
-    import torch
 
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
@@ -103,7 +104,6 @@ def _device_facts(device: str) -> tuple[bool, tuple[int, int] | None]:
 
 def detect_hardware(device: str) -> Hardware:
     """What the planner may use for this device: NVML's view of the GPUs, else torch's."""
-    import torch
 
     found = detect()
     device_type, _, index = device.partition(":")
@@ -151,7 +151,6 @@ def materialize(
 
 
 def _torch_dtype(name: str):
-    import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
@@ -314,6 +313,8 @@ def load_model(
         )
     except ImportError as exc:
         raise ModelLoadError(f"can't load '{source.label}' with preset {preset}: {first_line(exc)}") from None
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(out_of_memory(source.label, preset, plan, exc)) from None
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
         if "trust_remote_code" in str(exc):
             raise ModelLoadError(remote_code_refusal(source.label, "it")) from None
@@ -326,6 +327,10 @@ def load_model(
         if packed := cpu_linear.apply(model):
             reasons.append(f"{packed} Linear layers' bf16 weights packed once for oneDNN, not on every call")
     mapped.release_unused(model)  # what quantizing, packing or upcasting replaced
+    if device_type == "cuda":
+        # Loading leaves blocks in torch's cache that no weight uses (transient copies, quantizing's fp16 rows);
+        # other processes, and the driver's count the planner reads, should see them free.
+        torch.cuda.empty_cache()
 
     template_fallback = not tokenizer.chat_template
     stop_strings: tuple[str, ...] = ()
@@ -370,6 +375,17 @@ def load_model(
     if draft_source is not None:
         attach_draft(loaded, draft_source, plan, settings, device, on_status, on_progress)
     return loaded
+
+
+def out_of_memory(label: str, preset: str, plan, exc: BaseException) -> str:
+    """One line for a load the GPU ran out of memory for: what the plan says it needs (when there was one),
+    else the size torch failed to allocate."""
+    if plan is not None:
+        need = planner.shortfall(plan, preset)
+    else:
+        found = re.search(r"Tried to allocate [0-9.]+ [KMGT]iB", str(exc))
+        need = found.group(0) if found else first_line(exc)[:120]
+    return f"'{label}' ran out of GPU memory loading {preset} ({need}); free the GPU or pick a smaller preset"
 
 
 def _devices(model) -> str:

@@ -227,6 +227,7 @@ class Worker:
                 self._cancels.pop(rid, None)
                 self._finished = max(self._finished, rid)
         self._evict(keep=request.conversation_id)
+        _trim_device_cache()
         self.send_cache_states()
 
     def count(self, request: p.Count) -> None:
@@ -406,6 +407,21 @@ def _thinking_facts(tokenizer) -> dict:
         except Exception as exc:  # such a template fails each reply too, and says why there; the load goes on
             print(f"no thinking probe: the template can't render one message: {exc}", flush=True)
     return {"thinking_markers": pair, "thinking_switch": has_switch, "thinking_starts_inside": inside}
+
+
+#: After a turn, torch's cache may hold far more than the tensors in use: an 8B's int8 prefill (bitsandbytes)
+#: left 7 GB of it unused on an H200 (bench/GPU.md), which other processes and the next plan then can't have.
+TRIM_ABOVE_BYTES = 1024**3
+
+
+def _trim_device_cache() -> None:
+    """Give torch's unused cached blocks back to the driver when they pass TRIM_ABOVE_BYTES."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    if torch.cuda.memory_reserved() - torch.cuda.memory_allocated() > TRIM_ABOVE_BYTES:
+        torch.cuda.empty_cache()
 
 
 def _empty_device_cache() -> None:
