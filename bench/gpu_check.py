@@ -85,6 +85,8 @@ class Context:
     step_deadline: float = float("inf")
     #: Device memory in use (bytes, all processes) before this process touched CUDA, from NVML; None without it.
     used_before: int | None = None
+    #: The planner step's rows to run ("model:preset"); empty: all of them.
+    planner_rows: frozenset = frozenset()
 
     def left(self) -> float:
         return min(self.deadline, self.step_deadline) - time.monotonic()
@@ -210,6 +212,9 @@ def markdown(meta: dict, records: list[dict]) -> str:
             lines += ["", *_table([summary])]
         if record.get("rows"):
             lines += ["", *_table(record["rows"])]
+        for key, value in record.items():  # further tables (the graphs step's profile)
+            if key != "rows" and isinstance(value, list) and value and isinstance(value[0], dict):
+                lines += ["", f"{key.capitalize()}:", "", *_table(value)]
     return "\n".join(lines) + "\n"
 
 
@@ -233,6 +238,8 @@ def write_report(out: Path, meta: dict, records: list[dict], finished: bool = Fa
 
 
 def steps() -> list[Step]:
+    import gpu_alloc
+    import gpu_graphs
     import gpu_memory
     import gpu_speed
     import gpu_worker
@@ -243,7 +250,10 @@ def steps() -> list[Step]:
         Step("switch", "Switching frees memory", gpu_worker.SWITCH_GOAL, gpu_worker.switching, 0.15),
         Step("oom", "A forced load that can't fit", gpu_worker.OOM_GOAL, gpu_worker.oom, 0.15),
         Step("decode", "Decode speed against the bandwidth limit", gpu_speed.DECODE_GOAL, gpu_speed.decode, 0.35),
+        # Not in a whole run's budget: these look into what the first run found (--only graphs,alloc).
+        Step("graphs", "Inside the compiled decode step", gpu_graphs.GRAPHS_GOAL, gpu_graphs.graphs, 0.35),
         Step("planner", "Planner vs reality", gpu_memory.PLANNER_GOAL, gpu_memory.planner_vs_reality, 0.35),
+        Step("alloc", "int8's device memory", gpu_alloc.ALLOC_GOAL, gpu_alloc.alloc, 0.2),
     ]
 
 
@@ -254,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU with tiny models")
     parser.add_argument("--only", default="", help="comma-separated steps to run (the others are recorded skipped)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="the whole run's time budget in seconds")
+    parser.add_argument("--planner", default="", help="the planner step's rows only, as model:preset,...")
     parser.add_argument("--scratch", default=None, help="where checkpoints are written (default: /dev/shm or tmp)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -274,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         write_report(out, meta, [], finished=True)
         say(meta["error"])
         return 2
-    meta.update(budget_s=args.budget_s, only=sorted(only) or None, started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    meta.update(budget_s=args.budget_s, only=sorted(only) or None, planner=args.planner or None)
+    meta["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
     sizes = DRY_SIZES if args.dry_run else Sizes()
     meta["sizes"] = asdict(sizes)
     scratch = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=gpu_models.pick_scratch(args.scratch, 48 * 2**30)))
@@ -290,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline=started + args.budget_s,
         say=say,
         used_before=used_before,
+        planner_rows=frozenset(row.strip() for row in args.planner.split(",") if row.strip()),
     )
     meta.update(gpu_memory.context_overhead(ctx))
     write_report(out, meta, [])

@@ -162,6 +162,8 @@ def planner_vs_reality(ctx, record: dict) -> None:
     ]
     for name in PLANNER_MODELS:
         for preset in PLANNER_PRESETS:
+            if ctx.planner_rows and f"{name}:{preset}" not in ctx.planner_rows:
+                continue
             row = {"model": name, "preset": preset}
             if ctx.left() < 20:
                 rows.append({**row, "status": "skipped: out of time"})
@@ -242,7 +244,8 @@ def _planner_row(ctx, name: str, preset: str) -> dict:
     peak = max(row["peak_load_bytes"], row["peak_turn_bytes"])
     process = used(ctx.device) - ctx.used_before if ctx.used_before is not None else None
     allocated_ratio, _, _ = verdict(est.total_bytes - est.overhead_bytes, peak)
-    row.update(peak_allocated_bytes=peak, process_floor_bytes=floor, process_bytes=process)
+    reserved = int(torch.cuda.memory_reserved())
+    row.update(peak_allocated_bytes=peak, reserved_bytes=reserved, process_floor_bytes=floor, process_bytes=process)
     row["est_vs_peak_allocated"] = round(allocated_ratio, 3)
     if process is not None:
         ratio, words, ok = verdict(est.total_bytes, process)

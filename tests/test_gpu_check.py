@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-STEPS = ["attention", "exactness", "switch", "oom", "decode", "planner"]
+STEPS = ["attention", "exactness", "switch", "oom", "decode", "graphs", "planner", "alloc"]
 
 
 @pytest.fixture
@@ -102,6 +102,45 @@ def test_the_decode_rows_set_each_rate_against_the_same_bandwidth(dry_run):
     assert static[0] == static[2], "a static cache is read whole: a 1,024-token bucket at both contexts"
     # The Markdown gives the bandwidth in the unit its heading names.
     assert f"| copy_bandwidth MiB_per_s |\n|---|\n| {bandwidth / 2**20:,.1f} |" in dry_run[1]
+
+
+def test_the_graphs_rows_set_three_rates_against_one_limit_and_profile_the_first_variant(dry_run):
+    record = _step(dry_run[0], "graphs")
+    rows = record["rows"]
+    assert [row["variant"] for row in rows] == ["cuda graphs (the app's)", "+ coordinate_descent_tuning (gpt-fast)"]
+    for row in rows:
+        assert row["status"] == "ok (eager: a dry run)" and row["step"] == "eager"
+        assert row["context"] == 128 - 2 - 1 and row["limit_tokens_per_s"] > 0
+        for kind in ("app", "step", "queued"):
+            rate = row[f"{kind}_tokens_per_s"]
+            assert rate > 0
+            assert row[f"{kind}_fraction_of_limit"] == pytest.approx(rate / row["limit_tokens_per_s"], abs=2e-3)
+        assert row["cudagraph_skips"] == 0 and row["graph_breaks"] == 0 and "profile" not in row
+    profile = record["profile"]
+    assert profile[0]["kernel"] == "all (per step)" and profile[0]["host_wall_ms"] > 0
+    assert any(row["kernel"].startswith("host: ") for row in profile)
+    assert "Profile:" in dry_run[1]  # a second table in the Markdown
+
+
+def test_the_alloc_rows_read_each_allocator_setting_in_its_own_process(dry_run):
+    record = _step(dry_run[0], "alloc")
+    phases = [
+        "int8 loaded, cache not emptied",
+        "after empty_cache (the loader's)",
+        "after a 1k-token turn",
+        "after the worker's trim",
+    ]
+    assert [(row["allocator"], row["phase"]) for row in record["rows"]] == [
+        (allocator, phase) for allocator in ("default", "expandable segments") for phase in phases
+    ]
+    assert all(row["process_bytes"] > 0 for row in record["rows"])
+    (graphs,) = record["graphs_under_expandable_segments"]
+    assert graphs == {
+        "allocator": "expandable segments",
+        "static_step": "eager",
+        "cudagraph_skips": 0,
+        "same_replies_as_eager": True,
+    }
 
 
 def test_the_exactness_rows_compare_every_turn_with_a_reencode(dry_run):

@@ -26,6 +26,10 @@ from .generate import decode_step
 
 log = logging.getLogger(__name__)
 
+#: inductor's options for the decode step: CUDA graphs, which is all mode="reduce-overhead" sets. A dict here
+#: rather than the mode, so that bench/gpu_graphs.py can try gpt-fast's tuning on the same path.
+COMPILE_OPTIONS: dict = {"triton.cudagraphs": True}
+
 #: Tokens a static cache grows by. Each size compiles the decode step once; 1,024 tokens of room cost an
 #: 8B Llama 128 MiB in bf16.
 BUCKET = 1024
@@ -95,7 +99,9 @@ def compiled_step(loaded):
     if loaded.compiled_step is None:
         loaded.compiled_step = loaded.model
         if loaded.model.device.type == "cuda":
-            loaded.compiled_step = torch.compile(loaded.model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            loaded.compiled_step = torch.compile(
+                loaded.model, fullgraph=True, dynamic=False, options=dict(COMPILE_OPTIONS)
+            )
     return loaded.compiled_step
 
 

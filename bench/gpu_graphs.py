@@ -1,0 +1,195 @@
+"""The GPU check's look inside the compiled decode step: where a bf16 8B step's time goes, and what inductor's
+tuning does to it.
+
+The first H200 run decoded Llama 8B bf16 at 0.51 of the bandwidth limit on the static path with CUDA graphs, against
+the issue's 0.6. Three rates per compile variant tell the parts apart, all on one static cache of ~1k tokens:
+- `app`: the session's decode rate (ChatSession on the static path: sampling, detokenizing, stop checks);
+- `step`: decode_step in a bare loop, each token read back to the host (`.item()`), as the session needs it;
+- `queued`: the compiled model fed its own argmax on the device, with no read-back: what the GPU sustains when the
+  host keeps ahead of it.
+The variants are the app's (CUDA graphs, what mode="reduce-overhead" sets) and gpt-fast's inductor setting,
+coordinate-descent tuning. The profile is of the app's variant: the kernels that take the most device time, and the
+host's time per step against the device's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import gpu_models
+import gpu_speed
+from gpu_memory import free_after
+
+GRAPHS_GOAL = "where a compiled bf16 decode step's time goes, and whether tuning it reaches 60% of the limit"
+#: (name, inductor options added to static_decode.COMPILE_OPTIONS)
+VARIANTS = (
+    ("cuda graphs (the app's)", {}),
+    ("+ coordinate_descent_tuning (gpt-fast)", {"coordinate_descent_tuning": True}),
+)
+#: Tokens each bare-loop rate is measured over, and the steps the profile records.
+STEPS = 64
+PROFILED = 8
+#: A variant's compile (the first H200 run: ~32 s), its turns and rates take about this long.
+NEED_S = 75
+
+
+def graphs(ctx, record: dict) -> None:
+    from chatapp.engine import load_model, static_decode
+
+    cuda = ctx.device.startswith("cuda")
+    bandwidth = gpu_speed.copy_bandwidth(ctx.device, ctx.sizes.copy_bytes)
+    record["copy_bandwidth_bytes_per_s"] = int(bandwidth)
+    free_after(ctx)
+    context = ctx.sizes.decode_contexts[0]
+    folder = ctx.checkpoints.get("llama-3.1-8b")
+    loaded = load_model(str(folder), "bf16", settings=ctx.settings, device=ctx.device, context=context + 256)
+    rows = record["rows"] = []
+    default = dict(static_decode.COMPILE_OPTIONS)
+    try:
+        for name, extra in VARIANTS:
+            row = {"variant": name}
+            if ctx.left() < NEED_S:
+                rows.append({**row, "status": f"skipped: out of time ({ctx.left():.0f} s left of the step's share)"})
+                continue
+            static_decode.COMPILE_OPTIONS = {**default, **extra}
+            try:
+                row.update(_variant(ctx, loaded, context, bandwidth, profile=not rows))
+            except Exception as exc:  # this variant's record; the next still runs
+                from gpu_check import one_line
+
+                row.update(status="failed", error=one_line(exc))
+            if row.get("profile"):
+                record["profile"] = row.pop("profile")
+            rows.append(row)
+    finally:
+        static_decode.COMPILE_OPTIONS = default
+        loaded.compiled_step = None
+    app = [row["app_fraction_of_limit"] for row in rows if row.get("app_fraction_of_limit") is not None]
+    record["goal_met"] = max(app) >= gpu_speed.GRAPH_TARGET if app and cuda else None
+    if not cuda:
+        record["notes"] = ["dry run: no compile on the CPU, so every variant is the eager step; no verdict"]
+
+
+def _variant(ctx, loaded, context: int, bandwidth: float, profile: bool) -> dict:
+    """A fresh compile through the app's session (a warm-up turn, then the measured one, as the decode step does),
+    then the bare loops and the profile on that session's cache, the last reply's tokens dropped to make room."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from chatapp.engine import ChatSession, kvcache, static_decode
+    from chatapp.engine.bench import cached_turn
+    from chatapp.engine.session import Message
+
+    cuda = ctx.device.startswith("cuda")
+    torch._dynamo.reset()
+    counters.clear()
+    loaded.compiled_step = None
+    new, warm = ctx.sizes.decode_new, ctx.sizes.decode_warm
+    session = ChatSession(loaded, decode="static", speculative="off")
+    messages = [Message("user", gpu_models.user_message(loaded.tokenizer, context - new - warm))]
+    started = time.perf_counter()
+    cached_turn(session, messages, warm)
+    row: dict = {"warmup_turn_s": round(time.perf_counter() - started, 1)}
+    reply, stats = cached_turn(session, messages, new)
+    cache = session._cache
+    weights, kv = gpu_speed.bytes_per_token(loaded, kvcache.nbytes(cache))
+    limit = bandwidth / (weights + kv)
+    row.update(context=stats.cache_tokens, limit_tokens_per_s=round(limit), app_tokens_per_s=stats.decode_tokens_per_s)
+    step = static_decode.compiled_step(loaded)
+    with torch.inference_mode():
+        spare = static_decode.room(cache) - int(cache.get_seq_length())
+        if spare < STEPS:
+            kvcache.drop(cache, STEPS - spare)
+        row["step_tokens_per_s"] = _timed_rate(ctx, lambda: _synced(step, cache, reply[0], STEPS))
+        kvcache.drop(cache, STEPS)
+        row["queued_tokens_per_s"] = _timed_rate(ctx, lambda: _queued(step, cache, reply[0], STEPS))
+        kvcache.drop(cache, STEPS)
+        if profile:
+            before = int(cache.get_seq_length())
+            try:
+                row["profile"] = _profile(ctx, step, cache, reply[0])
+            except Exception as exc:  # the profiler (CUPTI) failing costs the profile, not the rates
+                row["profile_error"] = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+            kvcache.drop(cache, int(cache.get_seq_length()) - before)
+    for kind in ("app", "step", "queued"):
+        row[f"{kind}_fraction_of_limit"] = round(row[f"{kind}_tokens_per_s"] / limit, 3)
+    row["cudagraph_skips"] = int(counters["inductor"].get("cudagraph_skips", 0))
+    row["graph_breaks"] = int(sum(counters["graph_break"].values()))
+    row["step"] = "compiled" if loaded.compiled_step not in (None, loaded.model) else "eager"
+    row["status"] = "ok" if cuda else "ok (eager: a dry run)"
+    return row
+
+
+def _timed_rate(ctx, run) -> float:
+    gpu_speed._sync(ctx.device)
+    started = time.perf_counter()
+    run()
+    gpu_speed._sync(ctx.device)
+    return round(STEPS / (time.perf_counter() - started), 1)
+
+
+def _synced(step, cache, token: int, steps: int) -> None:
+    from chatapp.engine.generate import decode_step
+
+    for _ in range(steps):
+        token = int(decode_step(step, cache, token).argmax(-1).item())
+
+
+def _queued(step, cache, token: int, steps: int) -> None:
+    """The same steps with the argmax left on the device as the next input: nothing waits for the host."""
+    import torch
+
+    ids = torch.tensor([[token]], dtype=torch.long, device=next(iter(cache.layers)).keys.device)
+    for _ in range(steps):
+        logits = step(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+        ids = logits[:, -1:].argmax(-1)
+
+
+def _profile(ctx, step, cache, token: int) -> list[dict]:
+    """torch.profiler over PROFILED bare steps: the busiest device kernels, and the host's and device's time per step
+    (device time: the sum of the kernels' own times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.startswith("cuda") else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        _synced(step, cache, token, PROFILED)
+        gpu_speed._sync(ctx.device)
+    wall = time.perf_counter() - started
+    events = prof.key_averages()
+
+    def device_us(event) -> float:
+        return float(getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0) or 0)
+
+    device = sum(device_us(e) for e in events)
+    rows = [
+        {
+            "kernel": "all (per step)",
+            "calls": None,
+            "device_ms": round(device / 1e3 / PROFILED, 3),
+            "share": 1.0,
+            "host_wall_ms": round(wall * 1e3 / PROFILED, 3),
+        }
+    ]
+    busiest = sorted(events, key=device_us, reverse=True)[:12]
+    for event in busiest:
+        if not device_us(event):
+            break
+        rows.append(
+            {
+                "kernel": event.key[:90],
+                "calls": event.count // PROFILED,
+                "device_ms": round(device_us(event) / 1e3 / PROFILED, 3),
+                "share": round(device_us(event) / device, 3) if device else None,
+            }
+        )
+    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+    rows += [
+        {
+            "kernel": f"host: {event.key[:80]}",
+            "calls": event.count // PROFILED,
+            "host_ms": round(event.self_cpu_time_total / 1e3 / PROFILED, 3),
+        }
+        for event in host
+    ]
+    return rows
