@@ -493,6 +493,9 @@ def choose(
             compute_capability=best.compute_capability if best else None,
             flash_attn_installed=flash_attn_installed,
         )
+        if facts.eager_attention and attention.value == "sdpa":
+            # What the loader falls back to for such a model; the plan says it rather than SDPA, which won't run.
+            attention = Decision("eager", ("transformers has no SDPA for this model's soft-capped attention",))
         extra: dict = {"attn_implementation": attention.value}
         if draft is not None:
             share = draft_share(draft, choice, compute, targets)

@@ -178,7 +178,10 @@ def test_a_model_without_sdpa_loads_with_the_attention_it_supports(family_fp32):
     expected = "eager" if type(family_fp32.model).__name__.startswith("Gemma2") else "sdpa"
     assert family_fp32.attn_implementation == expected
     if expected == "eager":
-        assert "attention: eager (Gemma2ForCausalLM does not support sdpa)" in family_fp32.reasons
+        # The plan says so already (facts.eager_attention), so the loader has nothing to swap.
+        assert (
+            "attention: eager (transformers has no SDPA for this model's soft-capped attention)" in family_fp32.reasons
+        )
 
 
 _QUOTED = (

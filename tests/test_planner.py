@@ -88,6 +88,17 @@ def test_bnb_keeps_embeddings_16_bit_and_nf4_carries_scales():
     assert weights_bytes(f, "nf4", "fp32") - nf4 == (f.params - linear) * 2
 
 
+@pytest.mark.parametrize(
+    "flash, expected",
+    [(False, "attention: eager (transformers has no SDPA"), (True, "attention: flash_attention_2 (")],
+)
+def test_a_soft_capped_models_plan_names_the_attention_it_will_load_with(flash, expected):
+    """Gemma 2's plan said SDPA, which the loader then swapped for eager; flash-attn takes soft caps."""
+    plan = choose(machine(48, 48), facts("gemma-2-9b"), context=8192, flash_attn_installed=flash)
+    assert plan.choice.attn_implementation == expected.split()[1].rstrip(" (")
+    assert plan.reasons[-1].startswith(expected)
+
+
 def test_sliding_window_layers_cap_their_cache():
     f = facts("gemma-2-9b")
     full, sliding = f.layers - f.sliding_layers, f.sliding_layers
