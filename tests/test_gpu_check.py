@@ -107,7 +107,10 @@ def test_the_decode_rows_set_each_rate_against_the_same_bandwidth(dry_run):
 def test_the_graphs_rows_set_three_rates_against_one_limit_and_profile_the_first_variant(dry_run):
     record = _step(dry_run[0], "graphs")
     rows = record["rows"]
-    assert [row["variant"] for row in rows] == ["cuda graphs (the app's)", "+ coordinate_descent_tuning (gpt-fast)"]
+    assert [row["variant"] for row in rows] == [
+        "cuda graphs, a token read back each step",
+        "cuda graphs, one step ahead (the app's)",
+    ]
     for row in rows:
         assert row["status"] == "ok (eager: a dry run)" and row["step"] == "eager"
         assert row["context"] == 128 - 2 - 1 and row["limit_tokens_per_s"] > 0

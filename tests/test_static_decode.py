@@ -139,3 +139,93 @@ def test_a_step_that_fails_to_compile_decodes_eagerly_with_the_same_tokens(full_
     finally:
         full_family.compiled_step = None
         full_family.reasons[:] = [r for r in full_family.reasons if "compiled step failed" not in r]
+
+
+# -- one step ahead (generate.stream_ahead): GPU-only by default, run here by asking for it -------------------------
+
+
+def _spy_ahead(monkeypatch) -> list:
+    from chatapp.engine import session as session_module
+
+    calls = []
+
+    def spied(*args):
+        calls.append(1)
+        return session_module_stream_ahead(*args)
+
+    session_module_stream_ahead = session_module.stream_ahead
+    monkeypatch.setattr(session_module, "stream_ahead", spied)
+    return calls
+
+
+def _same_cache(a: ChatSession, b: ChatSession) -> None:
+    import torch
+
+    assert a.cache_ids == b.cache_ids and -1 not in a.cache_ids
+    n = a.cache_tokens
+    assert int(a._cache.get_seq_length()) == int(b._cache.get_seq_length()) == n
+    for x, y in zip(a._cache.layers, b._cache.layers, strict=True):
+        assert torch.equal(x.keys[..., :n, :], y.keys[..., :n, :])
+        assert torch.equal(x.values[..., :n, :], y.values[..., :n, :])
+
+
+def test_one_step_ahead_gives_the_plain_loops_tokens_prefill_counts_and_cache(full_family, monkeypatch):
+    monkeypatch.setattr(static_decode, "BUCKET", 32)  # bucket moves while a step is ahead
+    calls = _spy_ahead(monkeypatch)
+    plain = Chat(full_family, decode="static", speculative="off", ahead=False)
+    plain_turns = _chat_through(plain)
+    assert not calls
+    ahead = Chat(full_family, decode="static", speculative="off", ahead=True)
+    assert _chat_through(ahead) == plain_turns
+    assert len(calls) == 6  # every turn of the chat
+    _same_cache(ahead.session, plain.session)
+
+
+@pytest.mark.parametrize("end", ["stop token", "one token", "cancel", "caller stops reading", "sampled"])
+def test_however_a_reply_ends_one_step_ahead_leaves_the_cache_as_the_plain_loop_does(end, tiny_fp32, monkeypatch):
+    import threading
+    from dataclasses import replace
+
+    from chathelpers import greedy
+
+    from chatapp.engine.session import Message
+
+    calls = _spy_ahead(monkeypatch)
+    ask = [Message("user", QUESTIONS[0])]
+    first = ChatSession(tiny_fp32, decode="static", speculative="off", ahead=False)
+    tokens = [r.token for r in first.reply_to(ask, greedy(max_new_tokens=12)) if r.token is not None]
+    loaded = replace(tiny_fp32, stop_token_ids=frozenset({tokens[4]})) if end == "stop token" else tiny_fp32
+    params = greedy(max_new_tokens=1 if end == "one token" else 12)
+    if end == "sampled":
+        params = replace(params, temperature=0.8, seed=3)
+
+    def reply(ahead: bool) -> tuple[ChatSession, list]:
+        session = ChatSession(loaded, decode="static", speculative="off", ahead=ahead)
+        cancel = threading.Event()
+        stream = session.reply_to(ask, params, cancel)
+        got = []
+        for response in stream:
+            got.append((response.token, response.finish_reason))
+            if len(got) == 3 and end == "cancel":
+                cancel.set()
+            if len(got) == 3 and end == "caller stops reading":
+                stream.close()
+                break
+        return session, got
+
+    plain, plain_got = reply(False)
+    ahead, ahead_got = reply(True)
+    assert ahead_got == plain_got
+    _same_cache(ahead, plain)
+    assert len(calls) == (0 if end == "sampled" else 1)  # greedy only
+    # And the next turn on each goes on alike.
+    follow = [*ahead.messages, Message("user", QUESTIONS[2])]
+    assert [r.token for r in ahead.reply_to(follow, greedy(max_new_tokens=6))] == [
+        r.token for r in plain.reply_to(follow, greedy(max_new_tokens=6))
+    ]
+
+
+def test_one_step_ahead_is_for_greedy_replies_on_a_gpus_static_path(tiny_fp32):
+    assert ChatSession(tiny_fp32, decode="static").ahead is False  # a CPU: it would only cost a step
+    assert ChatSession(tiny_fp32, decode="static", ahead=True).ahead is True
+    assert ChatSession(tiny_fp32, decode="dynamic", ahead=True).ahead is False  # a dynamic cache

@@ -16,7 +16,17 @@ from ..protocol import Message, TurnStats
 from ..sampling import DEFAULTS, SamplingParams
 from . import bf16_weights, kvcache, reasoning, speculate, static_decode
 from .draftmodel import ModelDrafter, check_draft
-from .generate import GenerationResponse, ReplyText, Sampler, StreamDecoder, decode_step, forward, prefill, stream
+from .generate import (
+    GenerationResponse,
+    ReplyText,
+    Sampler,
+    StreamDecoder,
+    decode_step,
+    forward,
+    prefill,
+    stream,
+    stream_ahead,
+)
 from .loader import LoadedModel
 
 
@@ -122,6 +132,7 @@ class ChatSession:
         speculative: str | None = None,
         draft: LoadedModel | None = None,
         decode: str = "auto",
+        ahead: bool | None = None,
     ):
         draft = draft or loaded.draft
         speculative = speculative or ("draft" if draft is not None else "ngram")
@@ -137,6 +148,9 @@ class ChatSession:
         if self.static and (why := static_decode.unsupported(loaded.model)):
             raise ValueError(f"no static decode path: {why}")
         self.context_length = context_length or loaded.context_length
+        #: Greedy replies on the static path decode one step ahead (generate.stream_ahead); None: on a GPU, where it
+        #: overlaps the host's work with the device's (on a CPU it only costs a dropped step per reply).
+        self.ahead = self.static and (loaded.model.device.type == "cuda" if ahead is None else ahead)
         #: "ngram": prompt-lookup drafts while they pay (see speculate.Gate); "draft": a draft model's, likewise;
         #: "off": one token per step. Default: the loaded model's draft when it has one, else ngram.
         self.speculative = speculative
@@ -361,6 +375,8 @@ class ChatSession:
                         tally,
                         self._drafter.follow if self._drafter else speculate.Drafter,
                     )
+                elif self.ahead and params.greedy and not params.penalised:
+                    tokens = stream_ahead(logits, self._feed_ahead, self._fed, self._drop, stop)
                 else:
                     tokens = stream(logits, sampler, self._feed_one, stop)
                 try:
@@ -402,6 +418,24 @@ class ChatSession:
 
     def _feed_one(self, token: int) -> torch.Tensor:
         return self._feed([token])
+
+    def _feed_ahead(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """A token the host hasn't read yet into the static cache (stream_ahead). Its id in _cache_ids is -1 until
+        _fed says which it was: should that never come (a CUDA error), the next turn sees an id no prompt has, and
+        rolls the cache back to before it."""
+        model = self.loaded.model
+        self._cache = static_decode.holding(self._cache, model.config, len(self._cache_ids) + 1)
+        try:
+            logits = static_decode.step(self.loaded, self._cache, token_ids)
+        except BaseException:
+            self._cache = None
+            self._cache_ids = []
+            raise
+        self._cache_ids.append(-1)
+        return logits
+
+    def _fed(self, token: int) -> None:
+        self._cache_ids[-1] = token
 
     def _feed_rows(self, tokens: list[int]) -> torch.Tensor:
         return self._feed(tokens, rows=True)

@@ -105,7 +105,7 @@ def compiled_step(loaded):
     return loaded.compiled_step
 
 
-def step(loaded, cache, token: int) -> torch.Tensor:
+def step(loaded, cache, token: int | torch.Tensor) -> torch.Tensor:
     """One decode token on a static cache, through the compiled step.
 
     A step that fails to compile (Triton finds no C compiler, inductor lacks an operator) would fail every
