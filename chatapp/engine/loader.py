@@ -81,7 +81,6 @@ class LoadedModel:
 
 
 def pick_device(requested: str | None = None) -> str:
-
     if requested:
         return requested
     if torch.cuda.is_available():
@@ -93,7 +92,6 @@ def pick_device(requested: str | None = None) -> str:
 
 def _device_facts(device: str) -> tuple[bool, tuple[int, int] | None]:
     """(bf16 runs natively, compute capability) for the device."""
-
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
         return torch.cuda.is_bf16_supported(), torch.cuda.get_device_capability(index)
@@ -104,7 +102,6 @@ def _device_facts(device: str) -> tuple[bool, tuple[int, int] | None]:
 
 def detect_hardware(device: str) -> Hardware:
     """What the planner may use for this device: NVML's view of the GPUs, else torch's."""
-
     found = detect()
     device_type, _, index = device.partition(":")
     if device_type != "cuda":
@@ -151,7 +148,6 @@ def materialize(
 
 
 def _torch_dtype(name: str):
-
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
