@@ -68,7 +68,7 @@ def alloc(ctx, record: dict) -> None:
 def child(args: dict) -> dict:
     """In its own process: the readings (see the module doc)."""
     import torch
-    from gpu_memory import nvml_used, rss, scratch_settings
+    from gpu_memory import nvml_used, scratch_settings, snapshot
 
     from chatapp.engine import ChatSession, load_model
     from chatapp.engine.bench import cached_turn
@@ -79,14 +79,14 @@ def child(args: dict) -> dict:
     settings = scratch_settings(Path(args["scratch"]))
 
     def reading(phase: str) -> dict:
+        now = snapshot(args["device"])
         if not cuda:
-            return {"phase": phase, "process_bytes": rss()}
-        free, total = torch.cuda.mem_get_info()
+            return {"phase": phase, "process_bytes": now["rss_bytes"]}
         return {
             "phase": phase,
-            "allocated_bytes": int(torch.cuda.memory_allocated()),
-            "reserved_bytes": int(torch.cuda.memory_reserved()),
-            "process_bytes": int(total - free) - base if base is not None else None,
+            "allocated_bytes": now["allocated_bytes"],
+            "reserved_bytes": now["reserved_bytes"],
+            "process_bytes": now["used_bytes"] - base if base is not None else None,
         }
 
     import gpu_models

@@ -6,6 +6,7 @@ import queue
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -157,6 +158,23 @@ def test_a_bad_model_is_one_error_line_and_the_worker_stays_up(worker):
     assert client.alive
 
 
+@contextmanager
+def _worker_here(settings, monkeypatch, seen: list):
+    """A Worker in this process whose events are noted in `seen` by type name, over a pipe closed afterwards."""
+    import multiprocessing
+
+    from chatapp.engine import worker as worker_module
+
+    ours, theirs = multiprocessing.Pipe()
+    try:
+        worker = worker_module.Worker(theirs, settings)
+        monkeypatch.setattr(worker, "send", lambda event: seen.append(type(event).__name__))
+        yield worker
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_a_failed_load_gives_the_device_its_memory_back_before_the_app_asks_again(own_settings, monkeypatch):
     """A load that fails part way (CUDA out of memory) leaves its tensors behind until the exception is gone; the
     worker frees them then, before its next request (the app's reload of the previous model), which must fit.
@@ -164,20 +182,12 @@ def test_a_failed_load_gives_the_device_its_memory_back_before_the_app_asks_agai
     In this process, with the one-line device call counted in place of torch's: there is no GPU here. The memory
     itself is measured by bench/gpu_check.py's oom step on a GPU.
     """
-    import multiprocessing
-
     from chatapp.engine import worker as worker_module
 
     seen = []
     monkeypatch.setattr(worker_module, "_empty_device_cache", lambda: seen.append("freed"))
-    ours, theirs = multiprocessing.Pipe()
-    try:
-        worker = worker_module.Worker(theirs, own_settings)
-        monkeypatch.setattr(worker, "send", lambda event: seen.append(type(event).__name__))
+    with _worker_here(own_settings, monkeypatch, seen) as worker:
         worker.handle(p.Load("no-such-model-anywhere", "fp32"))
-    finally:
-        ours.close()
-        theirs.close()
     assert seen == ["freed", "Error", "freed"] and worker.loaded is None
 
 
@@ -201,22 +211,14 @@ def test_after_a_turn_a_cache_holding_over_a_gib_unused_goes_back_to_the_driver(
 
 
 def test_every_turn_ends_with_the_trim(own_settings, tiny_folder, monkeypatch):
-    import multiprocessing
-
     from chatapp.engine import worker as worker_module
     from chatapp.sampling import SamplingParams
 
     seen = []
     monkeypatch.setattr(worker_module, "_trim_device_cache", lambda: seen.append("trim"))
-    ours, theirs = multiprocessing.Pipe()
-    try:
-        worker = worker_module.Worker(theirs, own_settings)
-        monkeypatch.setattr(worker, "send", lambda event: seen.append(type(event).__name__))
+    with _worker_here(own_settings, monkeypatch, seen) as worker:
         worker.handle(p.Load(str(tiny_folder), "fp32"))
         worker.handle(p.Generate(1, 1, [("user", "hi")], SamplingParams(temperature=0.0, max_new_tokens=2)))
-    finally:
-        ours.close()
-        theirs.close()
     finished = seen.index("Finished")
     assert "trim" not in seen[:finished] and "trim" in seen[finished:]
 

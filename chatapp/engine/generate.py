@@ -113,10 +113,10 @@ def stream_ahead(
     """
     cuda = logits.device.type == "cuda"
     read = torch.empty(1, dtype=torch.long, pin_memory=cuda)
+    copied = torch.cuda.Event() if cuda else None
     token_ids = logits.argmax(dim=-1).view(1, 1)
     while True:
         read.copy_(token_ids.view(1), non_blocking=cuda)
-        copied = torch.cuda.Event() if cuda else None
         if copied is not None:
             copied.record()
         logits = feed(token_ids)
@@ -133,7 +133,7 @@ def stream_ahead(
         finally:
             if not going_on:
                 drop(1)
-        if not going_on:
+        if reason is not None:
             return
 
 

@@ -270,28 +270,35 @@ class ChatSession:
         self._cache_ids = []
         return 0
 
-    def _feed(self, ids: list[int], rows: bool = False) -> torch.Tensor:
-        """Run ids into the cache, keeping _cache_ids in step with it; rows: the logits of every position."""
+    def _feed(self, ids: list[int] | torch.Tensor, rows: bool = False) -> torch.Tensor:
+        """Run ids into the cache, keeping _cache_ids in step with it; rows: the logits of every position.
+
+        ids may be one token the host hasn't read yet, a (1, 1) tensor on the device (stream_ahead, on the static
+        path). Its id in _cache_ids is -1 until _fed says which it was: should that never come (a CUDA error), the
+        next turn sees an id no prompt has, and rolls the cache back to before it.
+        """
         model = self.loaded.model
+        ahead = isinstance(ids, torch.Tensor)
+        known = [-1] if ahead else ids
         if self.static:
-            self._cache = static_decode.holding(self._cache, model.config, len(self._cache_ids) + len(ids))
+            self._cache = static_decode.holding(self._cache, model.config, len(self._cache_ids) + len(known))
         elif self._cache is None:
             self._cache = kvcache.new_cache(model.config)
         try:
             if rows:
                 logits = forward(model, self._cache, ids, rows=len(ids))
-            elif len(ids) > 1:
+            elif len(known) > 1:
                 logits = prefill(model, self._cache, ids)
             elif self.static:
-                logits = static_decode.step(self.loaded, self._cache, ids[0])
+                logits = static_decode.step(self.loaded, self._cache, ids if ahead else ids[0])
             else:
-                logits = decode_step(model, self._cache, ids[0])
+                logits = decode_step(model, self._cache, ids if ahead else ids[0])
         except BaseException:
             # A failed forward may have updated some layers and not others: don't trust the cache again.
             self._cache = None
             self._cache_ids = []
             raise
-        self._cache_ids.extend(ids)
+        self._cache_ids.extend(known)
         return logits
 
     # -- one turn -------------------------------------------------------------------------
@@ -376,7 +383,7 @@ class ChatSession:
                         self._drafter.follow if self._drafter else speculate.Drafter,
                     )
                 elif self.ahead and params.greedy and not params.penalised:
-                    tokens = stream_ahead(logits, self._feed_ahead, self._fed, self._drop, stop)
+                    tokens = stream_ahead(logits, self._feed, self._fed, self._drop, stop)
                 else:
                     tokens = stream(logits, sampler, self._feed_one, stop)
                 try:
@@ -418,21 +425,6 @@ class ChatSession:
 
     def _feed_one(self, token: int) -> torch.Tensor:
         return self._feed([token])
-
-    def _feed_ahead(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """A token the host hasn't read yet into the static cache (stream_ahead). Its id in _cache_ids is -1 until
-        _fed says which it was: should that never come (a CUDA error), the next turn sees an id no prompt has, and
-        rolls the cache back to before it."""
-        model = self.loaded.model
-        self._cache = static_decode.holding(self._cache, model.config, len(self._cache_ids) + 1)
-        try:
-            logits = static_decode.step(self.loaded, self._cache, token_ids)
-        except BaseException:
-            self._cache = None
-            self._cache_ids = []
-            raise
-        self._cache_ids.append(-1)
-        return logits
 
     def _fed(self, token: int) -> None:
         self._cache_ids[-1] = token
