@@ -8,8 +8,14 @@ the issue's 0.6. Three rates per variant tell the parts apart, all on one static
 - `queued`: the compiled model fed its own argmax on the device, with no read-back: what the GPU sustains when the
   host keeps ahead of it.
 The variants differ in the app's loop: a token read back each step (generate.stream), or one step ahead
-(generate.stream_ahead), which should bring `app` up to `queued`. The second reuses the first's compiled step. The
+(speculate.stream_ahead), which should bring `app` up to `queued`. The second reuses the first's compiled step. The
 profile is of the first: the kernels that take the most device time, and the host's time per step.
+
+Then the drafts: the app drafts by default (prompt lookup), and on the static path a verify is a second compiled
+graph, static_decode.VERIFY_WIDTH tokens wide, launched on top of the step already running. Random weights reply
+nothing like a real model, so their drafts say little. Besides the app's own drafter, two know the reply from the
+turn without drafts: every draft right (the best drafting can do), every draft wrong (the worst, until the gate
+stops drafting). And the bare cost of a verify against a step, which the gate's threshold rests on.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ STEPS = 64
 PROFILED = 8
 #: A variant's compile (the first H200 run: ~32 s), its turns and rates take about this long.
 NEED_S = 75
+#: The drafters the drafts table compares, each with the step one ahead; the verify graph compiles on the first.
+DRAFTERS = ("off", "ngram (the app's)", "every draft right", "every draft wrong")
+#: A drafter's two turns, the first compiling the verify graph (~40 s for an 8B).
+DRAFTS_NEED_S = 60
 
 
 def graphs(ctx, record: dict) -> None:
@@ -65,13 +75,16 @@ def graphs(ctx, record: dict) -> None:
             if row.get("profile"):
                 record["profile"] = row.pop("profile")
             rows.append(row)
+        if any(row.get("status", "").startswith("ok") for row in rows):
+            _drafts(ctx, loaded, context, bandwidth, record)
     finally:
         static_decode.COMPILE_OPTIONS = default
         loaded.compiled_step = None
     app = [row["app_fraction_of_limit"] for row in rows if row.get("app_fraction_of_limit") is not None]
     record["goal_met"] = max(app) >= gpu_speed.GRAPH_TARGET if app and cuda else None
     if not cuda:
-        record["notes"] = ["dry run: no compile on the CPU, so every variant is the eager step; no verdict"]
+        note = "dry run: no compile on the CPU, so every variant and drafter is the eager step; no verdict"
+        record.setdefault("notes", []).append(note)
 
 
 def _variant(ctx, loaded, context: int, bandwidth: float, ahead: bool, fresh: bool, profile: bool) -> dict:
@@ -124,6 +137,110 @@ def _variant(ctx, loaded, context: int, bandwidth: float, ahead: bool, fresh: bo
     row["step"] = "compiled" if loaded.compiled_step not in (None, loaded.model) else "eager"
     row["status"] = "ok" if cuda else "ok (eager: a dry run)"
     return row
+
+
+def _drafts(ctx, loaded, context: int, bandwidth: float, record: dict) -> None:
+    """The drafts table (see the module's doc) and the verify's cost, on the compiled step the variants left."""
+    from chatapp.engine import ChatSession, kvcache, speculate
+    from chatapp.engine.bench import cached_turn
+    from chatapp.engine.session import Message
+
+    new, warm = ctx.sizes.decode_new, ctx.sizes.decode_warm
+    messages = [Message("user", gpu_models.user_message(loaded.tokenizer, context - new - warm))]
+    rows = record["drafts"] = []
+    reference: list[int] = []
+    plain = None
+    for name in DRAFTERS:
+        row: dict = {"drafter": name}
+        if ctx.left() < DRAFTS_NEED_S:
+            rows.append({**row, "status": f"skipped: out of time ({ctx.left():.0f} s left of the step's share)"})
+            continue
+        session = ChatSession(loaded, decode="static", speculative="off" if name == "off" else "ngram", ahead=True)
+        real = speculate.Drafter
+        if name.startswith("every"):
+            speculate.Drafter = _knowing(reference, right=name == "every draft right", vocab=len(loaded.tokenizer))
+        try:
+            started = time.perf_counter()
+            cached_turn(session, messages, new)  # the first draft compiles the verify graph
+            row["warmup_turn_s"] = round(time.perf_counter() - started, 1)
+            reply, stats = cached_turn(session, messages, new)
+        except Exception as exc:  # this drafter's record; the next still runs
+            from gpu_check import one_line
+
+            rows.append({**row, "status": "failed", "error": one_line(exc)})
+            continue
+        finally:
+            speculate.Drafter = real
+        reference = reference or reply
+        weights, kv = gpu_speed.bytes_per_token(loaded, kvcache.nbytes(session._cache))
+        same = next((i for i, (a, b) in enumerate(zip(reply, reference, strict=False)) if a != b), len(reply))
+        row.update(
+            app_tokens_per_s=stats.decode_tokens_per_s,
+            app_fraction_of_limit=round(stats.decode_tokens_per_s * (weights + kv) / bandwidth, 3),
+            drafted=stats.drafted_tokens,
+            accepted=stats.accepted_tokens,
+            tokens=len(reply),
+            agree_with_off=same,
+            status="ok",
+        )
+        rows.append(row)
+        if name == DRAFTERS[0]:
+            plain = (session._cache, reply[0])
+    if plain and ctx.left() > 10:
+        record["verify"] = [_verify_cost(ctx, loaded, *plain)]  # a list: the Markdown makes it a table
+
+
+class _Knowing:
+    """A drafter that knows the reply (speculate.Drafter's interface): drafts its next tokens, or tokens that are
+    each one off them."""
+
+    def __init__(self, reply: list[int], right: bool, vocab: int, ids: list[int]):
+        self.reply, self.right, self.vocab, self.pushed = reply, right, vocab, -1
+
+    def push(self, token: int) -> None:
+        self.pushed += 1
+
+    def draft(self, sampler):
+        from chatapp.engine.speculate import DRAFT_TOKENS
+
+        tokens = self.reply[self.pushed + 1 : self.pushed + 1 + DRAFT_TOKENS]
+        return (tokens if self.right else [(t + 1) % self.vocab for t in tokens]), None
+
+
+def _knowing(reply: list[int], right: bool, vocab: int):
+    return lambda ids: _Knowing(reply, right, vocab, ids)
+
+
+def _verify_cost(ctx, loaded, cache, token: int) -> dict:
+    """Milliseconds of a compiled step and of a compiled verify (a draft of DRAFT_TOKENS, padded as the app's), each
+    dropped again, over STEPS of them: the verify's cost in steps, which speculate.Gate's threshold rests on."""
+    import torch
+
+    from chatapp.engine import kvcache, static_decode
+    from chatapp.engine.speculate import DRAFT_TOKENS
+
+    draft = [token] * DRAFT_TOKENS
+    with torch.inference_mode():
+        static_decode.rows(loaded, cache, draft)  # compiled already, by the drafts above; else now
+        kvcache.drop(cache, DRAFT_TOKENS)
+
+        def steps():
+            for _ in range(STEPS):
+                static_decode.step(loaded, cache, token)
+                kvcache.drop(cache, 1)
+
+        def verifies():
+            for _ in range(STEPS):
+                static_decode.rows(loaded, cache, draft)
+                kvcache.drop(cache, DRAFT_TOKENS)
+
+        step_ms = 1e3 / _timed_rate(ctx, steps)
+        verify_ms = 1e3 / _timed_rate(ctx, verifies)
+    return {
+        "step_ms": round(step_ms, 3),
+        "verify_ms": round(verify_ms, 3),
+        "in_steps": round(verify_ms / step_ms, 2),
+    }
 
 
 def _timed_rate(ctx, run) -> float:

@@ -125,6 +125,22 @@ def test_the_graphs_rows_set_three_rates_against_one_limit_and_profile_the_first
     assert "Profile:" in dry_run[1]  # a second table in the Markdown
 
 
+def test_the_graphs_drafts_rows_bound_drafting_by_drafters_that_know_the_reply(dry_run):
+    record = _step(dry_run[0], "graphs")
+    drafts = {row["drafter"]: row for row in record["drafts"]}
+    assert list(drafts) == ["off", "ngram (the app's)", "every draft right", "every draft wrong"]
+    for row in drafts.values():
+        assert row["status"] == "ok" and row["app_tokens_per_s"] > 0
+        assert row["agree_with_off"] == row["tokens"] == 6  # fp32 on the CPU: every reply the same
+    assert drafts["off"]["drafted"] == 0
+    right, wrong = drafts["every draft right"], drafts["every draft wrong"]
+    assert right["accepted"] == right["drafted"] == 5  # a draft at each token after the first, all of it kept
+    assert wrong["accepted"] == 0 and wrong["drafted"] > 5
+    (verify,) = record["verify"]
+    assert verify["in_steps"] == pytest.approx(verify["verify_ms"] / verify["step_ms"], abs=0.01)
+    assert "Drafts:" in dry_run[1] and "Verify:" in dry_run[1]
+
+
 def test_the_alloc_rows_read_each_allocator_setting_in_its_own_process(dry_run):
     record = _step(dry_run[0], "alloc")
     phases = [

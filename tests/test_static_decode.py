@@ -31,8 +31,11 @@ def full_family(request, starter_folder, tmp_path_factory, settings):
     return load_model(str(folder), "fp32", settings=settings)
 
 
-def _chat_through(chat: Chat) -> list:
-    turns = [chat.send(q, max_new_tokens=14) for q in QUESTIONS[:3]]
+def _chat_through(chat: Chat, turns: list | None = None) -> list:
+    """Six turns (three sent, a regenerate, an edit, one more), each as what the plain loop must match; `turns`
+    gets the turns themselves."""
+    turns = [] if turns is None else turns
+    turns += [chat.send(q, max_new_tokens=14) for q in QUESTIONS[:3]]
     turns.append(chat.regenerate(max_new_tokens=14))
     turns.append(chat.edit(len(chat.history) - 2, QUESTIONS[3], max_new_tokens=14))
     turns.append(chat.send(QUESTIONS[0], max_new_tokens=14))
@@ -141,48 +144,67 @@ def test_a_step_that_fails_to_compile_decodes_eagerly_with_the_same_tokens(full_
         full_family.reasons[:] = [r for r in full_family.reasons if "compiled step failed" not in r]
 
 
-# -- one step ahead (generate.stream_ahead): GPU-only by default, run here by asking for it -------------------------
+# -- one step ahead (speculate.stream_ahead): GPU-only by default, run here by asking for it ----------------------
 
 
 def _spy_ahead(monkeypatch) -> list:
-    from chatapp.engine import session as session_module
+    """Each call of speculate.stream_ahead: whether it was given a drafter."""
+    from chatapp.engine import speculate
 
     calls = []
+    real = speculate.stream_ahead
 
-    def spied(*args):
-        calls.append(1)
-        return session_module_stream_ahead(*args)
+    def spied(*args, **kwargs):
+        calls.append(args[-1] is not None)
+        return real(*args, **kwargs)
 
-    session_module_stream_ahead = session_module.stream_ahead
-    monkeypatch.setattr(session_module, "stream_ahead", spied)
+    monkeypatch.setattr(speculate, "stream_ahead", spied)
     return calls
 
 
-def _same_cache(a: ChatSession, b: ChatSession) -> None:
+def _same_cache(a: ChatSession, b: ChatSession, exact: bool = True) -> None:
+    """The same ids and the same K/V; bit for bit unless a side verified drafts, whose wider forwards may round
+    differently."""
     import torch
 
     assert a.cache_ids == b.cache_ids and -1 not in a.cache_ids
     n = a.cache_tokens
     assert int(a._cache.get_seq_length()) == int(b._cache.get_seq_length()) == n
+    same = torch.equal if exact else lambda x, y: torch.allclose(x, y, atol=1e-5)
     for x, y in zip(a._cache.layers, b._cache.layers, strict=True):
-        assert torch.equal(x.keys[..., :n, :], y.keys[..., :n, :])
-        assert torch.equal(x.values[..., :n, :], y.values[..., :n, :])
+        assert same(x.keys[..., :n, :], y.keys[..., :n, :])
+        assert same(x.values[..., :n, :], y.values[..., :n, :])
 
 
-def test_one_step_ahead_gives_the_plain_loops_tokens_prefill_counts_and_cache(full_family, monkeypatch):
+@pytest.mark.parametrize("speculative", ["off", "ngram"])
+def test_one_step_ahead_gives_the_plain_loops_tokens_prefill_counts_and_cache(full_family, speculative, monkeypatch):
     monkeypatch.setattr(static_decode, "BUCKET", 32)  # bucket moves while a step is ahead
     calls = _spy_ahead(monkeypatch)
     plain = Chat(full_family, decode="static", speculative="off", ahead=False)
     plain_turns = _chat_through(plain)
     assert not calls
-    ahead = Chat(full_family, decode="static", speculative="off", ahead=True)
-    assert _chat_through(ahead) == plain_turns
-    assert len(calls) == 6  # every turn of the chat
-    _same_cache(ahead.session, plain.session)
+    ahead = Chat(full_family, decode="static", speculative=speculative, ahead=True)
+    turns: list = []
+    assert _chat_through(ahead, turns) == plain_turns
+    assert calls == [speculative == "ngram"] * 6  # every turn of the chat
+    _same_cache(ahead.session, plain.session, exact=speculative == "off")
+    tally = [(t.stats.drafted_tokens, t.stats.accepted_tokens) for t in turns]
+    if speculative == "off":
+        assert tally == [(0, 0)] * 6
+    else:  # the same drafts at the same tokens as the loop that reads every token back
+        read_back: list = []
+        _chat_through(Chat(full_family, decode="static", speculative=speculative, ahead=False), read_back)
+        assert tally == [(t.stats.drafted_tokens, t.stats.accepted_tokens) for t in read_back]
+        assert sum(accepted for _, accepted in tally) > 0
 
 
-@pytest.mark.parametrize("end", ["stop token", "one token", "cancel", "caller stops reading", "sampled"])
-def test_however_a_reply_ends_one_step_ahead_leaves_the_cache_as_the_plain_loop_does(end, tiny_fp32, monkeypatch):
+@pytest.mark.parametrize("speculative", ["off", "ngram"])
+@pytest.mark.parametrize("end", ["stop token", "one token", "length", "cancel", "caller stops reading", "sampled"])
+def test_however_a_reply_ends_one_step_ahead_leaves_the_cache_as_the_plain_loop_does(
+    end, speculative, tiny_words_fp32, monkeypatch
+):
+    """This tiny model soon repeats one token, so with ngram most of the reply comes from accepted drafts, and the
+    length, cancel and close endings fall inside a verified run."""
     import threading
     from dataclasses import replace
 
@@ -192,32 +214,36 @@ def test_however_a_reply_ends_one_step_ahead_leaves_the_cache_as_the_plain_loop_
 
     calls = _spy_ahead(monkeypatch)
     ask = [Message("user", QUESTIONS[0])]
-    first = ChatSession(tiny_fp32, decode="static", speculative="off", ahead=False)
-    tokens = [r.token for r in first.reply_to(ask, greedy(max_new_tokens=12)) if r.token is not None]
-    loaded = replace(tiny_fp32, stop_token_ids=frozenset({tokens[4]})) if end == "stop token" else tiny_fp32
-    params = greedy(max_new_tokens=1 if end == "one token" else 12)
+    first = ChatSession(tiny_words_fp32, decode="static", speculative="off", ahead=False)
+    tokens = [r.token for r in first.reply_to(ask, greedy(max_new_tokens=16)) if r.token is not None]
+    stop_at = {tokens[4]} if end == "stop token" else set()
+    loaded = replace(tiny_words_fp32, stop_token_ids=frozenset(stop_at | tiny_words_fp32.stop_token_ids))
+    params = greedy(max_new_tokens={"one token": 1, "length": 11}.get(end, 16))
     if end == "sampled":
         params = replace(params, temperature=0.8, seed=3)
 
-    def reply(ahead: bool) -> tuple[ChatSession, list]:
-        session = ChatSession(loaded, decode="static", speculative="off", ahead=ahead)
+    def reply(options: dict) -> tuple[ChatSession, list, int]:
+        session = ChatSession(loaded, decode="static", **options)
         cancel = threading.Event()
         stream = session.reply_to(ask, params, cancel)
         got = []
         for response in stream:
             got.append((response.token, response.finish_reason))
-            if len(got) == 3 and end == "cancel":
+            if len(got) == 10 and end == "cancel":
                 cancel.set()
-            if len(got) == 3 and end == "caller stops reading":
+            if len(got) == 10 and end == "caller stops reading":
                 stream.close()
                 break
-        return session, got
+        return session, got, (response.stats.accepted_tokens if response.stats else None)
 
-    plain, plain_got = reply(False)
-    ahead, ahead_got = reply(True)
+    # A sampled reply with drafts draws differently from one without (the same distribution, other draws).
+    plain, plain_got, _ = reply({"speculative": speculative if end == "sampled" else "off", "ahead": False})
+    ahead, ahead_got, accepted = reply({"speculative": speculative, "ahead": True})
     assert ahead_got == plain_got
-    _same_cache(ahead, plain)
-    assert len(calls) == (0 if end == "sampled" else 1)  # greedy only
+    _same_cache(ahead, plain, exact=speculative == "off")
+    assert calls == ([] if end == "sampled" else [speculative == "ngram"])  # greedy only
+    if speculative == "ngram" and end in ("length", "cancel"):
+        assert accepted > 4
     # And the next turn on each goes on alike.
     follow = [*ahead.messages, Message("user", QUESTIONS[2])]
     assert [r.token for r in ahead.reply_to(follow, greedy(max_new_tokens=6))] == [
@@ -229,3 +255,90 @@ def test_one_step_ahead_is_for_greedy_replies_on_a_gpus_static_path(tiny_fp32):
     assert ChatSession(tiny_fp32, decode="static").ahead is False  # a CPU: it would only cost a step
     assert ChatSession(tiny_fp32, decode="static", ahead=True).ahead is True
     assert ChatSession(tiny_fp32, decode="dynamic", ahead=True).ahead is False  # a dynamic cache
+
+
+# -- the compiled step: dynamo's graphs and guards, with the "eager" backend on the CPU --------------------------
+
+
+def _nine_buckets(loaded, compiled: bool) -> list:
+    """A chat with drafts through nine buckets of 16 tokens, its step compiled or not: each reply's tokens."""
+    import torch
+    from chathelpers import greedy
+    from torch._dynamo.utils import counters
+
+    from chatapp.engine.session import Message
+
+    torch._dynamo.reset()
+    counters.clear()
+    loaded.compiled_step = static_decode.compile_model(loaded.model, backend="eager") if compiled else None
+    session = ChatSession(loaded, decode="static", speculative="ngram", ahead=compiled)
+    messages, replies = [], []
+    try:
+        for question in QUESTIONS * 2:
+            messages.append(Message("user", question))
+            replies.append([r.token for r in session.reply_to(messages, greedy(max_new_tokens=12))])
+            messages = list(session.messages)
+    finally:
+        loaded.compiled_step = None
+    assert static_decode.room(session._cache) >= 9 * 16
+    return replies
+
+
+def test_a_chat_through_many_buckets_keeps_its_compiled_step(tiny_words_fp32, monkeypatch):
+    """Two graphs a bucket (a token, a padded verify): dynamo's default limit of 8 made the step of a chat past
+    four buckets raise FailOnRecompileLimitHit. Nine buckets here, with drafts, and the same tokens as eager."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(static_decode, "BUCKET", 16)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    eager = _nine_buckets(tiny_words_fp32, False)
+    reasons = list(tiny_words_fp32.reasons)
+    assert _nine_buckets(tiny_words_fp32, True) == eager
+    assert counters["stats"]["unique_graphs"] > 16
+    assert tiny_words_fp32.reasons == reasons  # no "the compiled step failed"
+
+
+def test_a_chat_past_the_recompile_limit_decodes_eagerly_in_one_line(tiny_words_fp32, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(static_decode, "BUCKET", 16)
+    monkeypatch.setattr(static_decode, "RECOMPILE_LIMIT", 4)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 4)
+    monkeypatch.setattr(tiny_words_fp32, "reasons", list(tiny_words_fp32.reasons))
+    eager = _nine_buckets(tiny_words_fp32, False)
+    assert _nine_buckets(tiny_words_fp32, True) == eager
+    assert tiny_words_fp32.reasons[-1] == (
+        "decode: the compiled step failed (the chat outgrew its 4 graphs, two per 16 tokens), so it runs eagerly on the"
+        " static cache"
+    )
+
+
+def test_a_verify_on_the_static_path_is_padded_to_one_width(tiny_fp32, monkeypatch):
+    """Whatever the draft's length, the compiled verify sees VERIFY_WIDTH tokens; the padding leaves the cache at
+    once, and the real rows are the unpadded forward's."""
+    import torch
+
+    from chatapp.engine.generate import forward, prefill
+
+    widths = []
+    real_forward = static_decode.forward
+
+    def spied(model, cache, ids, rows=1):
+        widths.append((len(ids), rows))
+        return real_forward(model, cache, ids, rows)
+
+    monkeypatch.setattr(static_decode, "forward", spied)
+    model = tiny_fp32.model
+    prompt = list(range(5, 40))
+    for draft in ([7], [7, 8, 9], list(range(7, 7 + static_decode.VERIFY_WIDTH))):
+        padded, plain = (static_decode.new_cache(model.config, 64) for _ in range(2))
+        with torch.inference_mode():
+            prefill(model, padded, prompt)
+            prefill(model, plain, prompt)
+            got = static_decode.rows(tiny_fp32, padded, draft)
+            want = forward(model, plain, draft, rows=len(draft))
+        assert widths[-1] == (static_decode.VERIFY_WIDTH, static_decode.VERIFY_WIDTH)
+        assert got.shape == want.shape == (len(draft), want.shape[-1])
+        assert torch.allclose(got, want, atol=1e-5)
+        assert int(padded.get_seq_length()) == len(prompt) + len(draft)

@@ -70,7 +70,7 @@ def prefill(model, cache, ids: list[int]) -> torch.Tensor:
 
 def decode_step(model, cache, token: int | torch.Tensor) -> torch.Tensor:
     """One sampled token into the cache; the logits for the next one. The token may be a (1, 1) tensor on the
-    model's device, which stream_ahead feeds before the host has read it."""
+    model's device, which speculate.stream_ahead feeds before the host has read it."""
     if isinstance(token, torch.Tensor):
         return run(model, cache, token)
     return forward(model, cache, [token])
@@ -93,48 +93,6 @@ def stream(
         if reason is not None:
             return
         logits = feed(token)
-
-
-def stream_ahead(
-    logits: torch.Tensor,
-    feed: Callable[[torch.Tensor], torch.Tensor],
-    fed: Callable[[int], None],
-    drop: Callable[[int], None],
-    stop: Callable[[int], str | None],
-) -> Iterator[tuple[int, str | None]]:
-    """stream's greedy loop one step ahead, for a GPU: the step for token n is launched from its argmax on the
-    device before the host reads token n back, so the host's work for a step (launching the CUDA graph, dynamo's
-    guards, detokenizing, the stop checks: ~3 ms for an 8B on an H200) overlaps the device's instead of waiting on
-    it (bench/GPU.md: 0.47 of the bandwidth limit read back each token, 0.62 queued).
-
-    feed runs a (1, 1) tensor of ids through the model; fed(token) tells the caller which id that was, once read;
-    drop(1) forgets the last token fed. Whenever the loop ends (a reason to stop, or the caller closing it), the
-    step fed with the last token is dropped, so the cache holds what stream leaves: everything but the last token.
-    """
-    cuda = logits.device.type == "cuda"
-    read = torch.empty(1, dtype=torch.long, pin_memory=cuda)
-    copied = torch.cuda.Event() if cuda else None
-    token_ids = logits.argmax(dim=-1).view(1, 1)
-    while True:
-        read.copy_(token_ids.view(1), non_blocking=cuda)
-        if copied is not None:
-            copied.record()
-        logits = feed(token_ids)
-        token_ids = logits.argmax(dim=-1).view(1, 1)
-        if copied is not None:
-            copied.synchronize()
-        token = int(read[0])
-        fed(token)
-        reason = stop(token)
-        going_on = False
-        try:
-            yield token, reason
-            going_on = reason is None
-        finally:
-            if not going_on:
-                drop(1)
-        if reason is not None:
-            return
 
 
 class Sampler:

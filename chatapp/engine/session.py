@@ -25,7 +25,6 @@ from .generate import (
     forward,
     prefill,
     stream,
-    stream_ahead,
 )
 from .loader import LoadedModel
 
@@ -148,7 +147,7 @@ class ChatSession:
         if self.static and (why := static_decode.unsupported(loaded.model)):
             raise ValueError(f"no static decode path: {why}")
         self.context_length = context_length or loaded.context_length
-        #: Greedy replies on the static path decode one step ahead (generate.stream_ahead); None: on a GPU, where it
+        #: Greedy replies on the static path decode one step ahead (speculate.stream_ahead); None: on a GPU, where it
         #: overlaps the host's work with the device's (on a CPU it only costs a dropped step per reply).
         self.ahead = self.static and (loaded.model.device.type == "cuda" if ahead is None else ahead)
         #: "ngram": prompt-lookup drafts while they pay (see speculate.Gate); "draft": a draft model's, likewise;
@@ -281,11 +280,14 @@ class ChatSession:
         ahead = isinstance(ids, torch.Tensor)
         known = [-1] if ahead else ids
         if self.static:
-            self._cache = static_decode.holding(self._cache, model.config, len(self._cache_ids) + len(known))
+            width = max(len(known), static_decode.VERIFY_WIDTH) if rows else len(known)
+            self._cache = static_decode.holding(self._cache, model.config, len(self._cache_ids) + width)
         elif self._cache is None:
             self._cache = kvcache.new_cache(model.config)
         try:
-            if rows:
+            if rows and self.static:
+                logits = static_decode.rows(self.loaded, self._cache, ids)
+            elif rows:
                 logits = forward(model, self._cache, ids, rows=len(ids))
             elif len(known) > 1:
                 logits = prefill(model, self._cache, ids)
@@ -369,21 +371,13 @@ class ChatSession:
                 logits = self._feed(ids[keep:])
                 sampler = Sampler(params, loaded.model.device, self._cache_ids)
                 # A penalty's ids would have to include each row's drafts: such replies decode plainly.
-                if self.speculative != "off" and not params.penalised and kvcache.rewindable(self._cache):
-                    tokens = speculate.stream(
-                        logits,
-                        sampler,
-                        self._feed_one,
-                        self._feed_rows,
-                        self._drop,
-                        stop,
-                        self._cache_ids,
-                        self._gate,
-                        tally,
-                        self._drafter.follow if self._drafter else speculate.Drafter,
-                    )
-                elif self.ahead and params.greedy and not params.penalised:
-                    tokens = stream_ahead(logits, self._feed, self._fed, self._drop, stop)
+                drafts = self.speculative != "off" and not params.penalised and kvcache.rewindable(self._cache)
+                drafter_for = (self._drafter.follow if self._drafter else speculate.Drafter) if drafts else None
+                rest = (self._feed_rows, self._drop, stop, self._cache_ids, self._gate, tally, drafter_for)
+                if self.ahead and params.greedy and not params.penalised:
+                    tokens = speculate.stream_ahead(logits, sampler, self._feed, *rest, fed=self._fed)
+                elif drafter_for is not None:
+                    tokens = speculate.stream(logits, sampler, self._feed_one, *rest)
                 else:
                     tokens = stream(logits, sampler, self._feed_one, stop)
                 try:

@@ -22,13 +22,23 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
 from ..errors import first_line
-from .generate import decode_step
+from . import kvcache
+from .generate import decode_step, forward
+from .speculate import DRAFT_TOKENS
 
 log = logging.getLogger(__name__)
 
 #: inductor's options for the decode step: CUDA graphs, which is all mode="reduce-overhead" sets. A dict here
 #: rather than the mode, so that bench/gpu_graphs.py can try gpt-fast's tuning on the same path.
 COMPILE_OPTIONS: dict = {"triton.cudagraphs": True}
+
+#: Tokens a speculative verify runs through the compiled model at once: a draft is padded to this many, so that a
+#: bucket compiles one verify graph rather than one per draft length. On a GPU the padding is all but free: a step
+#: at batch size 1 reads every weight once, whatever the tokens.
+VERIFY_WIDTH = DRAFT_TOKENS + 1
+#: Graphs dynamo may compile for the step: two per bucket (a token, a verify), so a chat of 128 buckets. With its
+#: default, 8, the step of a chat past four buckets raised FailOnRecompileLimitHit (fullgraph=True).
+RECOMPILE_LIMIT = 256
 
 #: Tokens a static cache grows by. Each size compiles the decode step once; 1,024 tokens of room cost an
 #: 8B Llama 128 MiB in bf16.
@@ -99,28 +109,55 @@ def compiled_step(loaded):
     if loaded.compiled_step is None:
         loaded.compiled_step = loaded.model
         if loaded.model.device.type == "cuda":
-            loaded.compiled_step = torch.compile(
-                loaded.model, fullgraph=True, dynamic=False, options=dict(COMPILE_OPTIONS)
-            )
+            loaded.compiled_step = compile_model(loaded.model)
     return loaded.compiled_step
 
 
-def step(loaded, cache, token: int | torch.Tensor) -> torch.Tensor:
-    """One decode token on a static cache, through the compiled step.
+def compile_model(model, backend: str = "inductor"):
+    """torch.compile for the static path: one graph per shape, so per bucket and per kind of forward (a token, a
+    verify), with dynamo allowed RECOMPILE_LIMIT of them. The tests compile with the "eager" backend on a CPU: the
+    same graphs and guards, without inductor's minutes of codegen."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 2 * RECOMPILE_LIMIT)
+    options = dict(COMPILE_OPTIONS) if backend == "inductor" else None
+    return torch.compile(model, fullgraph=True, dynamic=False, backend=backend, options=options)
 
-    A step that fails to compile (Triton finds no C compiler, inductor lacks an operator) would fail every
-    reply. Instead this model decodes eagerly from then on, on the same cache, and its reasons say why. A
-    retry is safe: a static cache writes each token at its position, so a capture that ran before failing
-    wrote what the eager step writes again.
+
+def step(loaded, cache, token: int | torch.Tensor) -> torch.Tensor:
+    """One decode token on a static cache, through the compiled step."""
+    return _compiled(loaded, lambda model: decode_step(model, cache, token))
+
+
+def rows(loaded, cache, ids: list[int]) -> torch.Tensor:
+    """A speculative verify on a static cache through the compiled step: ids run as one forward, the logits of
+    each position, (len(ids), vocab). Padded to VERIFY_WIDTH with the last id, whose rows come after the real ones
+    (causal: they change nothing before them) and leave the cache at once: a position move."""
+    pad = max(VERIFY_WIDTH - len(ids), 0)
+    logits = _compiled(loaded, lambda model: forward(model, cache, ids + ids[-1:] * pad, rows=len(ids) + pad))
+    kvcache.drop(cache, pad)
+    return logits[: len(ids)]
+
+
+def _compiled(loaded, run):
+    """run(model) with the compiled step.
+
+    A step that fails to compile (Triton finds no C compiler, inductor lacks an operator, a chat that outgrew
+    RECOMPILE_LIMIT graphs) would fail every reply. Instead this model decodes eagerly from then on, on the same
+    cache, and its reasons say why. A retry is safe: a static cache writes each token at its position, so a
+    capture that ran before failing wrote what the eager step writes again.
     """
     compiled = compiled_step(loaded)
     if compiled is loaded.model:
-        return decode_step(loaded.model, cache, token)
+        return run(loaded.model)
     try:
-        return decode_step(compiled, cache, token)
+        return run(compiled)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        failed = f"the chat outgrew its {RECOMPILE_LIMIT} graphs, two per {BUCKET:,} tokens"
     except torch._dynamo.exc.TorchDynamoException as exc:
-        loaded.compiled_step = loaded.model
-        why = f"decode: the compiled step failed ({first_line(exc)}), so it runs eagerly on the static cache"
-        loaded.reasons.append(why)
-        log.warning(why)
-        return decode_step(loaded.model, cache, token)
+        failed = first_line(exc)
+    loaded.compiled_step = loaded.model
+    why = f"decode: the compiled step failed ({failed}), so it runs eagerly on the static cache"
+    loaded.reasons.append(why)
+    log.warning(why)
+    return run(loaded.model)
