@@ -342,3 +342,34 @@ def test_a_verify_on_the_static_path_is_padded_to_one_width(tiny_fp32, monkeypat
         assert got.shape == want.shape == (len(draft), want.shape[-1])
         assert torch.allclose(got, want, atol=1e-5)
         assert int(padded.get_seq_length()) == len(prompt) + len(draft)
+
+
+class ReusesItsOutput:
+    """A compiled step as CUDA graphs run it: every call's logits land in one buffer, which the next call (of either
+    graph) overwrites."""
+
+    def __init__(self, model):
+        self.model, self.device = model, model.device
+        self.buffer = None
+
+    def __call__(self, **kwargs):
+        out = self.model(**kwargs)
+        n = out.logits.numel()
+        if self.buffer is None:  # room for any call's logits: a step's or a verify's
+            self.buffer = out.logits.new_empty(n * 2 * static_decode.VERIFY_WIDTH)
+        out.logits = self.buffer[:n].view_as(out.logits).copy_(out.logits)
+        return out
+
+
+def test_drafts_one_step_ahead_hold_nothing_a_graphs_next_replay_overwrites(full_family, monkeypatch):
+    """The first GPU run of drafts one step ahead parted from a re-encode in fp32 only: the step's logits, held while
+    the verify ran, were the graph's own output, and fp32's .float() is no copy."""
+    monkeypatch.setattr(static_decode, "BUCKET", 32)
+    plain = _chat_through(Chat(full_family, decode="static", speculative="off"))
+    full_family.compiled_step = ReusesItsOutput(full_family.model)
+    turns: list = []
+    try:
+        assert _chat_through(Chat(full_family, decode="static", speculative="ngram", ahead=True), turns) == plain
+    finally:
+        full_family.compiled_step = None
+    assert sum(t.stats.drafted_tokens for t in turns) > 0

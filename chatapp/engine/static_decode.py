@@ -151,7 +151,9 @@ def _compiled(loaded, run):
     if compiled is loaded.model:
         return run(loaded.model)
     try:
-        return run(compiled)
+        # A copy: a CUDA graph's outputs live in its memory pool, which the next replay of any of the model's graphs
+        # overwrites, and stream_ahead holds a step's logits while the verify runs. For fp32, .float() copied nothing.
+        return run(compiled).clone()
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         failed = f"the chat outgrew its {RECOMPILE_LIMIT} graphs, two per {BUCKET:,} tokens"
     except torch._dynamo.exc.TorchDynamoException as exc:
