@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 #: The Markdown shows bytes in MiB.
@@ -87,6 +87,8 @@ class Context:
     used_before: int | None = None
     #: The planner step's rows to run ("model:preset"); empty: all of them.
     planner_rows: frozenset = frozenset()
+    #: The graphs step's variants to run (gpu_graphs.VARIANTS' keys); empty: all of them.
+    graph_variants: frozenset = frozenset()
 
     def left(self) -> float:
         return min(self.deadline, self.step_deadline) - time.monotonic()
@@ -266,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=480.0, help="the whole run's time budget in seconds")
     parser.add_argument("--planner", default="", help="the planner step's rows only, as model:preset,...")
     parser.add_argument("--scratch", default=None, help="where checkpoints are written (default: /dev/shm or tmp)")
+    parser.add_argument("--contexts", default="", help="the decode and graphs steps' contexts, as tokens,...")
+    parser.add_argument("--variants", default="", help="the graphs step's variants only: read-back, ahead")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import gpu_memory
@@ -276,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     known = {step.name for step in steps()}
     if only - known:
         parser.error(f"unknown step(s) {', '.join(sorted(only - known))}; the steps are {', '.join(sorted(known))}")
+    import gpu_graphs
+
+    variants = {name.strip() for name in args.variants.split(",") if name.strip()}
+    keys = [key for key, *_ in gpu_graphs.VARIANTS]
+    if variants - set(keys):
+        parser.error(f"unknown variant(s) {', '.join(sorted(variants - set(keys)))}; they are {', '.join(keys)}")
     say = _sayer(started)
     used_before = gpu_memory.nvml_used()  # before this process makes its CUDA context
     device = "cpu" if args.dry_run else "cuda"
@@ -286,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         say(meta["error"])
         return 2
     meta.update(budget_s=args.budget_s, only=sorted(only) or None, planner=args.planner or None)
+    meta.update(variants=args.variants or None)
     meta["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
     sizes = DRY_SIZES if args.dry_run else Sizes()
+    if args.contexts:
+        sizes = replace(sizes, decode_contexts=tuple(int(tokens) for tokens in args.contexts.split(",")))
     meta["sizes"] = asdict(sizes)
     scratch = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=gpu_models.pick_scratch(args.scratch, 48 * 2**30)))
     meta["scratch"] = str(scratch)
@@ -303,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         say=say,
         used_before=used_before,
         planner_rows=frozenset(row.strip() for row in args.planner.split(",") if row.strip()),
+        graph_variants=frozenset(variants),
     )
     meta.update(gpu_memory.context_overhead(ctx))
     write_report(out, meta, [])

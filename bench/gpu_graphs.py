@@ -27,11 +27,12 @@ import gpu_speed
 from gpu_memory import free_after
 
 GRAPHS_GOAL = "where a compiled bf16 decode step's time goes, and whether tuning it reaches 60% of the limit"
-#: (name, inductor options added to static_decode.COMPILE_OPTIONS, decode one step ahead). The second H200 visit
-#: measured gpt-fast's coordinate_descent_tuning here: slower (the GEMVs are cuBLAS's), twice the warm-up.
+#: (key for --variants, name, inductor options added to static_decode.COMPILE_OPTIONS, decode one step ahead). The
+#: second H200 visit measured gpt-fast's coordinate_descent_tuning here: slower (the GEMVs are cuBLAS's), twice the
+#: warm-up.
 VARIANTS = (
-    ("cuda graphs, a token read back each step", {}, False),
-    ("cuda graphs, one step ahead (the app's)", {}, True),
+    ("read-back", "cuda graphs, a token read back each step", {}, False),
+    ("ahead", "cuda graphs, one step ahead (the app's)", {}, True),
 )
 #: Tokens each bare-loop rate is measured over, and the steps the profile records.
 STEPS = 64
@@ -58,7 +59,9 @@ def graphs(ctx, record: dict) -> None:
     default = dict(static_decode.COMPILE_OPTIONS)
     try:
         compiled_with = None
-        for name, extra, ahead in VARIANTS:
+        for key, name, extra, ahead in VARIANTS:
+            if ctx.graph_variants and key not in ctx.graph_variants:
+                continue
             row = {"variant": name}
             if ctx.left() < NEED_S:
                 rows.append({**row, "status": f"skipped: out of time ({ctx.left():.0f} s left of the step's share)"})

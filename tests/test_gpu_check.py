@@ -141,6 +141,21 @@ def test_the_graphs_drafts_rows_bound_drafting_by_drafters_that_know_the_reply(d
     assert "Drafts:" in dry_run[1] and "Verify:" in dry_run[1]
 
 
+def test_the_graphs_step_runs_the_variants_and_context_asked_for(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    run = [sys.executable, str(BENCH / "gpu_check.py"), "--out", str(tmp_path), "--dry-run", "--scratch", str(tmp_path)]
+    done = subprocess.run(
+        [*run, "--only", "graphs", "--contexts", "96", "--variants", "ahead"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = _step(json.loads((tmp_path / "results.json").read_text()), "graphs")
+    assert [(row["variant"], row["context"]) for row in record["rows"]] == [
+        ("cuda graphs, one step ahead (the app's)", 95 - 2)
+    ]
+    refused = subprocess.run([*run, "--variants", "ahead,fast"], capture_output=True, text=True, env=env)
+    assert refused.returncode == 2 and "unknown variant(s) fast; they are read-back, ahead" in refused.stderr
+
+
 def test_the_alloc_rows_read_each_allocator_setting_in_its_own_process(dry_run):
     record = _step(dry_run[0], "alloc")
     phases = [
