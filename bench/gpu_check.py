@@ -1,6 +1,7 @@
 """The GPU, measured (issue 16): planner vs reality, decode speed, exactness, attention, switching and OOM on CUDA.
 
     python bench/gpu_check.py --out DIR [--dry-run] [--only STEP,...] [--budget-s 480]
+        [--planner MODEL:PRESET,...] [--contexts TOKENS,...] [--variants read-back,ahead]
 
 The GPU machine has torch 2.11 but an older transformers and no bitsandbytes or platformdirs: bench/gpu_wheels.sh
 fetches what it lacks into .whl/ here first (ignored by git; the run carries it: carry [".whl"]). The device run is
