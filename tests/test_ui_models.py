@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import shutil
 import subprocess
 import sys
@@ -19,12 +20,24 @@ SIMULATED = describe_by_hand(
 )
 
 
+def screen_text(app) -> str:
+    """The screen as plain text, from the SVG a snapshot takes."""
+    return html.unescape(app.export_screenshot()).replace("\xa0", " ")
+
+
 async def picker_ready(pilot):
     app = pilot.app
     await until(
         pilot,
         lambda: type(app.screen).__name__ == "ModelPickerScreen" and app.screen.rows["catalog"],
         what="the picker",
+    )
+    # Ready: the first row painted whole. A table that painted before it measured its rows once stayed with
+    # header-wide columns (1 snapshot in 4 on a busy machine); the picker now sets the widths itself.
+    await until(
+        pilot,
+        lambda: app.screen.rows[app.screen._active_tab()][0].name in screen_text(app),
+        what="the picker's first row painted whole",
     )
     await pilot.pause(0.1)
     return app.screen

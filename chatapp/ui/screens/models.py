@@ -33,6 +33,17 @@ TABS = ("recommended", "catalog", "downloaded", "search")
 COLUMNS = ("model", "speed", "fit on this machine", "params", "download", "license", "context")
 
 
+def _cells(row: choices.ModelRow) -> tuple[str, ...]:
+    """A row's cells, in COLUMNS' order."""
+    if row.ready:
+        size = gb(row.size_on_disk) if row.size_on_disk else "ready"
+    else:
+        size = f"≈{gb(row.download_bytes)}" if row.download_bytes else "-"
+    license_text = ("gated · " if row.gated else "") + (row.license or "")
+    context = f"{row.context:,}" if row.context else "-"
+    return (row.name, row.speed, row.verdict, units.params(row.params), size, license_text or "-", context)
+
+
 class ModelPickerScreen(Screen):
     BINDINGS = [
         Binding("escape", "back", "Back"),
@@ -109,18 +120,16 @@ class ModelPickerScreen(Screen):
 
     def _fill(self, tab: str) -> None:
         table = self.query_one(f"#table-{tab}", DataTable)
-        table.clear()
-        for row in self.rows[tab]:
-            if row.ready:
-                size = gb(row.size_on_disk) if row.size_on_disk else "ready"
-            else:
-                size = f"≈{gb(row.download_bytes)}" if row.download_bytes else "-"
-            license_text = ("gated · " if row.gated else "") + (row.license or "")
-            context = f"{row.context:,}" if row.context else "-"
-            cells = (row.name, row.speed, row.verdict, units.params(row.params), size, license_text or "-", context)
-            # Text, not str: a DataTable reads a str as markup, and names and licenses come from user files and the
-            # Hub ("[@click=app.quit]" would be an action, a stray "[/]" a crash).
-            table.add_row(*(Text(cell) for cell in cells), key=row.ref)
+        # Text, not str: a DataTable reads a str as markup, and names and licenses come from user files and the
+        # Hub ("[@click=app.quit]" would be an action, a stray "[/]" a crash).
+        rows = [[Text(cell) for cell in _cells(row)] for row in self.rows[tab]]
+        # Widths set here, not measured by the table: it measures new rows on an idle, and lines it painted before
+        # that kept their header-wide columns until something else repainted them.
+        table.clear(columns=True)
+        for i, label in enumerate(COLUMNS):
+            table.add_column(label, width=max([len(label), *(cells[i].cell_len for cells in rows)]))
+        for row, cells in zip(self.rows[tab], rows, strict=True):
+            table.add_row(*cells, key=row.ref)
         if tab == self._active_tab():
             self._show_details()
 
