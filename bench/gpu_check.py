@@ -1,7 +1,7 @@
 """The GPU, measured (issue 16): planner vs reality, decode speed, exactness, attention, switching and OOM on CUDA.
 
     python bench/gpu_check.py --out DIR [--dry-run] [--only STEP,...] [--budget-s 480]
-        [--planner MODEL:PRESET,...] [--contexts TOKENS,...] [--variants read-back,ahead]
+        [--planner MODEL:PRESET,...] [--contexts TOKENS,...] [--variants read-back,ahead,copies]
 
 The GPU machine has torch 2.11 but an older transformers and no bitsandbytes or platformdirs: bench/gpu_wheels.sh
 fetches what it lacks into .whl/ here first (ignored by git; the run carries it: carry [".whl"]). The device run is
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--planner", default="", help="the planner step's rows only, as model:preset,...")
     parser.add_argument("--scratch", default=None, help="where checkpoints are written (default: /dev/shm or tmp)")
     parser.add_argument("--contexts", default="", help="the decode and graphs steps' contexts, as tokens,...")
-    parser.add_argument("--variants", default="", help="the graphs step's variants only: read-back, ahead")
+    parser.add_argument("--variants", default="", help="the graphs step's variants only: read-back, ahead, copies")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import gpu_memory

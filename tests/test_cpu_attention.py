@@ -93,6 +93,27 @@ def test_ungrouped_heads_are_transformers_own(sdpa_calls):
     torch.testing.assert_close(out, sdpa_attention_forward(module, query, key, key, mask)[0])
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])
+def test_a_decode_step_under_a_mask_packs_its_heads_where_asked(mask_kind, sdpa_calls, monkeypatch):
+    """CUDA's compiled decode step (PACKED_UNDER_MASK), run here on the CPU: the heads that share a key/value head
+    become its rows under the one mask they share, and the output is transformers' own."""
+    monkeypatch.setattr(cpu_attention, "PACKED_UNDER_MASK", ("cuda", "cpu"))
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    module.is_causal = True
+    query, key, value = torch.randn(2, 6, 1, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
+    mask = None
+    if mask_kind != "none":
+        mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+        mask[0, ..., 9:] = False  # a static cache's room past its tokens
+        mask[1, ..., :2] = False  # a left pad
+        if mask_kind == "float":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    out, _ = cpu_attention.sdpa_forward(module, query, key, value, mask)
+    assert sdpa_calls == [(3, 2, 2, False, mask is not None)]  # 3 rows on each of 2 heads, no copies of the keys
+    torch.testing.assert_close(out, sdpa_attention_forward(module, query, key, value, mask)[0])
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_bf16(request, starter_folder, tmp_path_factory, settings):
     from chatapp.engine import loader

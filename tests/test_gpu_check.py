@@ -104,12 +104,13 @@ def test_the_decode_rows_set_each_rate_against_the_same_bandwidth(dry_run):
     assert f"| copy_bandwidth MiB_per_s |\n|---|\n| {bandwidth / 2**20:,.1f} |" in dry_run[1]
 
 
-def test_the_graphs_rows_set_three_rates_against_one_limit_and_profile_the_first_variant(dry_run):
+def test_the_graphs_rows_set_three_rates_against_one_limit_and_profile_the_apps_variant(dry_run):
     record = _step(dry_run[0], "graphs")
     rows = record["rows"]
     assert [row["variant"] for row in rows] == [
         "cuda graphs, a token read back each step",
         "cuda graphs, one step ahead (the app's)",
+        "cuda graphs, one step ahead, the cache copied to every head (transformers')",
     ]
     for row in rows:
         assert row["status"] == "ok (eager: a dry run)" and row["step"] == "eager"
@@ -153,7 +154,7 @@ def test_the_graphs_step_runs_the_variants_and_context_asked_for(tmp_path):
         ("cuda graphs, one step ahead (the app's)", 95 - 2)
     ]
     refused = subprocess.run([*run, "--variants", "ahead,fast"], capture_output=True, text=True, env=env)
-    assert refused.returncode == 2 and "unknown variant(s) fast; they are read-back, ahead" in refused.stderr
+    assert refused.returncode == 2 and "unknown variant(s) fast; they are read-back, ahead, copies" in refused.stderr
 
 
 def test_the_alloc_rows_read_each_allocator_setting_in_its_own_process(dry_run):

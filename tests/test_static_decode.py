@@ -260,8 +260,9 @@ def test_one_step_ahead_is_for_greedy_replies_on_a_gpus_static_path(tiny_fp32):
 # -- the compiled step: dynamo's graphs and guards, with the "eager" backend on the CPU --------------------------
 
 
-def _nine_buckets(loaded, compiled: bool) -> list:
-    """A chat with drafts through nine buckets of 16 tokens, its step compiled or not: each reply's tokens."""
+def _nine_buckets(loaded, compiled: bool, turns: int = 8) -> list:
+    """A chat with drafts through nine buckets of 16 tokens (with all 8 turns), its step compiled or not: each
+    reply's tokens."""
     import torch
     from chathelpers import greedy
     from torch._dynamo.utils import counters
@@ -274,13 +275,13 @@ def _nine_buckets(loaded, compiled: bool) -> list:
     session = ChatSession(loaded, decode="static", speculative="ngram", ahead=compiled)
     messages, replies = [], []
     try:
-        for question in QUESTIONS * 2:
+        for question in (QUESTIONS * 2)[:turns]:
             messages.append(Message("user", question))
             replies.append([r.token for r in session.reply_to(messages, greedy(max_new_tokens=12))])
             messages = list(session.messages)
     finally:
         loaded.compiled_step = None
-    assert static_decode.room(session._cache) >= 9 * 16
+    assert static_decode.room(session._cache) >= 9 * 16 or turns < 8
     return replies
 
 
@@ -312,6 +313,21 @@ def test_a_chat_past_the_recompile_limit_decodes_eagerly_in_one_line(tiny_words_
         "decode: the compiled step failed (the chat outgrew its 4 graphs, two per 16 tokens), so it runs eagerly on the"
         " static cache"
     )
+
+
+def test_compiled_decode_steps_with_packed_heads_give_the_eager_tokens(tiny_fp32, monkeypatch):
+    """On CUDA the compiled step packs grouped heads under the step's mask (cpu_attention.PACKED_UNDER_MASK), where
+    transformers would copy the cache to every query head. Here on the CPU, through dynamo's graphs."""
+    from chatapp.engine import cpu_attention
+
+    monkeypatch.setattr(static_decode, "BUCKET", 16)
+    eager = _nine_buckets(tiny_fp32, False, turns=3)
+    packed = []
+    real = cpu_attention._packed
+    monkeypatch.setattr(cpu_attention, "_packed", lambda *args: packed.append(1) or real(*args))
+    monkeypatch.setattr(cpu_attention, "PACKED_UNDER_MASK", ("cuda", "cpu"))
+    assert _nine_buckets(tiny_fp32, True, turns=3) == eager
+    assert packed  # traced into the graphs
 
 
 def test_a_verify_on_the_static_path_is_padded_to_one_width(tiny_fp32, monkeypatch):
