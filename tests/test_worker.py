@@ -428,3 +428,17 @@ def test_a_load_with_a_draft_model_drafts_every_chat(own_settings, tiny_words_fo
         assert first.stats.drafted_tokens > 0 and first.stats.accepted_tokens == first.stats.drafted_tokens
     finally:
         client.stop()
+
+
+@pytest.mark.parametrize(
+    "given",
+    [{}, {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:256"}, {"PYTORCH_ALLOC_CONF": "expandable_segments:False"}],
+)
+def test_the_worker_asks_for_expandable_segments_unless_the_user_set_the_allocator(given):
+    from chatapp.engine.worker import set_environment
+
+    environ = dict(given)
+    set_environment(environ)
+    allocator = {k: v for k, v in environ.items() if "ALLOC_CONF" in k}
+    assert allocator == (given or {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+    assert environ["TOKENIZERS_PARALLELISM"] == "false"
