@@ -16,16 +16,7 @@ from ..protocol import Message, TurnStats
 from ..sampling import DEFAULTS, SamplingParams
 from . import bf16_weights, kvcache, reasoning, speculate, static_decode
 from .draftmodel import ModelDrafter, check_draft
-from .generate import (
-    GenerationResponse,
-    ReplyText,
-    Sampler,
-    StreamDecoder,
-    decode_step,
-    forward,
-    prefill,
-    stream,
-)
+from .generate import GenerationResponse, ReplyText, Sampler, StreamDecoder, decode_step, forward, prefill, stream
 from .loader import LoadedModel
 
 
