@@ -112,26 +112,30 @@ def build_family_model(
     seed: int = 1234,
     tokens: tuple[str, ...] = (),
     template: str | None = None,
+    width: int = 64,
 ) -> Path:
     """A 2-layer random model of one architecture family in our catalog, with SmolLM2's tokenizer.
 
     tokens are added to the tokenizer (as a reasoning model's <think> is), and template replaces the family's.
     Sliding-window families get a 16-token window, so a chat of a few hundred tokens is many windows long.
     words_only as in build_tiny_model. The scaled-up output layer keeps greedy picks far from ties. Another seed
-    gives other random weights over the same tokenizer (a draft model that disagrees).
+    gives other random weights over the same tokenizer (a draft model that disagrees). width is the hidden size;
+    each of the 4 heads gets a quarter of it.
     """
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config_class, extra, family_template = FAMILIES[family]
+    if "head_dim" in extra:
+        extra = {**extra, "head_dim": width // 4}
     template = template or family_template
     tokenizer = AutoTokenizer.from_pretrained(starter)
     tokenizer.add_tokens(list(tokens))
     config = getattr(transformers, config_class)(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attentionhelpers import decode_logits, full_attention_layers, last_step_after_detours, their_decode_logits
 from modelhelpers import FAMILIES, build_family_model
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -142,27 +143,15 @@ def products(monkeypatch):
     return calls
 
 
-def _decode_logits(loaded, ids: list[int], steps: int = 4) -> torch.Tensor:
-    cache = kvcache.new_cache(loaded.model.config)
-    with torch.inference_mode():
-        prefill(loaded.model, cache, ids[:-steps])
-        return torch.cat([forward(loaded.model, cache, [token]) for token in ids[-steps:]])
-
-
 def test_bf16_decode_steps_by_matrix_products_pick_what_transformers_sdpa_picks(family_bf16, products):
     assert family_bf16.dtype == "bf16"
     ids = torch.randint(100, 5000, (300,), generator=torch.Generator().manual_seed(1)).tolist()
-    ours = _decode_logits(family_bf16, ids)
+    ours = decode_logits(family_bf16, ids)
     # Every step of every full-attention layer, with the 2 query heads of each key/value head as rows. Sliding
     # layers pass a mask (mistral has only those) and gemma2's softcap runs eager.
-    full = [type(layer) is kvcache.GrowingLayer for layer in kvcache.new_cache(family_bf16.model.config).layers]
     sdpa = family_bf16.attn_implementation == "sdpa"
-    assert products == [2] * (4 * sum(full) if sdpa else 0)
-    AttentionInterface.register("sdpa", sdpa_attention_forward)
-    try:
-        theirs = _decode_logits(family_bf16, ids)
-    finally:
-        cpu_attention.install()
+    assert products == [2] * (4 * full_attention_layers(family_bf16) if sdpa else 0)
+    theirs = their_decode_logits(family_bf16, ids)
     # bf16 scores round where SDPA's kernel keeps them in fp32, as transformers' eager attention does.
     assert (ours - theirs).abs().mean() < 0.02 * theirs.abs().mean()
     assert ours.argmax(-1).tolist() == theirs.argmax(-1).tolist()
@@ -171,13 +160,4 @@ def test_bf16_decode_steps_by_matrix_products_pick_what_transformers_sdpa_picks(
 def test_a_step_after_a_rollback_reads_nothing_of_the_tokens_dropped(family_bf16, products):
     """The products read the room past the tokens in use, where dropped tokens stay: their weights must be 0."""
     ids = torch.randint(100, 5000, (200,), generator=torch.Generator().manual_seed(2)).tolist()
-    logits = []
-    for detour in ([], [7, 8, 9]):
-        cache = kvcache.new_cache(family_bf16.model.config)
-        with torch.inference_mode():
-            prefill(family_bf16.model, cache, ids[:-1])
-            if detour:
-                forward(family_bf16.model, cache, detour, rows=len(detour))
-                kvcache.drop(cache, len(detour))
-            logits.append(forward(family_bf16.model, cache, ids[-1:]))
-    assert torch.equal(*logits)
+    assert torch.equal(*last_step_after_detours(family_bf16, ids, [[], [7, 8, 9]]))

@@ -10,11 +10,16 @@ Three cases differ from transformers' own SDPA:
   the kernel reads each key once per kv head, and the same call took 0.58 ms. transformers packs the heads
   this way itself (`pack_gqa`) when a decode step has a mask, as a sliding window's does, but takes the slow
   path when there is none, as in every step of an ordinary chat.
-- **One new token over a long bf16 cache** (LONG tokens or more). Even packed, SDPA's bf16 kernel read the
-  cache at about 5 GB/s on a 2-core AVX512-BF16 EPYC that streams 25-34 GB/s. Two bf16 matrix products and
-  an fp32 softmax between them, as transformers' eager attention computes, ran at about 10 GB/s: a 6k-token
-  step of SmolLM2-135M went from 17.5 to 22.4 tok/s. Below about 1,000 tokens SDPA's single call is faster.
-  The products run over the growing layer's whole buffer (kvcache.whole) and mask the room past the tokens.
+- **One new token over a bf16 cache.** Even packed, SDPA's bf16 kernel read the cache at about 5 GB/s on a
+  2-core AVX512-BF16 EPYC that streams 25-34 GB/s. Where chatapp's C kernel is built (decode_kernel), it
+  attends instead, reading the cache at about 18-29 GB/s, at every length: at 6k tokens SmolLM2-135M decoded
+  at 0.83-0.85 of its rate at 100 tokens, against 0.68-0.69 with the products below (bench/kernel_ab.py).
+  Where it isn't (no compiler, no AVX512-BF16), from LONG tokens two bf16 matrix products and an fp32 softmax
+  between them, as transformers' eager attention computes, ran at about 10 GB/s: a 6k-token step went from
+  17.5 to 22.4 tok/s. Below about 1,000 tokens SDPA's single call is faster than the products. Both read the
+  growing layer's whole buffer (kvcache.whole): the kernel its tokens in use, the products all of it, masking
+  the room past the tokens. Heads that don't share a key/value head (SmolLM2-1.7B, Phi) take this path too,
+  a row each.
 - **Several new tokens with a mask** (a later turn's prefill on top of the cache, a speculative verify).
   transformers expands each key/value head to every query head it serves (`repeat_kv`), because on a GPU
   SDPA's grouped-query path (`enable_gqa`) with a mask would leave the fast kernels for the math one. On the
@@ -39,7 +44,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import kvcache
+from . import decode_kernel, kvcache
 
 #: From this many cached tokens, a bf16 decode step attends by two matrix products (_products) rather than SDPA.
 LONG = 1024
@@ -52,21 +57,21 @@ def sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling
     multi-token call, on the CPU."""
     groups = getattr(module, "num_key_value_groups", 1)
     if (
-        groups == 1
-        or kwargs.get("position_bias") is not None
+        kwargs.get("position_bias") is not None
         or kwargs.get("softcap") is not None
         or kwargs.get("s_aux") is not None
         or key.shape[-1] != value.shape[-1]
     ):
         return _theirs(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     one_mask = attention_mask is None or attention_mask.shape[1] == 1
-    if query.shape[2] == 1 and one_mask and query.device.type in PACKED_UNDER_MASK:
+    if query.shape[2] == 1 and one_mask and query.device.type in PACKED_UNDER_MASK and groups > 1:
         return _packed(query, key, value, attention_mask, dropout, scaling)
     if query.device.type != "cpu":
         return _theirs(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     if query.shape[2] == 1 and attention_mask is None:
         return _decode(query, key, value, dropout, scaling)
-    if query.shape[2] == 1 or attention_mask is None:  # under a mask, transformers packs a decode step's heads
+    # Under a mask, transformers packs a decode step's heads itself.
+    if groups == 1 or query.shape[2] == 1 or attention_mask is None:
         return _theirs(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     output = torch.nn.functional.scaled_dot_product_attention(
         query,
@@ -86,13 +91,22 @@ def _decode(query, key, value, dropout, scaling):
     kv_heads = key.shape[1]
     # Query head h reads key/value head h // (heads // kv_heads), as repeat_kv lays them out.
     packed = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    if key.shape[2] >= LONG and query.dtype == torch.bfloat16 and not dropout:
-        keys, values = kvcache.whole(key), kvcache.whole(value)
-        if keys is not None and values is not None:
-            scale = dim**-0.5 if scaling is None else scaling
-            return _products(packed, keys, values, key.shape[2], scale).reshape(batch, 1, heads, dim), None
+    keys, values = _buffer(key), _buffer(value)
+    if query.dtype == torch.bfloat16 and not dropout and keys is not None and values is not None:
+        scale = dim**-0.5 if scaling is None else scaling
+        output = decode_kernel.attend(packed, keys, values, key.shape[2], scale)
+        if output is None and key.shape[2] >= LONG:
+            output = _products(packed, keys, values, key.shape[2], scale)
+        if output is not None:
+            return output.reshape(batch, 1, heads, dim), None
     output = torch.nn.functional.scaled_dot_product_attention(packed, key, value, dropout_p=dropout, scale=scaling)
     return output.reshape(batch, 1, heads, dim), None
+
+
+def _buffer(view: torch.Tensor) -> torch.Tensor | None:
+    """The contiguous tensor whose first tokens `view` is: a growing layer's buffer, or the view itself."""
+    buffer = kvcache.whole(view)
+    return buffer if buffer is not None or not view.is_contiguous() else view
 
 
 def _packed(query, key, value, attention_mask, dropout, scaling):

@@ -19,7 +19,7 @@ from ..hardware import GpuInfo, Hardware, detect, detect_cpu, flash_attn_install
 from ..refs import ModelSource, parse_ref
 from ..sampling import model_defaults
 from ..units import mb
-from . import bf16_weights, cpu_attention, cpu_linear, mapped, static_decode
+from . import bf16_weights, cpu_attention, cpu_linear, decode_kernel, mapped, static_decode
 from .checks import check_remote_code, check_weights, remote_code_refusal, tokenizer_problem
 from .gguf import convert_gguf, is_converted
 
@@ -322,6 +322,8 @@ def load_model(
     elif device_type == "cpu" and compute_dtype == "bf16" and cpu_linear.supported():
         if packed := cpu_linear.apply(model):
             reasons.append(f"{packed} Linear layers' bf16 weights packed once for oneDNN, not on every call")
+        if problem := decode_kernel.prepare(settings.data_dir / "kernels"):
+            reasons.append(f"long-context decode attends by torch's bf16 products, not chatapp's kernel: {problem}")
     mapped.release_unused(model)  # what quantizing, packing or upcasting replaced
     if device_type == "cuda":
         # Loading leaves blocks in torch's cache that no weight uses (transient copies, quantizing's fp16 rows);

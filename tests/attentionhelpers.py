@@ -1,0 +1,46 @@
+"""Decode steps on a loaded model, with our attention or transformers' own SDPA, for the attention tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from chatapp.engine import cpu_attention, kvcache
+from chatapp.engine.generate import forward, prefill
+
+
+def decode_logits(loaded, ids: list[int], steps: int = 4) -> torch.Tensor:
+    """The logits of the last `steps` ids, each decoded as one step after a prefill of the rest."""
+    cache = kvcache.new_cache(loaded.model.config)
+    with torch.inference_mode():
+        prefill(loaded.model, cache, ids[:-steps])
+        return torch.cat([forward(loaded.model, cache, [token]) for token in ids[-steps:]])
+
+
+def their_decode_logits(loaded, ids: list[int], steps: int = 4) -> torch.Tensor:
+    """decode_logits with transformers' own SDPA in place of cpu_attention's."""
+    AttentionInterface.register("sdpa", sdpa_attention_forward)
+    try:
+        return decode_logits(loaded, ids, steps)
+    finally:
+        cpu_attention.install()
+
+
+def full_attention_layers(loaded) -> int:
+    """The layers whose decode steps pass no mask: not sliding ones."""
+    return sum(type(layer) is kvcache.GrowingLayer for layer in kvcache.new_cache(loaded.model.config).layers)
+
+
+def last_step_after_detours(loaded, ids: list[int], detours: list[list[int]]) -> list[torch.Tensor]:
+    """For each detour: prefill all but the last id, run the detour and drop it, then decode the last id."""
+    logits = []
+    for detour in detours:
+        cache = kvcache.new_cache(loaded.model.config)
+        with torch.inference_mode():
+            prefill(loaded.model, cache, ids[:-1])
+            if detour:
+                forward(loaded.model, cache, detour, rows=len(detour))
+                kvcache.drop(cache, len(detour))
+            logits.append(forward(loaded.model, cache, ids[-1:]))
+    return logits
