@@ -2,8 +2,9 @@
 
     python bench/kernel_ab.py [--model smollm2-135m-local] [--contexts 100,6000] [--rounds 10] [--steps 8] [--alone]
 
-The ways: `kernel` (chatapp's C kernel, decode_kernel), `products` (torch's bf16 matrix products from
-cpu_attention.LONG tokens, SDPA below) and `sdpa` (SDPA with packed heads at every length). One cache per
+The ways: `kernel` (chatapp's C kernel, decode_kernel), `products` (torch's bf16 matrix products), both from
+cpu_attention.LONG tokens with SDPA below, as the app decodes, and `sdpa` (SDPA with packed heads at every
+length). --long sets LONG for the first two (1 runs them at every length). One cache per
 context is prefilled once; each round runs --steps steps of every way on every cache and rolls them back.
 A shared box's speed drifts by tens of percent within minutes, so it prints medians and, per round, each
 rate against the first context's kernel rate measured next to it. --alone times the attention calls alone
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--alone", action="store_true")
+    parser.add_argument("--long", type=int, default=cpu_attention.LONG)
     args = parser.parse_args()
     loaded = load_model(args.model, "bf16")
     model, kernel = loaded.model, decode_kernel._function
@@ -39,7 +41,7 @@ def main() -> None:
     if args.alone:
         alone(model.config, contexts[-1], args.rounds)
         return
-    ways = {"kernel": (kernel, cpu_attention.LONG), "products": (None, cpu_attention.LONG), "sdpa": (None, 10**9)}
+    ways = {"kernel": (kernel, args.long), "products": (None, args.long), "sdpa": (None, 10**9)}
     caches = {}
     rates: dict[tuple[int, str], list[float]] = {}
     with torch.inference_mode():

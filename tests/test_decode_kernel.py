@@ -118,7 +118,7 @@ def wide_family_bf16(request, kernel, starter_folder, tmp_path_factory, settings
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """The row counts of the decode steps the kernel attended."""
+    """Every decode step from the first cached token attends by the kernel; the row counts of those calls."""
     calls: list[int] = []
     real = decode_kernel.attend
 
@@ -129,6 +129,7 @@ def kernel_calls(monkeypatch):
         return output
 
     monkeypatch.setattr(decode_kernel, "attend", spy)
+    monkeypatch.setattr(cpu_attention, "LONG", 1)
     return calls
 
 

@@ -10,16 +10,17 @@ Three cases differ from transformers' own SDPA:
   the kernel reads each key once per kv head, and the same call took 0.58 ms. transformers packs the heads
   this way itself (`pack_gqa`) when a decode step has a mask, as a sliding window's does, but takes the slow
   path when there is none, as in every step of an ordinary chat.
-- **One new token over a bf16 cache.** Even packed, SDPA's bf16 kernel read the cache at about 5 GB/s on a
-  2-core AVX512-BF16 EPYC that streams 25-34 GB/s. Where chatapp's C kernel is built (decode_kernel), it
-  attends instead, reading the cache at about 18-29 GB/s, at every length: at 6k tokens SmolLM2-135M decoded
-  at 0.83-0.85 of its rate at 100 tokens, against 0.68-0.69 with the products below (bench/kernel_ab.py).
-  Where it isn't (no compiler, no AVX512-BF16), from LONG tokens two bf16 matrix products and an fp32 softmax
-  between them, as transformers' eager attention computes, ran at about 10 GB/s: a 6k-token step went from
-  17.5 to 22.4 tok/s. Below about 1,000 tokens SDPA's single call is faster than the products. Both read the
-  growing layer's whole buffer (kvcache.whole): the kernel its tokens in use, the products all of it, masking
-  the room past the tokens. Heads that don't share a key/value head (SmolLM2-1.7B, Phi) take this path too,
-  a row each.
+- **One new token over a long bf16 cache** (LONG tokens or more). Even packed, SDPA's bf16 kernel read the
+  cache at about 5 GB/s on a 2-core AVX512-BF16 EPYC that streams 25-34 GB/s. Where chatapp's C kernel is
+  built (decode_kernel), it attends instead, reading the cache at about 18-29 GB/s: at 6k tokens SmolLM2-135M
+  decoded at 0.85 of its rate at 100 tokens, against 0.69 with the products below (bench/kernel_ab.py).
+  Below LONG it was no faster than SDPA (within 4% up to 300 tokens, 10% ahead at 1,000), so short chats
+  keep SDPA and its numerics. Where the kernel isn't built (no compiler, no AVX512-BF16), two bf16 matrix
+  products and an fp32 softmax between them, as transformers' eager attention computes, ran at about 10
+  GB/s: a 6k-token step went from 17.5 to 22.4 tok/s. Below about 1,000 tokens SDPA's single call is faster
+  than the products. Both read the growing layer's whole buffer (kvcache.whole): the kernel its tokens in
+  use, the products all of it, masking the room past the tokens. Heads that don't share a key/value head
+  (SmolLM2-1.7B, Phi) take this path too, a row each.
 - **Several new tokens with a mask** (a later turn's prefill on top of the cache, a speculative verify).
   transformers expands each key/value head to every query head it serves (`repeat_kv`), because on a GPU
   SDPA's grouped-query path (`enable_gqa`) with a mask would leave the fast kernels for the math one. On the
@@ -46,7 +47,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import decode_kernel, kvcache
 
-#: From this many cached tokens, a bf16 decode step attends by two matrix products (_products) rather than SDPA.
+#: From this many cached tokens, a bf16 decode step attends by the C kernel (decode_kernel), or where it isn't
+#: built by two matrix products (_products), rather than SDPA.
 LONG = 1024
 #: Devices whose decode steps attend with packed heads under a mask here (the tests add the CPU).
 PACKED_UNDER_MASK = ("cuda",)
@@ -92,13 +94,13 @@ def _decode(query, key, value, dropout, scaling):
     # Query head h reads key/value head h // (heads // kv_heads), as repeat_kv lays them out.
     packed = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     keys, values = _buffer(key), _buffer(value)
-    if query.dtype == torch.bfloat16 and not dropout and keys is not None and values is not None:
+    long = key.shape[2] >= LONG and query.dtype == torch.bfloat16 and not dropout
+    if long and keys is not None and values is not None:
         scale = dim**-0.5 if scaling is None else scaling
         output = decode_kernel.attend(packed, keys, values, key.shape[2], scale)
-        if output is None and key.shape[2] >= LONG:
+        if output is None:
             output = _products(packed, keys, values, key.shape[2], scale)
-        if output is not None:
-            return output.reshape(batch, 1, heads, dim), None
+        return output.reshape(batch, 1, heads, dim), None
     output = torch.nn.functional.scaled_dot_product_attention(packed, key, value, dropout_p=dropout, scale=scaling)
     return output.reshape(batch, 1, heads, dim), None
 
