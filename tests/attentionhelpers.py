@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from modelhelpers import build_family_model
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from chatapp.engine import cpu_attention, kvcache
 from chatapp.engine.generate import forward, prefill
+
+
+def load_family_in_bf16(starter: Path, out: Path, family: str, settings, width: int = 64):
+    """A tiny model of `family` (build_family_model), loaded to compute in bf16 whatever this CPU is."""
+    from chatapp.engine import loader
+
+    folder = build_family_model(starter, out, family, width=width)
+    real = loader._device_facts
+    loader._device_facts = lambda device: (True, None)
+    try:
+        return loader.load_model(str(folder), "bf16", settings=settings)
+    finally:
+        loader._device_facts = real
 
 
 def decode_logits(loaded, ids: list[int], steps: int = 4) -> torch.Tensor:

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attentionhelpers import decode_logits, full_attention_layers, last_step_after_detours, their_decode_logits
+from attentionhelpers import (
+    decode_logits,
+    full_attention_layers,
+    last_step_after_detours,
+    load_family_in_bf16,
+    their_decode_logits,
+)
 from modelhelpers import FAMILIES, build_family_model
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -117,15 +123,7 @@ def test_a_decode_step_under_a_mask_packs_its_heads_where_asked(mask_kind, sdpa_
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_bf16(request, starter_folder, tmp_path_factory, settings):
-    from chatapp.engine import loader
-
-    folder = build_family_model(starter_folder, tmp_path_factory.mktemp(request.param), request.param)
-    real = loader._device_facts
-    loader._device_facts = lambda device: (True, None)  # compute in bf16 whatever this CPU is
-    try:
-        return loader.load_model(str(folder), "bf16", settings=settings)
-    finally:
-        loader._device_facts = real
+    return load_family_in_bf16(starter_folder, tmp_path_factory.mktemp(request.param), request.param, settings)
 
 
 @pytest.fixture

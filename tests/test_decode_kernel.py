@@ -8,7 +8,13 @@ import subprocess
 
 import pytest
 import torch
-from attentionhelpers import decode_logits, full_attention_layers, last_step_after_detours, their_decode_logits
+from attentionhelpers import (
+    decode_logits,
+    full_attention_layers,
+    last_step_after_detours,
+    load_family_in_bf16,
+    their_decode_logits,
+)
 from modelhelpers import FAMILIES, build_family_model
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -105,15 +111,8 @@ def test_shapes_the_kernel_does_not_take_fall_to_none(kernel, change):
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def wide_family_bf16(request, kernel, starter_folder, tmp_path_factory, settings):
     """A tiny model of each family in bf16 with heads of 32, which the kernel takes (the usual tiny ones have 16)."""
-    from chatapp.engine import loader
-
-    folder = build_family_model(starter_folder, tmp_path_factory.mktemp(request.param), request.param, width=128)
-    real = loader._device_facts
-    loader._device_facts = lambda device: (True, None)
-    try:
-        return loader.load_model(str(folder), "bf16", settings=settings)
-    finally:
-        loader._device_facts = real
+    out = tmp_path_factory.mktemp(request.param)
+    return load_family_in_bf16(starter_folder, out, request.param, settings, width=128)
 
 
 @pytest.fixture

@@ -93,14 +93,14 @@ def _decode(query, key, value, dropout, scaling):
     kv_heads = key.shape[1]
     # Query head h reads key/value head h // (heads // kv_heads), as repeat_kv lays them out.
     packed = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    keys, values = _buffer(key), _buffer(value)
-    long = key.shape[2] >= LONG and query.dtype == torch.bfloat16 and not dropout
-    if long and keys is not None and values is not None:
-        scale = dim**-0.5 if scaling is None else scaling
-        output = decode_kernel.attend(packed, keys, values, key.shape[2], scale)
-        if output is None:
-            output = _products(packed, keys, values, key.shape[2], scale)
-        return output.reshape(batch, 1, heads, dim), None
+    if key.shape[2] >= LONG and query.dtype == torch.bfloat16 and not dropout:
+        keys, values = _buffer(key), _buffer(value)
+        if keys is not None and values is not None:
+            scale = dim**-0.5 if scaling is None else scaling
+            output = decode_kernel.attend(packed, keys, values, key.shape[2], scale)
+            if output is None:
+                output = _products(packed, keys, values, key.shape[2], scale)
+            return output.reshape(batch, 1, heads, dim), None
     output = torch.nn.functional.scaled_dot_product_attention(packed, key, value, dropout_p=dropout, scale=scaling)
     return output.reshape(batch, 1, heads, dim), None
 

@@ -48,10 +48,11 @@ def prepare(folder: Path, cpu_flags: frozenset[str] | None = None) -> str | None
     if missing := sorted(CPU_FLAGS - flags):
         return f"this CPU lacks {', '.join(missing)}"
     compiler = shlex.split(os.environ.get("CC") or "cc")
-    if not compiler or not shutil.which(compiler[0]):
+    found = shutil.which(compiler[0]) if compiler else None
+    if not found:
         return f"no C compiler ('{compiler[0] if compiler else ''}' not found; set CC)"
     command = [*compiler, *FLAGS, "-shared", "-fPIC", str(SOURCE), "-lm"]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([shutil.which(compiler[0]), *command[1:]]).encode())
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([found, *command[1:]]).encode())
     library = folder / f"decode_attention-{key.hexdigest()[:16]}.so"
     if not library.exists():
         if problem := _build(command, library):
