@@ -130,9 +130,7 @@ def _variant(ctx, loaded, context: int, bandwidth: float, ahead: bool, fresh: bo
     row.update(context=stats.cache_tokens, limit_tokens_per_s=round(limit), app_tokens_per_s=stats.decode_tokens_per_s)
     step = static_decode.compiled_step(loaded)
     with torch.inference_mode():
-        spare = static_decode.room(cache) - int(cache.get_seq_length())
-        if spare < STEPS:
-            kvcache.drop(cache, STEPS - spare)
+        _make_room(cache, STEPS)
         row["step_tokens_per_s"] = _timed_rate(ctx, lambda: _synced(step, cache, reply[0], STEPS))
         kvcache.drop(cache, STEPS)
         row["queued_tokens_per_s"] = _timed_rate(ctx, lambda: _queued(step, cache, reply[0], STEPS))
@@ -235,6 +233,7 @@ def _verify_cost(ctx, loaded, cache, token: int) -> dict:
 
     draft = [token] * DRAFT_TOKENS
     with torch.inference_mode():
+        _make_room(cache, static_decode.VERIFY_WIDTH)
         static_decode.rows(loaded, cache, draft)  # compiled already, by the drafts above; else now
         kvcache.drop(cache, DRAFT_TOKENS)
 
@@ -255,6 +254,16 @@ def _verify_cost(ctx, loaded, cache, token: int) -> dict:
         "verify_ms": round(verify_ms, 3),
         "in_steps": round(verify_ms / step_ms, 2),
     }
+
+
+def _make_room(cache, tokens: int) -> None:
+    """Drop the cache's last tokens until `tokens` more fit its static buffer: a turn that ends near the end of its
+    bucket leaves too few for a verify's VERIFY_WIDTH (at 8,192 tokens it left 3, and the verify wrote past the end)."""
+    from chatapp.engine import kvcache, static_decode
+
+    spare = static_decode.room(cache) - int(cache.get_seq_length())
+    if spare < tokens:
+        kvcache.drop(cache, tokens - spare)
 
 
 def _timed_rate(ctx, run) -> float:

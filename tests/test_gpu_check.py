@@ -143,16 +143,20 @@ def test_the_graphs_drafts_rows_bound_drafting_by_drafters_that_know_the_reply(d
 
 
 def test_the_graphs_step_runs_the_variants_and_context_asked_for(tmp_path):
+    """At a whole bucket's context, as the device runs it (--contexts 8192): the turn ends 3 tokens short of the
+    static cache's end, and the verify after the drafts, 7 tokens wide, must still fit (it once wrote past the end)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     run = [sys.executable, str(BENCH / "gpu_check.py"), "--out", str(tmp_path), "--dry-run", "--scratch", str(tmp_path)]
     done = subprocess.run(
-        [*run, "--only", "graphs", "--contexts", "96", "--variants", "ahead"], capture_output=True, text=True, env=env
+        [*run, "--only", "graphs", "--contexts", "1024", "--variants", "ahead"], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = _step(json.loads((tmp_path / "results.json").read_text()), "graphs")
+    assert record["status"] == "ok", record.get("error")
     assert [(row["variant"], row["context"]) for row in record["rows"]] == [
-        ("cuda graphs, one step ahead (the app's)", 95 - 2)
+        ("cuda graphs, one step ahead (the app's)", 1024 - 3)
     ]
+    assert [row["status"] for row in record["drafts"]] == ["ok"] * 4 and record["verify"][0]["verify_ms"] > 0
     refused = subprocess.run([*run, "--variants", "ahead,fast"], capture_output=True, text=True, env=env)
     assert refused.returncode == 2 and "unknown variant(s) fast; they are read-back, ahead, copies" in refused.stderr
 
