@@ -8,6 +8,10 @@ beside the copies that replaced them.
 
 Only pages that no tensor of the model overlaps are dropped, and only a file's pages: read again, they come
 back from the file, where anonymous pages would come back as zeros.
+
+The small tensors still read from the file (norms, biases) are copied out of it first. The page cache holds a file
+read in order (just downloaded, copied, or read once whole) in folios of up to 2 MiB, and reading one norm maps its
+whole folio: SmolLM2-135M's 61 norms, 69 KB in all, kept 111 MB of the file resident beside 54 MB of embeddings.
 """
 
 from __future__ import annotations
@@ -20,13 +24,21 @@ from pathlib import Path
 import torch
 
 _MADV_DONTNEED = 4  # Linux's value
+#: Mapped tensors smaller than this are copied out of the file before its pages are dropped: twice the largest folio.
+SMALL = 4 * 2**20
 
 
 def release_unused(model: torch.nn.Module) -> int:
-    """Drop the pages of the files the model's tensors are mapped from that none of them overlaps; bytes dropped."""
-    live = sorted(_extent(t) for t in (*model.parameters(), *model.buffers()) if _readable(t))
+    """Drop the pages of the files the model's tensors are mapped from that none of them overlaps, after copying the
+    small ones out; bytes dropped."""
+    spans = _file_mappings()
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if _readable(t)]
+    for tensor in tensors:
+        if tensor.nbytes < SMALL and any(low <= tensor.data_ptr() < high for low, high in spans):
+            tensor.data = tensor.data.clone()
+    live = sorted(_extent(t) for t in tensors)
     dropped = 0
-    for low, high in _file_mappings():
+    for low, high in spans:
         inside = [(start, end) for start, end in live if start < high and end > low]
         if not inside:
             continue  # no weight of this model there: some other file
