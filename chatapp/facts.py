@@ -240,7 +240,7 @@ def facts_from_gguf(path: Path, name: str | None = None) -> ModelFacts:
         raise ModelLoadError(f"'{path}' is not a readable GGUF file ({first_line(exc)})") from None
     # Only the numbers: reading every field would decode the whole vocabulary and merges too.
     wanted = ("embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length")
-    wanted += ("block_count", "feed_forward_length", "vocab_size", "context_length")
+    wanted += ("block_count", "feed_forward_length", "vocab_size", "context_length", "attention.sliding_window")
     fields = {key: reader.fields[f"{arch}.{key}"].contents() for key in wanted if f"{arch}.{key}" in reader.fields}
     where = f"'{path}'"
     tokens = reader.fields.get("tokenizer.ggml.tokens")
@@ -249,10 +249,12 @@ def facts_from_gguf(path: Path, name: str | None = None) -> ModelFacts:
     hidden = _size(fields, "embedding_length", where)
     heads = _size(fields, "attention.head_count", where)
     names = {t.name for t in reader.tensors}
+    layers = _size(fields, "block_count", where)
+    window = _size(fields, "attention.sliding_window", where, False)
     return ModelFacts(
         name=name or path.stem,
         params=sum(int(t.n_elements) for t in reader.tensors),
-        layers=_size(fields, "block_count", where),
+        layers=layers,
         hidden_size=hidden,
         intermediate_size=_size(fields, "feed_forward_length", where, False) or 4 * hidden,
         attention_heads=heads,
@@ -261,8 +263,22 @@ def facts_from_gguf(path: Path, name: str | None = None) -> ModelFacts:
         vocab_size=_size(fields, "vocab_size", where),
         tied_embeddings="output.weight" not in names,
         max_context=_size(fields, "context_length", where, False) or 4096,
+        sliding_window=window,
+        sliding_layers=_gguf_sliding_layers(reader, arch, layers) if window else 0,
         eager_attention=f"{arch}.attn_logit_softcapping" in reader.fields,
     )
+
+
+def _gguf_sliding_layers(reader, arch: str, layers: int) -> int:
+    """How many layers slide: llama.cpp's conversions may write a flag per layer, or n for every n-th layer global
+    (Gemma 3's `sliding_window_pattern`); else the architecture decides, as in transformers (_sliding_layers)."""
+    field = reader.fields.get(f"{arch}.attention.sliding_window_pattern")
+    pattern = field.contents() if field is not None else None
+    if isinstance(pattern, list) and len(pattern) == layers:
+        return sum(1 for flag in pattern if flag)
+    if isinstance(pattern, int) and pattern > 0:
+        return layers - layers // pattern
+    return _sliding_layers({"model_type": arch}, layers)
 
 
 def facts_for(source: ModelSource) -> ModelFacts:

