@@ -81,3 +81,12 @@ def test_bench_memory_sets_the_planners_terms_against_a_real_load(starter_folder
     assert row["preset"] == "bf16" and 300 < row["prompt_tokens"] <= 400
     assert abs(row["footprint"] - row["est_weights"]) < 1e-3 * row["footprint"] and row["kv_cache"] == row["est_kv"]
     assert row["peak_rss"] > row["runtime_rss"] + row["footprint"]
+
+
+def test_bench_heap_ab_runs_each_mode_in_its_own_process(starter_folder, capsys):
+    """bench/heap_ab.py: a line per mode, each with its peak and a time per prefill."""
+    heap_ab = _bench_module("heap_ab")
+    assert heap_ab.main(["--presets", "bf16", "--tokens", "64", "--rounds", "2", "--turns", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[:2] for line in lines] == [["bf16", mode] for mode in heap_ab.MODES]
+    assert all(line.count(",") >= 1 and " MB " in line for line in lines)

@@ -19,7 +19,7 @@ from ..hardware import GpuInfo, Hardware, detect, detect_cpu, flash_attn_install
 from ..refs import ModelSource, parse_ref
 from ..sampling import model_defaults
 from ..units import mb
-from . import bf16_weights, cpu_attention, cpu_linear, decode_kernel, mapped, static_decode
+from . import bf16_weights, cpu_attention, cpu_linear, decode_kernel, heap, mapped, static_decode
 from .checks import check_remote_code, check_weights, remote_code_refusal, tokenizer_problem
 from .gguf import convert_gguf, is_converted
 
@@ -325,6 +325,10 @@ def load_model(
         if problem := decode_kernel.prepare(settings.data_dir / "kernels"):
             reasons.append(f"long-context decode attends by torch's bf16 products, not chatapp's kernel: {problem}")
     mapped.release_unused(model)  # what quantizing, packing or upcasting replaced
+    if device_type == "cpu":
+        if preset == "int8":
+            heap.watch(model)
+        heap.trim()  # what quantizing or packing freed
     if device_type == "cuda":
         # Loading leaves blocks in torch's cache that no weight uses (transient copies, quantizing's fp16 rows);
         # other processes, and the driver's count the planner reads, should see them free.

@@ -425,9 +425,13 @@ TRIM_ABOVE_BYTES = 1024**3
 
 
 def _trim_device_cache() -> None:
-    """Give torch's unused cached blocks back to the driver when they pass TRIM_ABOVE_BYTES."""
+    """Give torch's unused cached blocks back to the driver when they pass TRIM_ABOVE_BYTES, and the C heap's free
+    pages back to the kernel (heap.py)."""
     import torch
 
+    from . import heap
+
+    heap.trim()
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return
     if torch.cuda.memory_reserved() - torch.cuda.memory_allocated() > TRIM_ABOVE_BYTES:
