@@ -48,6 +48,21 @@ def full_attention_layers(loaded) -> int:
     return sum(type(layer) is kvcache.GrowingLayer for layer in kvcache.new_cache(loaded.model.config).layers)
 
 
+def check_decodes_as_sdpa(loaded, seed: int, calls: list[int]) -> None:
+    """Decode steps over 300 tokens of a bf16 family model pick what transformers' SDPA picks, with logits close to
+    its own; `calls` (a spy's record of rows per call) saw every step of every full-attention layer, the 2 query
+    heads of each key/value head as rows. Sliding layers pass a mask (mistral has only those) and gemma2's softcap
+    runs eager, so they make no calls."""
+    ids = torch.randint(100, 5000, (300,), generator=torch.Generator().manual_seed(seed)).tolist()
+    ours = decode_logits(loaded, ids)
+    sdpa = loaded.attn_implementation == "sdpa"
+    assert calls == [2] * (4 * full_attention_layers(loaded) if sdpa else 0)
+    theirs = their_decode_logits(loaded, ids)
+    # bf16 scores round where SDPA's kernel keeps them in fp32, as transformers' eager attention does.
+    assert (ours - theirs).abs().mean() < 0.02 * theirs.abs().mean()
+    assert ours.argmax(-1).tolist() == theirs.argmax(-1).tolist()
+
+
 def last_step_after_detours(loaded, ids: list[int], detours: list[list[int]]) -> list[torch.Tensor]:
     """For each detour: prefill all but the last id, run the detour and drop it, then decode the last id."""
     logits = []

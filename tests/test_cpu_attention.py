@@ -6,11 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from attentionhelpers import (
-    decode_logits,
-    full_attention_layers,
+    check_decodes_as_sdpa,
     last_step_after_detours,
     load_family_in_bf16,
-    their_decode_logits,
 )
 from modelhelpers import FAMILIES, build_family_model
 from transformers import AttentionInterface
@@ -143,16 +141,7 @@ def products(monkeypatch):
 
 def test_bf16_decode_steps_by_matrix_products_pick_what_transformers_sdpa_picks(family_bf16, products):
     assert family_bf16.dtype == "bf16"
-    ids = torch.randint(100, 5000, (300,), generator=torch.Generator().manual_seed(1)).tolist()
-    ours = decode_logits(family_bf16, ids)
-    # Every step of every full-attention layer, with the 2 query heads of each key/value head as rows. Sliding
-    # layers pass a mask (mistral has only those) and gemma2's softcap runs eager.
-    sdpa = family_bf16.attn_implementation == "sdpa"
-    assert products == [2] * (4 * full_attention_layers(family_bf16) if sdpa else 0)
-    theirs = their_decode_logits(family_bf16, ids)
-    # bf16 scores round where SDPA's kernel keeps them in fp32, as transformers' eager attention does.
-    assert (ours - theirs).abs().mean() < 0.02 * theirs.abs().mean()
-    assert ours.argmax(-1).tolist() == theirs.argmax(-1).tolist()
+    check_decodes_as_sdpa(family_bf16, 1, products)
 
 
 def test_a_step_after_a_rollback_reads_nothing_of_the_tokens_dropped(family_bf16, products):
