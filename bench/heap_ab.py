@@ -38,19 +38,21 @@ if mode == "untrimmed":
 settings = load_settings()
 folder = materialize(parse_ref("smollm2-135m-local", load_catalog()), settings)
 loaded = load_model(str(folder), preset, settings=settings)
+hooked = sum(len(layer._forward_hooks) for layer in loaded.model.get_decoder().layers)
 ids = torch.randint(100, loaded.model.config.vocab_size - 100, (tokens,), generator=torch.Generator().manual_seed(0))
 seconds = []
 with torch.inference_mode():
     for _ in range(rounds):
         cache = kvcache.new_cache(loaded.model.config)
         started = time.perf_counter()
-        prefill(loaded.model, cache, ids.tolist())
+        logits = prefill(loaded.model, cache, ids.tolist())
         seconds.append(round(time.perf_counter() - started, 2))
         del cache
         heap.trim()  # as the worker does after each turn
 # This process's own peak: ru_maxrss keeps the parent's through exec (3 GB under a whole pytest run).
 peak = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1]) * 1024
-print(json.dumps({"seconds": seconds, "peak_rss_mb": round(peak / 1e6)}))
+top = logits.reshape(-1, logits.shape[-1])[-1].topk(5).indices.tolist()
+print(json.dumps({"seconds": seconds, "peak_rss_mb": round(peak / 1e6), "hooked": hooked, "top": top}))
 """
 
 

@@ -77,41 +77,19 @@ def test_watched_layers_trim_after_a_multi_token_forward_only():
     assert result["rows"] <= 100 * 2**20  # given back: only the two kept blocks stay
 
 
-PREFILL = r"""
-import json, sys
-import torch
-from chatapp.catalog import load_catalog
-from chatapp.config import load_settings
-from chatapp.engine import heap, kvcache, load_model
-from chatapp.engine.generate import prefill
-from chatapp.engine.loader import materialize
-from chatapp.refs import parse_ref
-
-if sys.argv[1] == "unwatched":
-    heap.watch = lambda model: 0
-settings = load_settings()
-folder = materialize(parse_ref("smollm2-135m-local", load_catalog()), settings)
-loaded = load_model(str(folder), "int8", settings=settings)
-hooked = sum(len(layer._forward_hooks) for layer in loaded.model.model.layers)
-ids = torch.randint(100, 40000, (512,), generator=torch.Generator().manual_seed(0)).tolist()
-with torch.inference_mode():
-    for _ in range(2):
-        logits = prefill(loaded.model, kvcache.new_cache(loaded.model.config), ids)
-# This process's own peak: ru_maxrss keeps the parent's through exec (3 GB under a whole pytest run).
-peak = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1]) * 1024
-top = logits.reshape(-1, logits.shape[-1])[-1].topk(5).indices.tolist()
-print(json.dumps({"peak": peak, "hooked": hooked, "top": top}))
-"""
-
-
 def test_an_int8_load_on_the_cpu_watches_every_layer_and_its_logits_dont_change(starter_folder):
     """bitsandbytes' CPU int8 temporaries left holes that doubled the peak of three 2,048-token prefills (1.54-1.76
     GB in six runs, against 0.79-1.21 GB trimmed). That peak varies from run to run, so bench/heap_ab.py reports
-    it; here the int8 starter's layers are watched, and the logits are the same as without."""
-    watched, unwatched = _child(PREFILL, "watched"), _child(PREFILL, "unwatched")
+    it; here, through its child, the int8 starter's layers are watched, and the logits are the same as without."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import heap_ab
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    watched, unwatched = (_child(heap_ab.CHILD, "int8", "512", "2", mode, "") for mode in ("watched", "turns"))
     assert watched["hooked"] == 30 and unwatched["hooked"] == 0
     assert watched["top"] == unwatched["top"]
-    assert watched["peak"] > 0
+    assert watched["peak_rss_mb"] > 0
 
 
 def test_only_int8_is_watched(starter_folder, settings):
